@@ -1,0 +1,199 @@
+//! Types shared by the eBPF programs (`timewait-ebpf`) and the daemon.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that both sides agree on
+//! its size byte for byte; `size_of` assertions at the bottom catch drift, and
+//! the daemon checks the sizes against the loaded maps at start-up.
+#![no_std]
+
+/// `AF_INET` / `AF_INET6` as the kernel stores them in `skc_family`.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// TCP states (include/net/tcp_states.h).
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_FIN_WAIT2: u8 = 5;
+pub const TCP_TIME_WAIT: u8 = 6;
+pub const TCP_CLOSE: u8 = 7;
+pub const TCP_LISTEN: u8 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+pub const DIRECTION_INBOUND: u8 = 0;
+pub const DIRECTION_OUTBOUND: u8 = 1;
+
+/// Aggregation key of the per-remote gauges: one TIME_WAIT/FIN_WAIT2 minisocket
+/// is counted under exactly one key at a time.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AggKey {
+    /// Remote address in network byte order; IPv4 uses the first 4 bytes.
+    pub remote: [u8; 16],
+    /// Inode number of the minisocket's network namespace.
+    pub netns: u32,
+    /// Service port, host byte order: local port for inbound, remote for outbound.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// `DIRECTION_INBOUND` or `DIRECTION_OUTBOUND`.
+    pub direction: u8,
+    /// `TCP_TIME_WAIT` or `TCP_FIN_WAIT2` (the minisocket's `tw_substate`).
+    pub substate: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Entry state: the minisocket's timer is pending.
+pub const TW_LIVE: u32 = 1;
+/// Its timer was cancelled; what follows says whether that was a re-arm, the
+/// expiry or a kill. Until then it is not counted in the gauges.
+/// See `timewait-ebpf/src/timer.rs`.
+pub const TW_CANCELLED: u32 = 2;
+
+/// What the kernel side has learned about why a cancelled minisocket went away
+/// (set from the segment that followed the cancel). Resolved into a `reason`.
+pub const HINT_NONE: u32 = 0;
+pub const HINT_RESET: u32 = 1;
+
+/// Value of the `TW_SOCKS` map, keyed by the address of `tw->tw_timer`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct TwEntry {
+    pub key: AggKey,
+    /// `bpf_ktime_get_ns()` when the minisocket was first seen.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last timer cancel (0 when none pending).
+    pub cancel_ns: u64,
+    /// `TW_LIVE` or `TW_CANCELLED`.
+    pub state: u32,
+    /// 1 while the minisocket is counted in `COUNTS` under `key` (0 when it
+    /// is cancelled, or when `COUNTS` was full).
+    pub counted: u32,
+    /// `HINT_*`.
+    pub hint: u32,
+    /// 1 when it was found by the start-up snapshot rather than created under watch.
+    pub from_snapshot: u32,
+}
+
+/// Indices of the `COUNTERS` per-CPU array.
+pub mod counter {
+    pub const CREATED_INBOUND: u32 = 0;
+    pub const CREATED_OUTBOUND: u32 = 1;
+    pub const CLOSED_EXPIRED: u32 = 2;
+    pub const CLOSED_REUSED_BY_SYN: u32 = 3;
+    pub const CLOSED_REUSED_BY_CONNECT: u32 = 4;
+    pub const CLOSED_RESET: u32 = 5;
+    pub const CLOSED_OTHER: u32 = 6;
+    /// A map was full: an event could not be recorded.
+    pub const LOST: u32 = 7;
+    /// Minisockets found by the start-up snapshot (`iter/tcp`).
+    pub const SNAPSHOT: u32 = 8;
+    /// Listening sockets found by the start-up snapshot.
+    pub const SNAPSHOT_LISTENERS: u32 = 9;
+    /// Substate changes FIN_WAIT2 -> TIME_WAIT seen.
+    pub const SUBSTATE_CHANGES: u32 = 10;
+    pub const COUNT: u32 = 16;
+}
+
+/// Kernel struct offsets, read from the running kernel's BTF by the daemon and
+/// handed to the programs as a read-only global (rustc emits no CO-RE
+/// relocations, so nothing here may be compiled in).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    /// `timer_list.function`
+    pub timer_function: u32,
+    /// `inet_timewait_sock.tw_timer`
+    pub tw_timer: u32,
+    /// `inet_timewait_sock.tw_substate`
+    pub tw_substate: u32,
+    /// `sock_common.skc_daddr`
+    pub skc_daddr: u32,
+    /// `sock_common.skc_rcv_saddr`
+    pub skc_rcv_saddr: u32,
+    /// `sock_common.skc_dport`
+    pub skc_dport: u32,
+    /// `sock_common.skc_num`
+    pub skc_num: u32,
+    /// `sock_common.skc_family`
+    pub skc_family: u32,
+    /// `sock_common.skc_state`
+    pub skc_state: u32,
+    /// `sock_common.skc_net` (a `possible_net_t`, i.e. `struct net *`)
+    pub skc_net: u32,
+    /// `sock_common.skc_v6_daddr`
+    pub skc_v6_daddr: u32,
+    /// `sock_common.skc_v6_rcv_saddr`
+    pub skc_v6_rcv_saddr: u32,
+    /// `net.ns.inum`
+    pub net_inum: u32,
+    /// `sock.sk_protocol`
+    pub sk_protocol: u32,
+    /// `sk_buff.head`
+    pub skb_head: u32,
+    /// `sk_buff.transport_header`
+    pub skb_transport_header: u32,
+    /// `timer_list.entry.pprev`: non-NULL while the timer is pending.
+    pub timer_pprev: u32,
+    pub _pad: u32,
+}
+
+/// Start-up configuration of the programs (one read-only global).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Config {
+    pub offsets: Offsets,
+    /// Address of `tw_timer_handler` (from `/proc/kallsyms`).
+    pub tw_timer_handler: u64,
+    /// Network namespace to watch (inode number); 0 watches all.
+    pub netns: u32,
+    pub _pad: u32,
+}
+
+impl Offsets {
+    pub const ZERO: Self = Self {
+        timer_function: 0,
+        tw_timer: 0,
+        tw_substate: 0,
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_family: 0,
+        skc_state: 0,
+        skc_net: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        net_inum: 0,
+        sk_protocol: 0,
+        skb_head: 0,
+        skb_transport_header: 0,
+        timer_pprev: 0,
+        _pad: 0,
+    };
+}
+
+impl Config {
+    /// The value compiled into the object; the daemon always overrides it.
+    pub const ZERO: Self = Self {
+        offsets: Offsets::ZERO,
+        tw_timer_handler: 0,
+        netns: 0,
+        _pad: 0,
+    };
+}
+
+const _: () = assert!(core::mem::size_of::<AggKey>() == 32);
+const _: () = assert!(core::mem::size_of::<TwEntry>() == 32 + 8 * 2 + 4 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 18 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 72 + 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all fields are integers or integer arrays with explicit padding;
+    // any bit pattern is valid.
+    unsafe impl aya::Pod for super::AggKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TwEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Offsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
+}

@@ -1,0 +1,201 @@
+//! Pure aggregation: raw kernel keys into labelled series, with CIDR folding
+//! and the top-K-plus-`other` cardinality bound. No I/O: unit-tested here.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use serde::Serialize;
+use timewait_common::{AF_INET, AggKey, DIRECTION_INBOUND, TCP_FIN_WAIT2};
+
+/// The remote label of series folded beyond the top K.
+pub const OTHER: &str = "other";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AggOptions {
+    /// Remotes beyond the N busiest are summed into `remote="other"`.
+    pub top_remotes: usize,
+    /// Fold IPv4 remotes into blocks of this prefix length (32: no folding).
+    pub ipv4_prefix: u8,
+    /// Fold IPv6 remotes into blocks of this prefix length (128: no folding).
+    pub ipv6_prefix: u8,
+}
+
+impl Default for AggOptions {
+    fn default() -> Self {
+        Self { top_remotes: 100, ipv4_prefix: 32, ipv6_prefix: 128 }
+    }
+}
+
+/// One (direction, remote, port) series.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Series {
+    pub direction: Option<Direction>,
+    pub remote: String,
+    pub port: u16,
+    /// Minisockets in substate TIME_WAIT.
+    pub time_wait: u64,
+    /// Minisockets in substate FIN_WAIT2.
+    pub fin_wait2: u64,
+}
+
+/// The remote address of a key; IPv4-mapped IPv6 addresses are shown as IPv4,
+/// as a dual-stack listener's IPv4 peers are.
+pub fn remote_addr(key: &AggKey) -> IpAddr {
+    if key.family == AF_INET {
+        let [a, b, c, d, ..] = key.remote;
+        return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+    }
+    let v6 = Ipv6Addr::from(key.remote);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// The label of `addr` once folded into its CIDR block.
+pub fn remote_label(addr: IpAddr, opts: &AggOptions) -> String {
+    match addr {
+        IpAddr::V4(a) if opts.ipv4_prefix < 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(opts.ipv4_prefix)).unwrap_or(0);
+            format!("{}/{}", Ipv4Addr::from(u32::from(a) & mask), opts.ipv4_prefix)
+        }
+        IpAddr::V6(a) if opts.ipv6_prefix < 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(opts.ipv6_prefix)).unwrap_or(0);
+            format!("{}/{}", Ipv6Addr::from(u128::from(a) & mask), opts.ipv6_prefix)
+        }
+        a => a.to_string(),
+    }
+}
+
+/// Turns the kernel's per-key gauges into series: fold CIDRs, keep the
+/// `top_remotes` busiest remotes (by all their minisockets; ties broken by
+/// label so the choice is stable) and sum the rest into `remote="other"`.
+/// Sums are preserved exactly. Non-positive values are skipped.
+pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions) -> Vec<Series> {
+    let mut by_series: BTreeMap<(Direction, String, u16), (u64, u64)> = BTreeMap::new();
+    for (key, n) in raw {
+        let Ok(n) = u64::try_from(n) else { continue };
+        if n == 0 {
+            continue;
+        }
+        let direction = if key.direction == DIRECTION_INBOUND {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        };
+        let remote = remote_label(remote_addr(&key), opts);
+        let slot = by_series.entry((direction, remote, key.port)).or_default();
+        if key.substate == TCP_FIN_WAIT2 {
+            slot.1 += n;
+        } else {
+            slot.0 += n;
+        }
+    }
+
+    let mut per_remote: BTreeMap<&str, u64> = BTreeMap::new();
+    for ((_, remote, _), (tw, fw)) in &by_series {
+        *per_remote.entry(remote.as_str()).or_default() += tw + fw;
+    }
+    let kept: std::collections::HashSet<String> = if per_remote.len() > opts.top_remotes {
+        let mut ranked: Vec<(&str, u64)> = per_remote.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        ranked.into_iter().take(opts.top_remotes).map(|(r, _)| r.to_string()).collect()
+    } else {
+        per_remote.into_keys().map(str::to_string).collect()
+    };
+
+    let mut folded: BTreeMap<(Direction, String, u16), (u64, u64)> = BTreeMap::new();
+    for ((d, remote, port), (tw, fw)) in by_series {
+        let remote = if kept.contains(&remote) { remote } else { OTHER.to_string() };
+        let slot = folded.entry((d, remote, port)).or_default();
+        slot.0 += tw;
+        slot.1 += fw;
+    }
+    folded
+        .into_iter()
+        .map(|((d, remote, port), (time_wait, fin_wait2))| Series {
+            direction: Some(d),
+            remote,
+            port,
+            time_wait,
+            fin_wait2,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use timewait_common::{AF_INET6, DIRECTION_OUTBOUND, TCP_TIME_WAIT};
+
+    use super::*;
+
+    fn v4(a: [u8; 4], port: u16, dir: u8, sub: u8) -> AggKey {
+        let mut k = AggKey { family: AF_INET, port, direction: dir, substate: sub, ..Default::default() };
+        k.remote[..4].copy_from_slice(&a);
+        k
+    }
+
+    #[test]
+    fn sums_substates_and_skips_nonpositive() {
+        let raw = [
+            (v4([10, 0, 0, 1], 80, DIRECTION_INBOUND, TCP_TIME_WAIT), 5),
+            (v4([10, 0, 0, 1], 80, DIRECTION_INBOUND, TCP_FIN_WAIT2), 2),
+            (v4([10, 0, 0, 2], 443, DIRECTION_OUTBOUND, TCP_TIME_WAIT), 0),
+            (v4([10, 0, 0, 3], 443, DIRECTION_OUTBOUND, TCP_TIME_WAIT), -1),
+        ];
+        let s = aggregate(raw, &AggOptions::default());
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].time_wait, s[0].fin_wait2), (5, 2));
+        assert_eq!(s[0].remote, "10.0.0.1");
+        assert_eq!(s[0].direction, Some(Direction::Inbound));
+    }
+
+    #[test]
+    fn top_k_folds_rest_into_other_preserving_sum() {
+        let raw: Vec<_> = (1..=20u8)
+            .map(|i| (v4([10, 0, 0, i], 80, DIRECTION_INBOUND, TCP_TIME_WAIT), i64::from(i)))
+            .collect();
+        let total: u64 = (1..=20).sum();
+        let opts = AggOptions { top_remotes: 5, ..Default::default() };
+        let s = aggregate(raw, &opts);
+        assert_eq!(s.len(), 6);
+        assert_eq!(s.iter().map(|x| x.time_wait).sum::<u64>(), total);
+        let other = s.iter().find(|x| x.remote == OTHER).expect("other");
+        assert_eq!(other.time_wait, (1..=15).sum::<u64>());
+        for x in s.iter().filter(|x| x.remote != OTHER) {
+            assert!(x.time_wait >= 16, "{x:?} should not be kept");
+        }
+    }
+
+    #[test]
+    fn cidr_folding_and_mapped_addresses() {
+        let opts = AggOptions { ipv4_prefix: 24, ipv6_prefix: 64, ..Default::default() };
+        assert_eq!(remote_label("10.1.2.3".parse().unwrap(), &opts), "10.1.2.0/24");
+        assert_eq!(remote_label("2001:db8::1".parse().unwrap(), &opts), "2001:db8::/64");
+        let zero = AggOptions { ipv4_prefix: 0, ..Default::default() };
+        assert_eq!(remote_label("10.1.2.3".parse().unwrap(), &zero), "0.0.0.0/0");
+        let mut k = AggKey { family: AF_INET6, ..Default::default() };
+        k.remote = "::ffff:127.0.0.9".parse::<Ipv6Addr>().unwrap().octets();
+        assert_eq!(remote_addr(&k).to_string(), "127.0.0.9");
+        k.remote = Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(remote_addr(&k).to_string(), "::1");
+    }
+}

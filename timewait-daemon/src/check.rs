@@ -1,0 +1,78 @@
+//! `timewaitd check`: one line per requirement, ok or missing and what to do.
+
+use std::process::ExitCode;
+
+use crate::kernel;
+
+struct Line {
+    what: String,
+    ok: bool,
+    detail: String,
+}
+
+fn line(what: impl Into<String>, ok: bool, detail: impl Into<String>) -> Line {
+    Line { what: what.into(), ok, detail: detail.into() }
+}
+
+/// Tracepoints the programs attach to, as `tp_btf`: each needs its
+/// `btf_trace_<name>` type in the kernel's BTF.
+const TRACEPOINTS: &[&str] = &[
+    "timer_init",
+    "timer_start",
+    "timer_cancel",
+    "timer_expire_entry",
+    "kfree_skb",
+    "inet_sock_set_state",
+];
+
+pub fn main() -> ExitCode {
+    let mut lines = vec![line("kernel", true, kernel::release())];
+    match kernel::load_btf() {
+        Ok(btf) => {
+            lines.push(line("btf", true, kernel::VMLINUX_BTF));
+            match kernel::offsets(&btf) {
+                Ok(o) => lines.push(line("struct offsets", true, format!("tw_timer at {}, tw_substate at {}", o.tw_timer, o.tw_substate))),
+                Err(e) => lines.push(line("struct offsets", false, e.to_string())),
+            }
+            for tp in TRACEPOINTS {
+                let ok = btf.resolve_ids_by_name(&format!("btf_trace_{tp}")).is_ok_and(|v| !v.is_empty());
+                lines.push(line(
+                    format!("tp_btf/{tp}"),
+                    ok,
+                    if ok { "available" } else { "missing: this kernel does not offer the tracepoint" },
+                ));
+            }
+            let iter = btf.resolve_ids_by_name("bpf_iter__tcp").is_ok_and(|v| !v.is_empty());
+            lines.push(line("iter/tcp", iter, if iter { "available (start-up snapshot)" } else { "missing: needs Linux 5.9+" }));
+        }
+        Err(e) => lines.push(line("btf", false, e.to_string())),
+    }
+    match kernel::tw_timer_handler() {
+        Ok(a) => lines.push(line("tw_timer_handler", true, format!("{a:#x}"))),
+        Err(e) => lines.push(line("tw_timer_handler", false, e.to_string())),
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    lines.push(line(
+        "privileges",
+        euid == 0,
+        if euid == 0 { "root".to_string() } else { format!("uid {euid}: run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN") },
+    ));
+    for s in ["net.ipv4.tcp_max_tw_buckets", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_tw_reuse", "net.ipv4.tcp_fin_timeout"] {
+        let v = kernel::sysctl(s);
+        lines.push(line(s, v.is_some(), v.unwrap_or_else(|| "unreadable".into()).replace('\t', " ")));
+    }
+    let width = lines.iter().map(|l| l.what.len()).max().unwrap_or(0);
+    let mut all_ok = true;
+    for l in &lines {
+        all_ok &= l.ok;
+        println!("{:<width$}  {:<7}  {}", l.what, if l.ok { "ok" } else { "missing" }, l.detail);
+    }
+    if all_ok {
+        println!("timewaitd can run here");
+        ExitCode::SUCCESS
+    } else {
+        println!("timewaitd cannot run here: fix the lines marked missing");
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,55 @@
+//! Command line (clap). Every option is also a key of the TOML config file;
+//! flag > file > default (see config.rs).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "timewaitd", version, about = "TCP TIME_WAIT and port-exhaustion metrics per remote, from eBPF", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `run` (also accepted without the subcommand).
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default).
+    Run(RunArgs),
+    /// Probe the kernel and say whether the daemon can run here (exit 0) or not (exit 1).
+    Check,
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// TOML file with the same keys as these flags, e.g. `top-remotes = 50`, `[web] listen-address = "..."`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to serve /metrics on [default: 127.0.0.1:19868; `[::]:19868` to expose].
+    #[arg(long = "web.listen-address", value_name = "ADDR:PORT")]
+    pub listen_address: Option<String>,
+    /// Remotes beyond the N busiest are summed into remote="other" [default: 100].
+    #[arg(long, value_name = "N")]
+    pub top_remotes: Option<usize>,
+    /// Fold IPv4 remotes into /P blocks before ranking [default: 32, no folding].
+    #[arg(long, value_name = "P")]
+    pub aggregate_ipv4_prefix: Option<u8>,
+    /// Fold IPv6 remotes into /P blocks before ranking [default: 128, no folding].
+    #[arg(long, value_name = "P")]
+    pub aggregate_ipv6_prefix: Option<u8>,
+    /// Watch every network namespace, not only the daemon's own.
+    #[arg(long)]
+    pub all_netns: bool,
+    /// Capacity of the kernel's minisocket table [default: tcp_max_tw_buckets + 16384].
+    #[arg(long, value_name = "N")]
+    pub max_tracked_sockets: Option<u32>,
+    /// Capacity of the kernel's per-(direction, remote, port) table [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub max_series: Option<u32>,
+    /// Log filter (tracing EnvFilter syntax) [default: info].
+    #[arg(long = "log.level", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}

@@ -1,0 +1,161 @@
+//! Effective configuration: flag > config file > default, validated once.
+
+use std::{fs, net::SocketAddr, path::Path};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::{aggregate::AggOptions, cli::RunArgs};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:19868";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("config file {path}: {msg}")]
+    Parse { path: String, msg: String },
+    #[error("invalid web.listen-address {0:?}: expected ADDR:PORT, e.g. 127.0.0.1:19868 or [::]:19868")]
+    ListenAddress(String),
+    #[error("invalid {key} {value}: must be {range}")]
+    Range { key: &'static str, value: String, range: &'static str },
+}
+
+/// The config file: the same keys as the flags (dotted flags are tables).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    web: Option<WebFile>,
+    log: Option<LogFile>,
+    top_remotes: Option<usize>,
+    aggregate_ipv4_prefix: Option<u8>,
+    aggregate_ipv6_prefix: Option<u8>,
+    all_netns: Option<bool>,
+    max_tracked_sockets: Option<u32>,
+    max_series: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct WebFile {
+    listen_address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct LogFile {
+    level: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub agg: AggOptions,
+    pub all_netns: bool,
+    pub max_tracked_sockets: Option<u32>,
+    pub max_series: u32,
+    pub log_level: String,
+}
+
+fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let p = path.display().to_string();
+    let text = fs::read_to_string(path).map_err(|err| ConfigError::Read { path: p.clone(), err })?;
+    parse_toml(&text).map_err(|msg| ConfigError::Parse { path: p, msg })
+}
+
+fn parse_toml(text: &str) -> Result<FileConfig, String> {
+    // toml's messages span several lines with a source excerpt: keep the first.
+    toml::from_str(text).map_err(|e| {
+        let msg = e.message().to_string();
+        match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].lines().count().max(1);
+                format!("line {line}: {msg}")
+            }
+            None => msg,
+        }
+    })
+}
+
+pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
+    let file = match &args.config {
+        Some(path) => parse_file(path)?,
+        None => FileConfig::default(),
+    };
+    let listen_s = args
+        .listen_address
+        .clone()
+        .or_else(|| file.web.as_ref().and_then(|w| w.listen_address.clone()))
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let listen = listen_s.parse().map_err(|_| ConfigError::ListenAddress(listen_s.clone()))?;
+    let top_remotes = args.top_remotes.or(file.top_remotes).unwrap_or(100);
+    if top_remotes == 0 {
+        return Err(ConfigError::Range { key: "top-remotes", value: "0".into(), range: "at least 1" });
+    }
+    let v4 = args.aggregate_ipv4_prefix.or(file.aggregate_ipv4_prefix).unwrap_or(32);
+    if v4 > 32 {
+        return Err(ConfigError::Range { key: "aggregate-ipv4-prefix", value: v4.to_string(), range: "0..=32" });
+    }
+    let v6 = args.aggregate_ipv6_prefix.or(file.aggregate_ipv6_prefix).unwrap_or(128);
+    if v6 > 128 {
+        return Err(ConfigError::Range { key: "aggregate-ipv6-prefix", value: v6.to_string(), range: "0..=128" });
+    }
+    let max_series = args.max_series.or(file.max_series).unwrap_or(65_536);
+    if max_series == 0 {
+        return Err(ConfigError::Range { key: "max-series", value: "0".into(), range: "at least 1" });
+    }
+    let max_tracked_sockets = args.max_tracked_sockets.or(file.max_tracked_sockets);
+    if max_tracked_sockets == Some(0) {
+        return Err(ConfigError::Range { key: "max-tracked-sockets", value: "0".into(), range: "at least 1" });
+    }
+    Ok(Config {
+        listen,
+        agg: AggOptions { top_remotes, ipv4_prefix: v4, ipv6_prefix: v6 },
+        all_netns: args.all_netns || file.all_netns.unwrap_or(false),
+        max_tracked_sockets,
+        max_series,
+        log_level: args
+            .log_level
+            .clone()
+            .or_else(|| file.log.and_then(|l| l.level))
+            .unwrap_or_else(|| "info".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = resolve(&RunArgs::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.agg.top_remotes, 100);
+        assert_eq!((c.agg.ipv4_prefix, c.agg.ipv6_prefix), (32, 128));
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = std::env::temp_dir().join(format!("tw-cfg-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        fs::write(&path, "top-remotes = 7\naggregate-ipv4-prefix = 24\n[web]\nlisten-address = \"127.0.0.1:1\"\n").unwrap();
+        let mut args = RunArgs { config: Some(path.clone()), ..Default::default() };
+        let c = resolve(&args).unwrap();
+        assert_eq!((c.agg.top_remotes, c.agg.ipv4_prefix, c.listen.port()), (7, 24, 1));
+        args.top_remotes = Some(9);
+        assert_eq!(resolve(&args).unwrap().agg.top_remotes, 9);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_input_is_one_clear_line() {
+        let e = parse_toml("top-remots = 3").unwrap_err();
+        assert!(e.contains("line 1") && e.contains("top-remots"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let args = RunArgs { listen_address: Some("nope".into()), ..Default::default() };
+        assert!(matches!(resolve(&args), Err(ConfigError::ListenAddress(_))));
+        let args = RunArgs { aggregate_ipv4_prefix: Some(33), ..Default::default() };
+        assert!(resolve(&args).unwrap_err().to_string().contains("0..=32"));
+    }
+}

@@ -1,0 +1,164 @@
+//! What the running kernel offers: struct offsets from its BTF, the address of
+//! `tw_timer_handler`, namespace identity, sysctls.
+
+use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
+
+use btf_rs::{Btf, Type};
+use thiserror::Error;
+use timewait_common::Offsets;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error("cannot read kernel BTF at {VMLINUX_BTF}: {0} (the kernel needs CONFIG_DEBUG_INFO_BTF=y)")]
+    Btf(String),
+    #[error("kernel BTF has no {0}: this kernel's layout is not supported")]
+    Field(String),
+    #[error("cannot read {path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("tw_timer_handler not found in /proc/kallsyms (addresses hidden? run as root or set kernel.kptr_restrict=0)")]
+    TwTimerHandler,
+}
+
+/// Finds `path` ("a.b.c") inside struct `name`, through anonymous unions and
+/// structs, and returns its byte offset.
+fn offset_of(btf: &Btf, name: &str, path: &str) -> Result<u32, KernelError> {
+    let missing = || KernelError::Field(format!("{name}.{path}"));
+    let types = btf.resolve_types_by_name(name).map_err(|_| missing())?;
+    let mut ty = types
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))
+        .ok_or_else(missing)?;
+    let mut bits = 0u32;
+    for field in path.split('.') {
+        let (off, next) = find_member(btf, &ty, field).ok_or_else(missing)?;
+        bits += off;
+        ty = next;
+    }
+    if bits % 8 != 0 {
+        return Err(missing());
+    }
+    Ok(bits / 8)
+}
+
+/// Member `field` of struct/union `ty`: (bit offset, its type with typedefs
+/// and qualifiers stripped).
+fn find_member(btf: &Btf, ty: &Type, field: &str) -> Option<(u32, Type)> {
+    let members = match ty {
+        Type::Struct(s) | Type::Union(s) => &s.members,
+        _ => return None,
+    };
+    for m in members {
+        let name = btf.resolve_name(m).unwrap_or_default();
+        let mty = strip(btf, btf.resolve_chained_type(m).ok()?)?;
+        if name == field {
+            return Some((m.bit_offset(), mty));
+        }
+        if name.is_empty()
+            && let Some((off, t)) = find_member(btf, &mty, field)
+        {
+            return Some((m.bit_offset() + off, t));
+        }
+    }
+    None
+}
+
+fn strip(btf: &Btf, mut ty: Type) -> Option<Type> {
+    for _ in 0..16 {
+        ty = match &ty {
+            Type::Typedef(t) => btf.resolve_chained_type(t).ok()?,
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => btf.resolve_chained_type(t).ok()?,
+            Type::TypeTag(t) => btf.resolve_chained_type(t).ok()?,
+            _ => return Some(ty),
+        };
+    }
+    None
+}
+
+pub fn load_btf() -> Result<Btf, KernelError> {
+    Btf::from_file(VMLINUX_BTF).map_err(|e| KernelError::Btf(e.to_string()))
+}
+
+/// The offsets the eBPF programs need, from the running kernel's BTF.
+pub fn offsets(btf: &Btf) -> Result<Offsets, KernelError> {
+    let sc = |f: &str| offset_of(btf, "sock_common", f);
+    let entry = offset_of(btf, "timer_list", "entry")?;
+    let pprev = offset_of(btf, "hlist_node", "pprev")?;
+    Ok(Offsets {
+        timer_function: offset_of(btf, "timer_list", "function")?,
+        tw_timer: offset_of(btf, "inet_timewait_sock", "tw_timer")?,
+        tw_substate: offset_of(btf, "inet_timewait_sock", "tw_substate")?,
+        skc_daddr: sc("skc_daddr")?,
+        skc_rcv_saddr: sc("skc_rcv_saddr")?,
+        skc_dport: sc("skc_dport")?,
+        skc_num: sc("skc_num")?,
+        skc_family: sc("skc_family")?,
+        skc_state: sc("skc_state")?,
+        skc_net: sc("skc_net")?,
+        skc_v6_daddr: sc("skc_v6_daddr")?,
+        skc_v6_rcv_saddr: sc("skc_v6_rcv_saddr")?,
+        net_inum: offset_of(btf, "net", "ns.inum")?,
+        sk_protocol: offset_of(btf, "sock", "sk_protocol")?,
+        skb_head: offset_of(btf, "sk_buff", "head")?,
+        skb_transport_header: offset_of(btf, "sk_buff", "transport_header")?,
+        timer_pprev: entry + pprev,
+        _pad: 0,
+    })
+}
+
+/// Address of `tw_timer_handler`, the function of every minisocket's timer.
+pub fn tw_timer_handler() -> Result<u64, KernelError> {
+    let path = "/proc/kallsyms";
+    let text = fs::read_to_string(path).map_err(|err| KernelError::Read { path: path.into(), err })?;
+    text.lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            let (addr, _kind, name) = (it.next()?, it.next()?, it.next()?);
+            (name == "tw_timer_handler").then(|| u64::from_str_radix(addr, 16).ok())?
+        })
+        .filter(|a| *a != 0)
+        .ok_or(KernelError::TwTimerHandler)
+}
+
+/// Inode number of this process's network namespace.
+pub fn own_netns() -> Result<u32, KernelError> {
+    let path = "/proc/self/ns/net";
+    let md = fs::metadata(path).map_err(|err| KernelError::Read { path: path.into(), err })?;
+    Ok(md.ino() as u32)
+}
+
+/// A sysctl of this process's network namespace, as text.
+pub fn sysctl(name: &str) -> Option<String> {
+    let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+    fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+/// `uname -r`.
+pub fn release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs only a readable BTF; checks offsets against the layout this
+    /// machine's kernel documents (6.x: tw_timer after the common header).
+    #[test]
+    fn offsets_from_running_kernel() {
+        let Ok(btf) = load_btf() else {
+            eprintln!("SKIPPED offsets_from_running_kernel: no {VMLINUX_BTF}");
+            return;
+        };
+        let o = offsets(&btf).expect("offsets");
+        assert_eq!(o.skc_daddr, 0, "skc_daddr opens sock_common");
+        assert_eq!(o.skc_rcv_saddr, 4);
+        assert!(o.tw_timer > o.tw_substate, "{o:?}");
+        assert_eq!(o.timer_pprev, 8, "hlist_node.pprev");
+        assert!(o.skc_v6_daddr > o.skc_net, "{o:?}");
+        assert!(offset_of(&btf, "sock_common", "no_such_field").is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! Loads the eBPF object, hands it the running kernel's offsets, attaches the
+//! programs in the order that leaves no gap, and runs the start-up snapshot.
+
+use std::io::Read as _;
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{BtfTracePoint, Iter},
+};
+use thiserror::Error;
+use timewait_common::{AggKey, Config, TwEntry};
+use tracing::{debug, info};
+
+use crate::kernel::{self, KernelError};
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("loading the eBPF object failed: {0} (needs root, or CAP_BPF + CAP_PERFMON)")]
+    Load(String),
+    #[error("eBPF program {program} failed to {step}: {err}")]
+    Program { program: &'static str, step: &'static str, err: String },
+    #[error("eBPF map {0} missing or of the wrong type: {1}")]
+    Map(&'static str, String),
+}
+
+/// The object embedded at build time by build.rs (aya-build).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/timewait"));
+
+/// Tracepoint programs: (program name in the object, tracepoint).
+const TIMER_PROGRAMS: &[(&str, &str)] = &[
+    // timer_init first: it resolves kills before a reused minisocket starts.
+    ("tw_timer_init", "timer_init"),
+    ("tw_timer_cancel", "timer_cancel"),
+    ("tw_timer_expire", "timer_expire_entry"),
+    ("tw_kfree_skb", "kfree_skb"),
+    // timer_start last: from here on every new minisocket is followed.
+    ("tw_timer_start", "timer_start"),
+];
+const LISTEN_PROGRAM: (&str, &str) = ("tw_sock_set_state", "inet_sock_set_state");
+
+/// Options that shape what is loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Watch every network namespace instead of our own.
+    pub all_netns: bool,
+    /// Capacity of the minisocket table; None sizes it from tcp_max_tw_buckets.
+    pub max_tracked_sockets: Option<u32>,
+    /// Capacity of the per-(direction, remote, port) gauge table.
+    pub max_series: u32,
+}
+
+/// The loaded programs and the maps the collector reads. Dropping it detaches
+/// every program (links are owned by `ebpf`).
+pub struct Probes {
+    _ebpf: Ebpf,
+    pub tw_socks: HashMap<MapData, u64, TwEntry>,
+    pub counts: HashMap<MapData, AggKey, i64>,
+    pub pending: HashMap<MapData, u64, u64>,
+    pub counters: PerCpuArray<MapData, u64>,
+    /// Each hook and whether it is attached.
+    pub hooks: Vec<(&'static str, bool)>,
+    pub netns: u32,
+}
+
+fn prog_err(program: &'static str, step: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
+    move |e| LoadError::Program { program, step, err: error_chain(&e) }
+}
+
+/// `e` and its sources on one line: aya's errors keep the useful part (the
+/// verifier's or the kernel's word) in the source chain.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+fn attach_tp(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, tp: &'static str) -> Result<(), LoadError> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::Program { program: name, step: "be found", err: "not in object".into() })?
+        .try_into()
+        .map_err(prog_err(name, "convert"))?;
+    prog.load(tp, btf).map_err(prog_err(name, "load"))?;
+    prog.attach().map_err(prog_err(name, "attach"))?;
+    debug!(program = name, tracepoint = tp, "attached");
+    Ok(())
+}
+
+/// Runs iterator program `name` over the TCP sockets of our namespace.
+fn run_iter(ebpf: &mut Ebpf, btf: &Btf, name: &'static str) -> Result<(), LoadError> {
+    let prog: &mut Iter = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::Program { program: name, step: "be found", err: "not in object".into() })?
+        .try_into()
+        .map_err(prog_err(name, "convert"))?;
+    prog.load("tcp", btf).map_err(prog_err(name, "load"))?;
+    let link = prog.attach().map_err(prog_err(name, "attach"))?;
+    let link = prog.take_link(link).map_err(prog_err(name, "take link"))?;
+    let mut file = link.into_file().map_err(|e| LoadError::Program {
+        program: name,
+        step: "open",
+        err: error_chain(&e),
+    })?;
+    let mut out = Vec::new();
+    file.read_to_end(&mut out).map_err(|e| LoadError::Program {
+        program: name,
+        step: "run",
+        err: e.to_string(),
+    })?;
+    Ok(())
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::Map(name, "not in object".into()))?;
+    T::try_from(map).map_err(|e| LoadError::Map(name, error_chain(&e)))
+}
+
+/// Default capacity of the minisocket table: every minisocket the kernel can
+/// hold (`tcp_max_tw_buckets`, which bounds TIME_WAIT and FIN_WAIT2 ones
+/// together) plus room for kills awaiting resolution.
+fn default_tracked() -> u32 {
+    let buckets = kernel::sysctl("net.ipv4.tcp_max_tw_buckets")
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(262_144);
+    buckets.saturating_add(16_384).clamp(1024, 1 << 22)
+}
+
+pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
+    let btf_rs = kernel::load_btf()?;
+    let offsets = kernel::offsets(&btf_rs)?;
+    drop(btf_rs);
+    let netns = kernel::own_netns()?;
+    let config = Config {
+        offsets,
+        tw_timer_handler: kernel::tw_timer_handler()?,
+        netns: if opts.all_netns { 0 } else { netns },
+        _pad: 0,
+    };
+    debug!(?config, "kernel configuration");
+    let tracked = opts.max_tracked_sockets.unwrap_or_else(default_tracked);
+    let btf = Btf::from_sys_fs().map_err(|e| LoadError::Kernel(KernelError::Btf(e.to_string())))?;
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&btf))
+        .override_global("CONFIG", &config, true)
+        .map_max_entries("TW_SOCKS", tracked)
+        .map_max_entries("COUNTS", opts.max_series)
+        .load(OBJECT)
+        .map_err(|e| LoadError::Load(error_chain(&e)))?;
+
+    let mut hooks = Vec::new();
+    // 1. Listeners: tracepoint first, then the snapshot of existing ones, so
+    //    every minisocket followed from step 2 on gets its direction.
+    attach_tp(&mut ebpf, &btf, LISTEN_PROGRAM.0, LISTEN_PROGRAM.1)?;
+    hooks.push((LISTEN_PROGRAM.1, true));
+    run_iter(&mut ebpf, &btf, "iter_listeners")?;
+    // 2. Minisockets: timer programs, then the snapshot of those that already
+    //    exist. The snapshot inserts with BPF_NOEXIST: no double count.
+    for (name, tp) in TIMER_PROGRAMS {
+        attach_tp(&mut ebpf, &btf, name, tp)?;
+        hooks.push((*tp, true));
+    }
+    run_iter(&mut ebpf, &btf, "iter_timewait")?;
+    hooks.push(("iter/tcp", true));
+
+    let probes = Probes {
+        tw_socks: take(&mut ebpf, "TW_SOCKS")?,
+        counts: take(&mut ebpf, "COUNTS")?,
+        pending: take(&mut ebpf, "PENDING")?,
+        counters: take(&mut ebpf, "COUNTERS")?,
+        _ebpf: ebpf,
+        hooks,
+        netns,
+    };
+    info!(
+        netns = if opts.all_netns { "all".to_string() } else { netns.to_string() },
+        tracked_capacity = tracked,
+        "eBPF programs attached and start-up snapshot loaded"
+    );
+    Ok(probes)
+}

@@ -1,0 +1,25 @@
+//! timewaitd: parses the command line and dispatches.
+
+mod aggregate;
+mod check;
+mod cli;
+mod collector;
+mod config;
+mod kernel;
+mod loader;
+mod metrics;
+mod run;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match cli.command {
+        Some(cli::Command::Check) => check::main(),
+        Some(cli::Command::Run(args)) => run::main(&args),
+        None => run::main(&cli.run),
+    }
+}

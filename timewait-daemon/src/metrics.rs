@@ -1,0 +1,147 @@
+//! Prometheus exposition of a `View` (text format 0.0.4, through the
+//! prometheus crate's encoder).
+
+use prometheus::{
+    Encoder as _, TextEncoder,
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+use crate::collector::{REASONS, View};
+
+/// Everything the exposition shows besides the kernel's view.
+pub struct Static<'a> {
+    pub version: &'a str,
+    pub kernel: &'a str,
+    pub hooks: &'a [(&'static str, bool)],
+    pub read_errors: u64,
+    pub max_buckets: Option<f64>,
+}
+
+struct Family(MetricFamily);
+
+impl Family {
+    fn new(name: &str, help: &str, kind: MetricType) -> Self {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_string());
+        mf.set_help(help.to_string());
+        mf.set_field_type(kind);
+        Self(mf)
+    }
+
+    fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        let mut m = Metric::default();
+        m.set_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name((*k).to_string());
+                    l.set_value((*v).to_string());
+                    l
+                })
+                .collect(),
+        );
+        match self.0.get_field_type() {
+            MetricType::COUNTER => {
+                let mut c = Counter::default();
+                c.set_value(value);
+                m.set_counter(c);
+            }
+            _ => {
+                let mut g = Gauge::default();
+                g.set_value(value);
+                m.set_gauge(g);
+            }
+        }
+        self.0.mut_metric().push(m);
+        self
+    }
+}
+
+pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
+    use MetricType::{COUNTER, GAUGE};
+    let mut fams = Vec::new();
+
+    let mut sockets = Family::new(
+        "timewait_sockets",
+        "TIME_WAIT sockets now, by direction, remote and service port (sums to `ss -tan state time-wait`).",
+        GAUGE,
+    );
+    let mut orphans = Family::new(
+        "timewait_fin_wait2_orphans",
+        "Minisockets in substate FIN_WAIT2: closed by us, the peer's FIN not yet in.",
+        GAUGE,
+    );
+    for s in &view.series {
+        let port = s.port.to_string();
+        let dir = s.direction.map_or("unknown", |d| d.as_str());
+        let labels = [("direction", dir), ("remote", s.remote.as_str()), ("port", port.as_str())];
+        if s.time_wait > 0 {
+            sockets.sample(&labels, s.time_wait as f64);
+        }
+        if s.fin_wait2 > 0 {
+            orphans.sample(&labels, s.fin_wait2 as f64);
+        }
+    }
+    fams.push(sockets);
+    fams.push(orphans);
+
+    let c = &view.counters;
+    let mut created = Family::new("timewait_created_total", "Minisockets created (TIME_WAIT or FIN_WAIT2).", COUNTER);
+    created
+        .sample(&[("direction", "inbound")], c.created_inbound as f64)
+        .sample(&[("direction", "outbound")], c.created_outbound as f64);
+    fams.push(created);
+
+    let mut closed = Family::new("timewait_closed_total", "Minisockets gone, by why.", COUNTER);
+    for ((reason, _), n) in REASONS.iter().zip(c.closed) {
+        closed.sample(&[("reason", reason)], n as f64);
+    }
+    fams.push(closed);
+
+    let mut lost = Family::new(
+        "timewait_events_lost_total",
+        "Kernel events the daemon could not take (a full map).",
+        COUNTER,
+    );
+    lost.sample(&[], c.lost as f64);
+    fams.push(lost);
+
+    let mut snap = Family::new(
+        "timewait_snapshot_sockets_total",
+        "Minisockets that already existed when the daemon started (start-up snapshot).",
+        COUNTER,
+    );
+    snap.sample(&[], c.snapshot as f64);
+    fams.push(snap);
+
+    if let Some(max) = st.max_buckets {
+        let mut f = Family::new("timewait_max_buckets", "net.ipv4.tcp_max_tw_buckets.", GAUGE);
+        f.sample(&[], max);
+        fams.push(f);
+    }
+
+    let mut hooks = Family::new(
+        "timewait_probe_attached",
+        "1 when the kernel hook is attached, 0 when the running kernel does not offer it.",
+        GAUGE,
+    );
+    for (hook, ok) in st.hooks {
+        hooks.sample(&[("hook", hook)], if *ok { 1.0 } else { 0.0 });
+    }
+    fams.push(hooks);
+
+    let mut errs = Family::new("timewait_map_read_errors_total", "BPF map reads that failed.", COUNTER);
+    errs.sample(&[], st.read_errors as f64);
+    fams.push(errs);
+
+    let mut build = Family::new("timewait_build_info", "Always 1: version and kernel.", GAUGE);
+    build.sample(&[("version", st.version), ("kernel", st.kernel)], 1.0);
+    fams.push(build);
+
+    let fams: Vec<MetricFamily> = fams.into_iter().map(|f| f.0).filter(|f| !f.get_metric().is_empty()).collect();
+    let mut buf = Vec::with_capacity(4096);
+    // Encoding into a Vec fails only on an empty family, filtered out above.
+    let _ = TextEncoder::new().encode(&fams, &mut buf);
+    buf
+}

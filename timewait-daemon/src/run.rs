@@ -1,0 +1,138 @@
+//! The daemon: serve HTTP at once (/readyz says 503), attach the probes and
+//! load the start-up snapshot, sweep unresolved kills, stop on SIGTERM/SIGINT.
+
+use std::{
+    process::ExitCode,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+
+use crate::{
+    cli::RunArgs,
+    collector::Collector,
+    config::{self, Config},
+    kernel,
+    loader::{self, LoadOptions},
+    server::{AppState, VERSION, router},
+};
+
+/// How often unresolved cancels are looked at (see collector::KILL_GRACE).
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
+/// Prints one line and returns exit code 2: the contract for bad input and
+/// for what stops the daemon from starting.
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("timewaitd: {msg}");
+    ExitCode::from(2)
+}
+
+pub fn main(args: &RunArgs) -> ExitCode {
+    let cfg = match config::resolve(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cfg.log_level) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("invalid log.level {:?}: {e}", cfg.log_level)),
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", cfg.listen)),
+    };
+    let state = Arc::new(AppState {
+        collector: OnceLock::new(),
+        agg: cfg.agg.clone(),
+        kernel_release: kernel::release(),
+    });
+    let mut sigterm = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot handle SIGTERM: {e}")),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(
+        axum::serve(listener, router(state.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            })
+            .into_future(),
+    );
+    info!(version = VERSION, listen = %cfg.listen, "serving; attaching probes");
+
+    let opts = LoadOptions {
+        all_netns: cfg.all_netns,
+        max_tracked_sockets: cfg.max_tracked_sockets,
+        max_series: cfg.max_series,
+    };
+    let loading = tokio::task::spawn_blocking(move || loader::load(&opts));
+    let probes = tokio::select! {
+        r = loading => r,
+        _ = stop_signal(&mut sigterm) => {
+            info!("stopping before the probes were ready");
+            let _ = stop_tx.send(true);
+            let _ = server.await;
+            return ExitCode::SUCCESS;
+        }
+    };
+    let collector = match probes {
+        Ok(Ok(p)) => Arc::new(Collector::new(p)),
+        Ok(Err(e)) => {
+            let _ = stop_tx.send(true);
+            return fail(e);
+        }
+        Err(e) => return fail(format!("loader panicked: {e}")),
+    };
+    let _ = state.collector.set(collector.clone());
+    info!("ready");
+
+    let sweeper = {
+        let c = collector.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                let c = c.clone();
+                let _ = tokio::task::spawn_blocking(move || c.sweep()).await;
+            }
+        })
+    };
+
+    stop_signal(&mut sigterm).await;
+    info!("stopping: detaching probes");
+    let _ = stop_tx.send(true);
+    let _ = sweeper.await;
+    match tokio::time::timeout(Duration::from_secs(2), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => error!(error = %e, "server error"),
+        _ => error!("server did not stop within 2 s"),
+    }
+    // Dropping the last reference detaches every program.
+    drop(state);
+    drop(collector);
+    info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn stop_signal(sigterm: &mut tokio::signal::unix::Signal) {
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

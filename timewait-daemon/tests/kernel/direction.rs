@@ -1,0 +1,55 @@
+//! Issue 2, test 4: client-side TIME_WAIT (the client closes first) is
+//! `direction="outbound"` with the server's port; server-side is `inbound`
+//! with the listening port.
+
+use crate::support::{Daemon, NetNs, assert_maps_equal, quiet_equal, require_root, v4};
+
+#[test]
+fn direction() {
+    if !require_root("direction") {
+        return;
+    }
+    let ns = NetNs::new();
+    let inbound = ns.listen("127.0.0.1:8080".parse().unwrap());
+    let outbound = ns.listen("127.0.0.1:9090".parse().unwrap());
+    let daemon = Daemon::start(&ns, &[]);
+
+    // Server side: 70 from 127.0.0.3 to our listener on 8080.
+    ns.server_closes_first(&inbound, &[(v4(127, 0, 0, 3), 70)]);
+    // Client side: 90 from us (127.0.0.4) to a server on 127.0.0.1:9090
+    // that is in this namespace too; the client end holds the TIME_WAIT.
+    ns.client_closes_first(&outbound, Some(v4(127, 0, 0, 4)), 90);
+
+    let series = quiet_equal(
+        "timewait_sockets vs ss by (direction, remote, port)",
+        || ns.ss_tw_series(&[8080, 9090]),
+        || daemon.scrape().series_map("timewait_sockets"),
+    );
+    assert_maps_equal(
+        "direction series",
+        &[
+            (("inbound".to_string(), "127.0.0.3".to_string(), 8080), 70),
+            (("outbound".to_string(), "127.0.0.1".to_string(), 9090), 90),
+        ]
+        .into(),
+        &series,
+    );
+    let by_dp = ns.ss_tw_by_direction_port(&[8080, 9090]);
+    assert_eq!(by_dp.get(&("inbound".to_string(), 8080)), Some(&70));
+    assert_eq!(by_dp.get(&("outbound".to_string(), 9090)), Some(&90));
+
+    let m = daemon.scrape();
+    assert_eq!(m.count("timewait_sockets", &[("direction", "inbound")]), 70);
+    assert_eq!(
+        m.count("timewait_sockets", &[("direction", "outbound")]),
+        90
+    );
+    assert_eq!(
+        m.count("timewait_created_total", &[("direction", "inbound")]),
+        70
+    );
+    assert_eq!(
+        m.count("timewait_created_total", &[("direction", "outbound")]),
+        90
+    );
+}

@@ -1,0 +1,63 @@
+//! `timewait_fin_wait2_orphans`: the server closes first and the client does
+//! not close, so the server's socket is a minisocket in substate FIN_WAIT2
+//! (`ss state fin-wait-2`, not `state time-wait`). When the clients close, the
+//! minisockets move to TIME_WAIT; both gauges must follow.
+
+use crate::support::{
+    Daemon, NetNs, assert_maps_equal, quiet_equal, require_root, server_closes_first_clients_stay,
+    v4,
+};
+
+#[test]
+fn fin_wait2_orphans() {
+    if !require_root("fin_wait2_orphans") {
+        return;
+    }
+    let ns = NetNs::new();
+    let listener = ns.listen("127.0.0.1:8080".parse().unwrap());
+    let daemon = Daemon::start(&ns, &[]);
+
+    let clients = ns.run(|| server_closes_first_clients_stay(&listener, &[(v4(127, 0, 0, 2), 40)]));
+    let expected_fw2: std::collections::BTreeMap<_, u64> =
+        [(("inbound".to_string(), "127.0.0.2".to_string(), 8080), 40)].into();
+
+    let fw2 = quiet_equal(
+        "timewait_fin_wait2_orphans vs ss state fin-wait-2 (minisockets)",
+        || ns.ss_fw2_orphan_series(&[8080]),
+        || daemon.scrape().series_map("timewait_fin_wait2_orphans"),
+    );
+    assert_maps_equal("FIN_WAIT2 orphans", &expected_fw2, &fw2);
+    let all_fw2 = ns.ss("fin-wait-2").len();
+    assert_eq!(
+        all_fw2, 40,
+        "ss shows 40 FIN-WAIT-2 in all (no full-socket ones)"
+    );
+    let tw = quiet_equal(
+        "timewait_sockets vs ss while the peers are open",
+        || ns.ss_tw_total(),
+        || daemon.scrape().count("timewait_sockets", &[]),
+    );
+    assert_eq!(tw, 0, "FIN_WAIT2 minisockets are not TIME_WAIT");
+
+    // The clients close: each minisocket takes their FIN and enters TIME_WAIT.
+    drop(clients);
+    ns.wait_settled();
+    let fw2 = quiet_equal(
+        "timewait_fin_wait2_orphans after the peers closed",
+        || ns.ss_fw2_orphan_series(&[8080]),
+        || daemon.scrape().series_map("timewait_fin_wait2_orphans"),
+    );
+    assert!(fw2.is_empty(), "no FIN_WAIT2 left: {fw2:?}");
+    let tw = quiet_equal(
+        "timewait_sockets after the peers closed",
+        || ns.ss_tw_series(&[8080]),
+        || daemon.scrape().series_map("timewait_sockets"),
+    );
+    assert_maps_equal("TIME_WAIT after FIN", &expected_fw2, &tw);
+    let m = daemon.scrape();
+    assert_eq!(
+        m.count("timewait_created_total", &[]),
+        40,
+        "one minisocket per connection: FIN_WAIT2 -> TIME_WAIT is the same one"
+    );
+}

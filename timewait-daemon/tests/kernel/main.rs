@@ -1,0 +1,20 @@
+//! Real-kernel integration tests for `timewaitd` (issue 2).
+//!
+//! One binary, one module per feature; libtest runs the tests in parallel
+//! threads. Each test creates its own network namespace and starts its own
+//! daemon in it (`ip netns exec`), then compares the daemon's metrics with
+//! what `ss` shows in that namespace at the same quiet moment. They need
+//! root; without it each test prints `SKIPPED` and returns.
+//!
+//! Run: `cargo test -p timewait-daemon --test kernel -- --test-threads 8 --nocapture`
+
+mod support;
+
+mod direction;
+mod expiry;
+mod fin_wait2_orphans;
+mod ipv6;
+mod many_remotes;
+mod netns_isolation;
+mod preexisting_and_restart;
+mod server_side_500;

@@ -1,0 +1,1205 @@
+//! Shared harness for the real-kernel tests: network-namespace guard, daemon
+//! guard, a scrape client that leaves no TIME_WAIT behind, a Prometheus text
+//! parser, `ss` readers and socket workloads.
+//!
+//! Every test gets its own network namespace and its own daemon in it, so the
+//! tests run in parallel (libtest threads) without counting each other's
+//! sockets. Test threads never change namespace themselves: work inside a
+//! namespace runs on a fresh thread that `setns()`es first (`NetNs::run`),
+//! because `setns` moves only the calling thread.
+
+#![allow(dead_code, reason = "not every test uses every helper")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Where every daemon under test listens, inside its own namespace.
+pub const WEB_ADDR: &str = "127.0.0.1:19868";
+pub const WEB_PORT: u16 = 19868;
+
+/// How long a daemon may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the "same quiet moment" comparison keeps retrying.
+pub const QUIET_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the workloads wait for their sockets to finish closing.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Skipping
+
+/// True when the tests can run. Otherwise says why on stderr (never a silent
+/// pass) and the test returns early.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        eprintln!("SKIPPED {test}: needs root (network namespaces, BPF programs; euid is {euid})");
+        return false;
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------
+// Polling
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `timeout`.
+#[track_caller]
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return;
+        }
+        if start.elapsed() >= timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The "same quiet moment" comparison: read `ss`, read the metrics, read `ss`
+/// again; accept when both `ss` readings agree and equal the metric reading.
+/// Retries for [`QUIET_TIMEOUT`], then panics printing both sides. Returns the
+/// agreed value.
+#[track_caller]
+pub fn quiet_equal<T: PartialEq + Debug>(
+    what: &str,
+    mut from_ss: impl FnMut() -> T,
+    mut from_metrics: impl FnMut() -> T,
+) -> T {
+    let start = Instant::now();
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let before = from_ss();
+        let metric = from_metrics();
+        let after = from_ss();
+        if before == after && before == metric {
+            eprintln!(
+                "quiet_equal {what}: agreed after {tries} reading(s): {}",
+                short(&metric)
+            );
+            return metric;
+        }
+        if start.elapsed() >= QUIET_TIMEOUT {
+            panic!(
+                "{what}: ss and metrics never agreed at a quiet moment in {QUIET_TIMEOUT:?} \
+                 ({tries} readings)\n  ss before: {before:?}\n  metrics:   {metric:?}\n  \
+                 ss after:  {after:?}"
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn short<T: Debug>(v: &T) -> String {
+    let s = format!("{v:?}");
+    if s.len() > 400 {
+        format!("{}... ({} chars)", &s[..400], s.len())
+    } else {
+        s
+    }
+}
+
+/// Panics listing exactly which keys differ between two count maps.
+#[track_caller]
+pub fn assert_maps_equal<K: Ord + Debug>(
+    what: &str,
+    expected: &BTreeMap<K, u64>,
+    actual: &BTreeMap<K, u64>,
+) {
+    if expected == actual {
+        return;
+    }
+    let mut diff = String::new();
+    for (k, e) in expected {
+        match actual.get(k) {
+            Some(a) if a == e => {}
+            other => diff.push_str(&format!("\n  {k:?}: expected {e}, got {other:?}")),
+        }
+    }
+    for (k, a) in actual {
+        if !expected.contains_key(k) {
+            diff.push_str(&format!("\n  {k:?}: expected nothing, got {a}"));
+        }
+    }
+    panic!("{what}: maps differ:{diff}");
+}
+
+// ---------------------------------------------------------------------------
+// Network namespace guard
+
+static NETNS_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A named network namespace (`ip netns add`), loopback up, deleted on drop.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    #[track_caller]
+    pub fn new() -> NetNs {
+        let n = NETNS_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("tw-{}-{n}", std::process::id());
+        run_cmd("ip", &["netns", "add", &name]);
+        let ns = NetNs { name };
+        run_cmd("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a fresh thread that first joins this namespace. Sockets
+    /// created there belong to the namespace for their whole life, so they
+    /// may be handed back to (and used from) any thread.
+    #[track_caller]
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        thread::scope(|s| {
+            s.spawn(move || {
+                enter_netns(&path);
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
+    /// Like [`NetNs::run`] but in the background.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = self.path();
+        thread::spawn(move || {
+            enter_netns(&path);
+            f()
+        })
+    }
+
+    /// `sysctl -w key=value` inside the namespace.
+    #[track_caller]
+    pub fn sysctl(&self, key: &str, value: &str) {
+        run_cmd(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-w",
+                &format!("{key}={value}"),
+            ],
+        );
+    }
+
+    /// Runs a command inside the namespace and returns its stdout.
+    #[track_caller]
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        run_cmd("ip", &all)
+    }
+
+    // --- ss readers --------------------------------------------------------
+
+    /// Parsed `ss -Htano state <state>` lines.
+    pub fn ss(&self, state: &str) -> Vec<SsSocket> {
+        parse_ss(&self.exec(&["ss", "-Htano", "state", state]))
+    }
+
+    /// `ss -Htan state time-wait | wc -l`.
+    pub fn ss_tw_total(&self) -> u64 {
+        self.ss("time-wait").len() as u64
+    }
+
+    /// TIME_WAIT sockets grouped by peer address (port stripped, IPv4-mapped
+    /// IPv6 shown as plain IPv4, as the daemon labels it).
+    pub fn ss_tw_by_remote(&self) -> BTreeMap<String, u64> {
+        group_by_remote(&self.ss("time-wait"))
+    }
+
+    /// TIME_WAIT sockets grouped the way the daemon labels them, given the
+    /// listening ports: `(direction, remote, port)`.
+    pub fn ss_tw_series(&self, listening: &[u16]) -> BTreeMap<SeriesKey, u64> {
+        group_by_series(&self.ss("time-wait"), listening)
+    }
+
+    /// TIME_WAIT sockets grouped by `(direction, port)` only.
+    pub fn ss_tw_by_direction_port(&self, listening: &[u16]) -> BTreeMap<(String, u16), u64> {
+        let mut out = BTreeMap::new();
+        for ((d, _r, p), n) in self.ss_tw_series(listening) {
+            *out.entry((d, p)).or_insert(0) += n;
+        }
+        out
+    }
+
+    /// FIN-WAIT-2 sockets that are minisockets (the kernel shows a
+    /// `timewait` timer for those; an orphaned full socket in FIN_WAIT2 shows
+    /// `keepalive`), grouped like [`NetNs::ss_tw_series`].
+    pub fn ss_fw2_orphan_series(&self, listening: &[u16]) -> BTreeMap<SeriesKey, u64> {
+        let orphans: Vec<SsSocket> = self
+            .ss("fin-wait-2")
+            .into_iter()
+            .filter(|s| {
+                s.timer
+                    .as_deref()
+                    .is_some_and(|t| t.starts_with("timewait"))
+            })
+            .collect();
+        group_by_series(&orphans, listening)
+    }
+
+    /// Sockets still on their way to closed (or to TIME_WAIT).
+    pub fn ss_transient(&self) -> Vec<SsSocket> {
+        let mut all = Vec::new();
+        for st in [
+            "syn-sent",
+            "syn-recv",
+            "fin-wait-1",
+            "fin-wait-2",
+            "close-wait",
+            "last-ack",
+            "closing",
+        ] {
+            all.extend(self.ss(st));
+        }
+        all
+    }
+
+    /// Waits until no socket in the namespace is half-closed, so every close
+    /// of a workload has been ACKed and every TIME_WAIT exists.
+    #[track_caller]
+    pub fn wait_settled(&self) {
+        let start = Instant::now();
+        loop {
+            let last = self.ss_transient();
+            if last.is_empty() {
+                return;
+            }
+            if start.elapsed() >= SETTLE_TIMEOUT {
+                panic!(
+                    "sockets in {} still half-closed after {SETTLE_TIMEOUT:?}: {} left, e.g. {:?}",
+                    self.name,
+                    last.len(),
+                    &last[..last.len().min(5)]
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // --- workloads, run inside the namespace --------------------------------
+
+    /// A listener inside the namespace (kept open by the caller, so the port
+    /// is a listening port while the daemon watches).
+    #[track_caller]
+    pub fn listen(&self, addr: SocketAddr) -> TcpListener {
+        self.run(|| TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind listener {addr} in {}: {e}", self.name))
+    }
+
+    /// See [`server_closes_first`]; then waits until every close is ACKed.
+    #[track_caller]
+    pub fn server_closes_first(&self, listener: &TcpListener, clients: &[(IpAddr, usize)]) {
+        self.run(|| server_closes_first(listener, clients));
+        self.wait_settled();
+    }
+
+    /// See [`client_closes_first`]; then waits until every close is ACKed.
+    #[track_caller]
+    pub fn client_closes_first(&self, listener: &TcpListener, client: Option<IpAddr>, n: usize) {
+        self.run(|| client_closes_first(listener, client, n));
+        self.wait_settled();
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "warning: ip netns del {}: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("warning: ip netns del {}: {e}", self.name),
+        }
+    }
+}
+
+fn enter_netns(path: &std::path::Path) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: `f` is an open namespace file descriptor for the duration of the
+    // call; setns only changes this (fresh, test-owned) thread's namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        panic!("setns({}): {}", path.display(), io::Error::last_os_error());
+    }
+}
+
+/// Runs a command to completion; panics with its stderr if it fails.
+#[track_caller]
+pub fn run_cmd(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog} {args:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{prog} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8(out.stdout).expect("command output is UTF-8")
+}
+
+// ---------------------------------------------------------------------------
+// ss parsing
+
+/// `(direction, remote, port)`, exactly as the daemon's labels.
+pub type SeriesKey = (String, String, u16);
+
+#[derive(Debug, Clone)]
+pub struct SsSocket {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub timer: Option<String>,
+}
+
+impl SsSocket {
+    pub fn series_key(&self, listening: &[u16]) -> SeriesKey {
+        let remote = label_ip(self.peer.ip());
+        if listening.contains(&self.local.port()) {
+            ("inbound".to_string(), remote, self.local.port())
+        } else {
+            ("outbound".to_string(), remote, self.peer.port())
+        }
+    }
+}
+
+/// The daemon's label form of an address: IPv4-mapped IPv6 as plain IPv4,
+/// everything else as Rust prints it (RFC 5952 for IPv6).
+pub fn label_ip(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => v6.to_string(),
+        },
+        IpAddr::V4(v4) => v4.to_string(),
+    }
+}
+
+/// Parses `ss -Htan[o]` output, with or without the state column.
+pub fn parse_ss(text: &str) -> Vec<SsSocket> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let toks: Vec<&str> = line.split_whitespace().collect();
+            // Without a state filter the first column is the state name.
+            let first = if toks[0].parse::<u64>().is_ok() { 0 } else { 1 };
+            let (local, peer) = match (toks.get(first + 2), toks.get(first + 3)) {
+                (Some(l), Some(p)) => (*l, *p),
+                _ => panic!("unexpected ss line: {line:?}"),
+            };
+            let timer = toks.iter().find_map(|t| {
+                t.strip_prefix("timer:(")
+                    .map(|t| t.trim_end_matches(')').to_string())
+            });
+            SsSocket {
+                local: parse_ss_addr(local)
+                    .unwrap_or_else(|| panic!("bad ss address {local:?} in {line:?}")),
+                peer: parse_ss_addr(peer)
+                    .unwrap_or_else(|| panic!("bad ss address {peer:?} in {line:?}")),
+                timer,
+            }
+        })
+        .collect()
+}
+
+/// `127.0.0.1:80`, `[::1]:80`, `[::ffff:127.0.0.1]:80`, `[fe80::1%lo]:80`.
+pub fn parse_ss_addr(s: &str) -> Option<SocketAddr> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = host.split('%').next()?;
+    let ip: IpAddr = host.parse().ok()?;
+    Some(SocketAddr::new(ip, port))
+}
+
+pub fn group_by_remote(socks: &[SsSocket]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for s in socks {
+        *out.entry(label_ip(s.peer.ip())).or_insert(0) += 1;
+    }
+    out
+}
+
+pub fn group_by_series(socks: &[SsSocket], listening: &[u16]) -> BTreeMap<SeriesKey, u64> {
+    let mut out = BTreeMap::new();
+    for s in socks {
+        *out.entry(s.series_key(listening)).or_insert(0) += 1;
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Daemon guard
+
+static LOG_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn log_dir() -> &'static PathBuf {
+    LOG_DIR.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("timewait-kernel-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        dir
+    })
+}
+
+static DAEMON_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A `timewaitd run` inside a namespace; SIGTERM on drop.
+pub struct Daemon<'a> {
+    ns: &'a NetNs,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl<'a> Daemon<'a> {
+    /// Starts the daemon in `ns` and waits (60 s at most) until `/readyz`
+    /// answers 200.
+    #[track_caller]
+    pub fn start(ns: &'a NetNs, extra: &[&str]) -> Daemon<'a> {
+        let n = DAEMON_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let log = log_dir().join(format!("{}-daemon{n}.log", ns.name()));
+        let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let err = out.try_clone().expect("dup log file");
+        let bin = env!("CARGO_BIN_EXE_timewaitd");
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            ns.name(),
+            bin,
+            "run",
+            "--web.listen-address",
+            WEB_ADDR,
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        eprintln!(
+            "started timewaitd (pid {}) in {} with {extra:?}, log {}",
+            child.id(),
+            ns.name(),
+            log.display()
+        );
+        let mut d = Daemon {
+            ns,
+            child: Some(child),
+            log,
+        };
+        d.wait_ready();
+        d
+    }
+
+    #[track_caller]
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        let mut last = String::from("no answer yet");
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .expect("running")
+                .try_wait()
+                .expect("try_wait")
+            {
+                self.child = None;
+                panic!(
+                    "timewaitd exited before ready ({status}); last /readyz: {last}\n{}",
+                    self.log_tail()
+                );
+            }
+            match self
+                .ns
+                .run(|| http_get(WEB_ADDR.parse().unwrap(), "/readyz"))
+            {
+                Ok((200, _)) => {
+                    eprintln!(
+                        "timewaitd in {} ready after {:?}",
+                        self.ns.name(),
+                        start.elapsed()
+                    );
+                    return;
+                }
+                Ok((code, body)) => last = format!("{code} {}", body.trim()),
+                Err(e) => last = e.to_string(),
+            }
+            if start.elapsed() >= READY_TIMEOUT {
+                panic!(
+                    "timewaitd not ready after {READY_TIMEOUT:?}; last /readyz: {last}\n{}",
+                    self.log_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// The last lines of the daemon's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(40);
+        format!(
+            "--- {} (last {} lines) ---\n{}",
+            self.log.display(),
+            lines.len() - from,
+            lines[from..].join("\n")
+        )
+    }
+
+    /// `GET /metrics`, parsed.
+    #[track_caller]
+    pub fn scrape(&self) -> Metrics {
+        let addr: SocketAddr = WEB_ADDR.parse().unwrap();
+        match self.ns.run(|| http_get(addr, "/metrics")) {
+            Ok((200, body)) => Metrics::parse(&body),
+            Ok((code, body)) => panic!("GET /metrics: {code}: {body}\n{}", self.log_tail()),
+            Err(e) => panic!("GET /metrics: {e}\n{}", self.log_tail()),
+        }
+    }
+
+    /// `GET path` → (status, body).
+    #[track_caller]
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let addr: SocketAddr = WEB_ADDR.parse().unwrap();
+        self.ns
+            .run(|| http_get(addr, path))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log_tail()))
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.pid() as libc::pid_t;
+        // SAFETY: kill has no memory-safety preconditions; `pid` is our own
+        // child, not yet reaped (we hold its `Child`), so it cannot be reused.
+        let rc = unsafe { libc::kill(pid, sig) };
+        if rc != 0 {
+            panic!("kill({pid}, {sig}): {}", io::Error::last_os_error());
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(st);
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then asserts the daemon exits 0 within 15 s.
+    #[track_caller]
+    pub fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(Duration::from_secs(15)) {
+            Some(st) if st.code() == Some(0) => {
+                eprintln!("timewaitd stopped by SIGTERM with exit status 0");
+            }
+            Some(st) => panic!(
+                "timewaitd exited with {st} after SIGTERM, not 0\n{}",
+                self.log_tail()
+            ),
+            None => panic!(
+                "timewaitd did not exit within 15 s of SIGTERM\n{}",
+                self.log_tail()
+            ),
+        }
+    }
+
+    /// SIGKILL, as a crash would; waits for the process to be gone.
+    #[track_caller]
+    pub fn kill9(mut self) {
+        self.signal(libc::SIGKILL);
+        if self.wait_exit(Duration::from_secs(10)).is_none() {
+            panic!("timewaitd survived SIGKILL for 10 s");
+        }
+    }
+}
+
+impl Drop for Daemon<'_> {
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            if thread::panicking() {
+                eprintln!("{}", self.log_tail());
+            }
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        if self.wait_exit(Duration::from_secs(15)).is_none() {
+            eprintln!("timewaitd ignored SIGTERM for 15 s; SIGKILL");
+            self.signal(libc::SIGKILL);
+            let _ = self.wait_exit(Duration::from_secs(10));
+        }
+        if thread::panicking() {
+            eprintln!("{}", self.log_tail());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP client that leaves no TIME_WAIT behind
+
+/// A minimal HTTP/1.1 GET, to be called inside the namespace.
+///
+/// Every scrape is itself a TCP connection in the namespace under test. So
+/// that it leaves no TIME_WAIT on either side: ask for keep-alive (the server
+/// must not close first), read exactly one response, then close with
+/// `SO_LINGER {on, 0}`, which sends an RST and frees both ends at once.
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let result = http_exchange(&stream, addr, path);
+    abortive_close(stream)?;
+    result
+}
+
+fn http_exchange(stream: &TcpStream, addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = stream;
+    write!(
+        w,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n"
+    )?;
+    w.flush()?;
+    let mut r = BufReader::new(stream);
+    let mut status_line = String::new();
+    r.read_line(&mut status_line)?;
+    let code: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
+    let mut content_length = None;
+    let mut chunked = false;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Err(io::Error::other("EOF in headers"));
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "content-length" {
+                content_length = Some(v.parse::<usize>().map_err(io::Error::other)?);
+            } else if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
+                chunked = true;
+            }
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size)?;
+            let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|e| io::Error::other(format!("bad chunk size {size:?}: {e}")))?;
+            if size == 0 {
+                // Trailers end with an empty line.
+                loop {
+                    let mut l = String::new();
+                    if r.read_line(&mut l)? == 0 || l.trim_end().is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let start = body.len();
+            body.resize(start + size, 0);
+            r.read_exact(&mut body[start..])?;
+            let mut crlf = [0u8; 2];
+            r.read_exact(&mut crlf)?;
+        }
+    } else if let Some(n) = content_length {
+        body.resize(n, 0);
+        r.read_exact(&mut body)?;
+    } else {
+        // No length: the server will close first, which would leave it a
+        // TIME_WAIT (which the RST below then kills). Read to EOF anyway.
+        r.read_to_end(&mut body)?;
+    }
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Closes with an RST (`SO_LINGER {on, 0}`): neither end enters TIME_WAIT.
+pub fn abortive_close(stream: TcpStream) -> io::Result<()> {
+    let lg = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the fd is open (owned by `stream`), and the option value points
+    // to a live `linger` whose exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const lg).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(stream);
+    Ok(())
+}
+
+/// Scrapes a few times and asserts that this left no socket behind on the
+/// daemon's port other than its listener (no TIME_WAIT on either side).
+#[track_caller]
+pub fn assert_scrape_leaves_no_timewait(ns: &NetNs, daemon: &Daemon) {
+    for _ in 0..5 {
+        daemon.scrape();
+    }
+    let port = WEB_PORT.to_string();
+    let leftovers = || -> Vec<String> {
+        ns.exec(&["ss", "-Htan", "state", "all"])
+            .lines()
+            .filter(|l| !l.starts_with("LISTEN"))
+            .filter(|l| {
+                parse_ss(l).iter().any(|s| {
+                    s.local.port().to_string() == port || s.peer.port().to_string() == port
+                })
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let start = Instant::now();
+    loop {
+        let left = leftovers();
+        if left.is_empty() {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(5) {
+            panic!(
+                "scrapes left sockets behind on port {port}:\n{}",
+                left.join("\n")
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus text format
+
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Metrics {
+    /// Parses the text exposition format 0.0.4 (comments skipped).
+    #[track_caller]
+    pub fn parse(text: &str) -> Metrics {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            samples.push(
+                parse_sample(line).unwrap_or_else(|e| panic!("bad metrics line {line:?}: {e}")),
+            );
+        }
+        Metrics { samples }
+    }
+
+    fn matching<'s>(
+        &'s self,
+        name: &'s str,
+        filters: &'s [(&'s str, &'s str)],
+    ) -> impl Iterator<Item = &'s (String, BTreeMap<String, String>, f64)> + 's {
+        self.samples.iter().filter(move |(n, labels, _)| {
+            n == name
+                && filters
+                    .iter()
+                    .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    /// The one series of `name` whose labels include `filters`; `None` when
+    /// there is none, a panic when several match.
+    #[track_caller]
+    pub fn get(&self, name: &str, filters: &[(&str, &str)]) -> Option<f64> {
+        let found: Vec<_> = self.matching(name, filters).collect();
+        match found.len() {
+            0 => None,
+            1 => Some(found[0].2),
+            _ => panic!("{name}{filters:?} is ambiguous: {found:?}"),
+        }
+    }
+
+    /// Sum over every series of `name` whose labels include `filters`.
+    pub fn sum(&self, name: &str, filters: &[(&str, &str)]) -> f64 {
+        self.matching(name, filters).map(|s| s.2).sum()
+    }
+
+    pub fn series(&self, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+        self.matching(name, &[])
+            .map(|(_, l, v)| (l.clone(), *v))
+            .collect()
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.samples.iter().any(|(n, _, _)| n == name)
+    }
+
+    /// A per-socket gauge (`timewait_sockets`, `timewait_fin_wait2_orphans`)
+    /// as `(direction, remote, port) -> count`, zero-valued series dropped.
+    #[track_caller]
+    pub fn series_map(&self, name: &str) -> BTreeMap<SeriesKey, u64> {
+        let mut out = BTreeMap::new();
+        for (labels, v) in self.series(name) {
+            let n = as_count(name, &labels, v);
+            if n == 0 {
+                continue;
+            }
+            let get = |k: &str| {
+                labels
+                    .get(k)
+                    .unwrap_or_else(|| panic!("{name} series {labels:?} has no {k} label"))
+                    .clone()
+            };
+            let port: u16 = get("port")
+                .parse()
+                .unwrap_or_else(|e| panic!("{name} {labels:?}: port: {e}"));
+            let key = (get("direction"), get("remote"), port);
+            if out.insert(key.clone(), n).is_some() {
+                panic!("{name}: two series for {key:?}");
+            }
+        }
+        out
+    }
+
+    /// `timewait_sockets` grouped by remote (zero series dropped).
+    #[track_caller]
+    pub fn tw_by_remote(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for ((_, remote, _), n) in self.series_map("timewait_sockets") {
+            *out.entry(remote).or_insert(0) += n;
+        }
+        out
+    }
+
+    /// Sum of a gauge/counter as an exact count.
+    #[track_caller]
+    pub fn count(&self, name: &str, filters: &[(&str, &str)]) -> u64 {
+        let v = self.sum(name, filters);
+        as_count(name, &BTreeMap::new(), v)
+    }
+}
+
+#[track_caller]
+fn as_count(name: &str, labels: &BTreeMap<String, String>, v: f64) -> u64 {
+    if !(v >= 0.0 && v.fract() == 0.0 && v < 1e15) {
+        panic!("{name}{labels:?} = {v} is not a non-negative whole number");
+    }
+    v as u64
+}
+
+fn parse_sample(line: &str) -> Result<(String, BTreeMap<String, String>, f64), String> {
+    let name_end = line.find(['{', ' ', '\t']).ok_or("no value")?;
+    let name = line[..name_end].to_string();
+    let mut labels = BTreeMap::new();
+    let mut rest = &line[name_end..];
+    if rest.starts_with('{') {
+        let mut chars = rest[1..].char_indices().peekable();
+        let mut end = None;
+        loop {
+            // Skip separators.
+            while let Some(&(_, c)) = chars.peek() {
+                if c == ',' || c == ' ' {
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            match chars.peek() {
+                Some(&(i, '}')) => {
+                    end = Some(i);
+                    break;
+                }
+                None => break,
+                _ => {}
+            }
+            let mut key = String::new();
+            for (_, c) in chars.by_ref() {
+                if c == '=' {
+                    break;
+                }
+                key.push(c);
+            }
+            if chars.next().map(|x| x.1) != Some('"') {
+                return Err(format!("label {key} value not quoted"));
+            }
+            let mut val = String::new();
+            loop {
+                match chars.next().map(|x| x.1) {
+                    Some('\\') => match chars.next().map(|x| x.1) {
+                        Some('n') => val.push('\n'),
+                        Some(c) => val.push(c),
+                        None => return Err("dangling escape".into()),
+                    },
+                    Some('"') => break,
+                    Some(c) => val.push(c),
+                    None => return Err("unterminated label value".into()),
+                }
+            }
+            labels.insert(key.trim().to_string(), val);
+        }
+        let end = end.ok_or("unterminated label set")?;
+        rest = &rest[1 + end + 1..];
+    }
+    let value = rest.split_whitespace().next().ok_or("no value")?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().map_err(|e| format!("value {v:?}: {e}"))?,
+    };
+    Ok((name, labels, value))
+}
+
+// ---------------------------------------------------------------------------
+// Workloads (call inside the namespace, e.g. through `NetNs::run`)
+
+pub const fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+pub const V6_LOOPBACK: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+
+/// A connected TCP socket from `local` (port chosen at connect time) to
+/// `remote`. `IP_BIND_ADDRESS_NO_PORT` makes the kernel pick the source port
+/// like a plain `connect()` does (walking the range per destination) instead
+/// of like `bind(port 0)` (random), so a run of connections does not reuse a
+/// source port whose 4-tuple the server still holds in TIME_WAIT.
+pub fn connect_from(local: Option<IpAddr>, remote: SocketAddr) -> io::Result<TcpStream> {
+    let Some(local) = local else {
+        return TcpStream::connect(remote);
+    };
+    let family = if remote.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: `fd` is open; the value points to a live c_int of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (sa, len) = sockaddr(SocketAddr::new(local, 0));
+    // SAFETY: `sa` is a sockaddr_storage holding a valid address of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const sa).cast(), len) } != 0 {
+        return Err(io::Error::other(format!(
+            "bind {local}: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    let (sa, len) = sockaddr(remote);
+    // SAFETY: as above.
+    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const sa).cast(), len) } != 0 {
+        return Err(io::Error::other(format!(
+            "connect {local} -> {remote}: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(TcpStream::from(fd))
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in6>(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// Where a client from `from` reaches `listener`: a wildcard listener is
+/// reached on loopback, an IPv6 wildcard one over IPv4 too (bindv6only=0).
+fn target(listener: &TcpListener, from: Option<IpAddr>) -> SocketAddr {
+    let mut addr = listener.local_addr().expect("listener address");
+    if addr.ip().is_unspecified() {
+        let v4_client = match from {
+            Some(ip) => ip.is_ipv4(),
+            None => addr.is_ipv4(),
+        };
+        addr.set_ip(if v4_client {
+            v4(127, 0, 0, 1)
+        } else {
+            V6_LOOPBACK
+        });
+    }
+    addr
+}
+
+/// The server closes first: for each client connection the server accepts
+/// and closes; the client (from the given address) waits for EOF, then
+/// closes. Each connection leaves one TIME_WAIT on the SERVER side (local
+/// port = the listening port, peer = the client address). Sockets are closed
+/// as we go, so thousands of connections need only a few descriptors.
+#[track_caller]
+pub fn server_closes_first(listener: &TcpListener, clients: &[(IpAddr, usize)]) {
+    for &(from, n) in clients {
+        let to = target(listener, Some(from));
+        for i in 0..n {
+            let client = connect_from(Some(from), to)
+                .unwrap_or_else(|e| panic!("connection {i} of {n} from {from}: {e}"));
+            let (server, _) = listener.accept().expect("accept");
+            drop(server);
+            wait_eof(&client);
+            drop(client);
+        }
+    }
+}
+
+/// Like [`server_closes_first`] but the clients never close: returns them
+/// open. Their servers' sockets sit in FIN_WAIT2 (as minisockets) until the
+/// caller drops the clients.
+#[track_caller]
+pub fn server_closes_first_clients_stay(
+    listener: &TcpListener,
+    clients: &[(IpAddr, usize)],
+) -> Vec<TcpStream> {
+    let mut open = Vec::new();
+    for &(from, n) in clients {
+        let to = target(listener, Some(from));
+        for i in 0..n {
+            let client = connect_from(Some(from), to)
+                .unwrap_or_else(|e| panic!("connection {i} of {n} from {from}: {e}"));
+            let (server, _) = listener.accept().expect("accept");
+            drop(server);
+            wait_eof(&client);
+            open.push(client);
+        }
+    }
+    open
+}
+
+/// The client closes first: the server reads EOF and closes. Each connection
+/// leaves one TIME_WAIT on the CLIENT side (local ephemeral port, peer = the
+/// listener's address and port).
+#[track_caller]
+pub fn client_closes_first(listener: &TcpListener, from: Option<IpAddr>, n: usize) {
+    let to = target(listener, from);
+    for i in 0..n {
+        let client =
+            connect_from(from, to).unwrap_or_else(|e| panic!("connection {i} of {n} to {to}: {e}"));
+        let (server, _) = listener.accept().expect("accept");
+        drop(client);
+        wait_eof(&server);
+        drop(server);
+    }
+}
+
+#[track_caller]
+fn wait_eof(s: &TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set_read_timeout");
+    let mut buf = [0u8; 64];
+    match (&*s).read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("expected EOF, read {n} bytes"),
+        Err(e) => panic!("expected EOF: {e}"),
+    }
+}
+
+/// Distinct sorted set, for readable assertions.
+pub fn set<T: Ord + Clone>(items: impl IntoIterator<Item = T>) -> BTreeSet<T> {
+    items.into_iter().collect()
+}

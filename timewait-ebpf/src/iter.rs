@@ -1,0 +1,99 @@
+//! Start-up snapshot: BPF socket iterators over the daemon's network namespace
+//! (`iter/tcp`, ctx `struct bpf_iter__tcp { meta; sk_common; uid }`), which
+//! walk TIME_WAIT minisockets too. The daemon runs `iter_listeners` before the
+//! timer programs are attached (so every minisocket created from then on gets
+//! its direction right) and `iter_timewait` after (so nothing is missed);
+//! `follow` inserts with BPF_NOEXIST, so nothing is counted twice.
+
+use core::ffi::c_void;
+
+use timewait_common::{TCP_LISTEN, TCP_TIME_WAIT, counter};
+
+use crate::{
+    listen::listener_added,
+    maps::{TW_SOCKS, bump, config, read},
+    sock::{listen_key, netns_of, watched},
+    timer::{close, follow},
+};
+
+/// Offset of `sk_common` in `struct bpf_iter__tcp` (a UAPI-stable layout:
+/// `meta` is a pointer before it).
+const ITER_SK_COMMON: usize = 1;
+
+#[inline(always)]
+fn sk_of(ctx: *mut c_void) -> u64 {
+    // SAFETY: ctx is the iterator context; the verifier checks this load
+    // against `struct bpf_iter__tcp`.
+    unsafe { *(ctx as *const u64).add(ITER_SK_COMMON) }
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub extern "C" fn iter_listeners(ctx: *mut c_void) -> i32 {
+    let _ = try_listeners(sk_of(ctx));
+    0
+}
+
+#[inline(always)]
+fn try_listeners(sk: u64) -> Result<(), i64> {
+    if sk == 0 {
+        return Ok(());
+    }
+    let cfg = config();
+    let state: u8 = read(sk, cfg.offsets.skc_state)?;
+    if state != TCP_LISTEN {
+        return Ok(());
+    }
+    let netns = netns_of(&cfg, sk)?;
+    if !watched(&cfg, netns) {
+        return Ok(());
+    }
+    let port: u16 = read(sk, cfg.offsets.skc_num)?;
+    listener_added(sk, listen_key(netns, port));
+    bump(counter::SNAPSHOT_LISTENERS);
+    Ok(())
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub extern "C" fn iter_timewait(ctx: *mut c_void) -> i32 {
+    let _ = try_timewait(sk_of(ctx));
+    0
+}
+
+#[inline(always)]
+fn try_timewait(tw: u64) -> Result<(), i64> {
+    if tw == 0 {
+        return Ok(());
+    }
+    let cfg = config();
+    let state: u8 = read(tw, cfg.offsets.skc_state)?;
+    if state != TCP_TIME_WAIT {
+        return Ok(());
+    }
+    let netns = netns_of(&cfg, tw)?;
+    if !watched(&cfg, netns) {
+        return Ok(());
+    }
+    let timer = tw + cfg.offsets.tw_timer as u64;
+    // The iterator holds a reference, but the minisocket may already be on its
+    // way out: only a pending timer means it is still in TIME_WAIT.
+    if read::<u64>(timer, cfg.offsets.timer_pprev)? == 0 {
+        return Ok(());
+    }
+    if follow(&cfg, tw, timer, netns, 1).is_none() {
+        return Ok(());
+    }
+    bump(counter::SNAPSHOT);
+    // Its timer may have been detached (expiry or kill) between the check above
+    // and the insert, with the cancel seeing no entry: look again and close it
+    // ourselves if so.
+    if read::<u64>(timer, cfg.offsets.timer_pprev)? == 0 {
+        // SAFETY: read-only copy; `close` claims the entry.
+        if let Some(entry) = unsafe { TW_SOCKS.get(timer) } {
+            let entry = *entry;
+            close(timer, &entry, counter::CLOSED_OTHER);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! Maps and the small helpers every program shares.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use timewait_common::{AggKey, Config, TwEntry, counter};
+
+/// Start-up configuration; the daemon sets it with `EbpfLoader::set_global`.
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config::ZERO;
+
+/// Every minisocket being followed, keyed by the address of its `tw_timer`.
+/// Sized by the daemon from `tcp_max_tw_buckets` at load.
+#[map]
+pub static TW_SOCKS: HashMap<u64, TwEntry> = HashMap::with_max_entries(1 << 18, 0);
+
+/// Gauges: minisockets now, per aggregation key. Updated with atomic adds.
+#[map]
+pub static COUNTS: HashMap<AggKey, i64> = HashMap::with_max_entries(1 << 16, 0);
+
+/// Minisockets whose timer was cancelled and nothing has said why yet (a
+/// kill). The daemon resolves what is still here after a grace period.
+/// Value: `bpf_ktime_get_ns()` of the cancel.
+#[map]
+pub static PENDING: HashMap<u64, u64> = HashMap::with_max_entries(1 << 14, 0);
+
+/// Listening sockets, keyed by `struct sock *`; value: `listen_key()`.
+#[map]
+pub static LISTENERS: HashMap<u64, u64> = HashMap::with_max_entries(1 << 14, 0);
+
+/// Listening sockets per (netns, port), keyed by `listen_key()`.
+#[map]
+pub static LISTEN_PORTS: HashMap<u64, i64> = HashMap::with_max_entries(1 << 14, 0);
+
+/// Monotonic counters, indexed by `timewait_common::counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+pub const BPF_NOEXIST: u64 = 1;
+const EEXIST: i64 = 17;
+
+#[inline(always)]
+pub fn config() -> Config {
+    // SAFETY: CONFIG is a plain read-only global; the volatile read keeps the
+    // compiler from folding in the compiled-in zero value.
+    unsafe { core::ptr::read_volatile(&raw const CONFIG) }
+}
+
+/// Reads a `T` at `base + off` in kernel memory.
+#[inline(always)]
+pub fn read<T>(base: u64, off: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel copes with any address, faulting ones included.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.map_err(i64::from)
+}
+
+#[inline(always)]
+pub fn bump(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: p points into this CPU's slot of the array; tracing programs
+        // do not migrate while they run.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn atomic_add(p: *mut i64, delta: i64) {
+    // The BPF target offers no `AtomicI64::fetch_add`; with its result unused
+    // this intrinsic lowers to the BPF atomic add every kernel supports.
+    // SAFETY: p points to an i64 map value that stays valid while the program
+    // runs; other CPUs update it only through atomic adds as well.
+    let _ = unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(p, delta) };
+}
+
+/// Adds `delta` to the i64 counted under `key`, creating it at 0 when absent.
+/// Returns false (and counts the loss) when the map is full.
+#[inline(always)]
+pub fn add<K>(m: &HashMap<K, i64>, key: &K, delta: i64) -> bool {
+    if let Some(p) = m.get_ptr_mut(key) {
+        atomic_add(p, delta);
+        return true;
+    }
+    if delta < 0 {
+        // Nothing to take from: never let a gauge go negative.
+        return false;
+    }
+    match m.insert(key, 0, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(e) if is_eexist(e.into()) => {}
+        Err(_) => {
+            bump(counter::LOST);
+            return false;
+        }
+    }
+    match m.get_ptr_mut(key) {
+        Some(p) => {
+            atomic_add(p, delta);
+            true
+        }
+        None => {
+            bump(counter::LOST);
+            false
+        }
+    }
+}
+
+#[inline(always)]
+pub fn is_eexist(e: i64) -> bool {
+    e == -EEXIST
+}

@@ -1,0 +1,65 @@
+//! Reading a minisocket (`struct inet_timewait_sock`) or socket
+//! (`struct sock_common` is the first member of both) through the offsets the
+//! daemon found in the running kernel's BTF.
+
+use timewait_common::{
+    AF_INET, AF_INET6, AggKey, Config, DIRECTION_INBOUND, DIRECTION_OUTBOUND,
+};
+
+use crate::maps::{LISTEN_PORTS, read};
+
+/// Inode number of the network namespace `sk` belongs to.
+#[inline(always)]
+pub fn netns_of(cfg: &Config, sk: u64) -> Result<u32, i64> {
+    let net: u64 = read(sk, cfg.offsets.skc_net)?;
+    read(net, cfg.offsets.net_inum)
+}
+
+/// Whether events of namespace `inum` are ours (the daemon's, or all).
+#[inline(always)]
+pub fn watched(cfg: &Config, inum: u32) -> bool {
+    cfg.netns == 0 || cfg.netns == inum
+}
+
+/// Key of `LISTEN_PORTS` for a local port in a namespace.
+#[inline(always)]
+pub fn listen_key(netns: u32, port: u16) -> u64 {
+    ((netns as u64) << 16) | port as u64
+}
+
+/// Builds the aggregation key of minisocket `tw` in namespace `netns`.
+/// Direction is inbound when the local port has a listener in that namespace.
+#[inline(always)]
+pub fn tw_key(cfg: &Config, tw: u64, netns: u32) -> Result<AggKey, i64> {
+    let o = &cfg.offsets;
+    let family: u16 = read(tw, o.skc_family)?;
+    let substate: u8 = read(tw, o.tw_substate)?;
+    let lport: u16 = read(tw, o.skc_num)?;
+    let rport = u16::from_be(read::<u16>(tw, o.skc_dport)?);
+    let mut key = AggKey {
+        netns,
+        family,
+        substate,
+        ..AggKey::default()
+    };
+    if family == AF_INET {
+        let a: [u8; 4] = read(tw, o.skc_daddr)?;
+        key.remote[..4].copy_from_slice(&a);
+    } else if family == AF_INET6 {
+        key.remote = read(tw, o.skc_v6_daddr)?;
+    } else {
+        return Err(-1);
+    }
+    // SAFETY: the value is a plain i64 read once; a concurrent update only
+    // changes which side of zero we see, as it would a moment later anyway.
+    let listening = unsafe { LISTEN_PORTS.get(listen_key(netns, lport)) }
+        .is_some_and(|n| *n > 0);
+    if listening {
+        key.direction = DIRECTION_INBOUND;
+        key.port = lport;
+    } else {
+        key.direction = DIRECTION_OUTBOUND;
+        key.port = rport;
+    }
+    Ok(key)
+}

@@ -1,0 +1,192 @@
+//! Following minisockets through their timer (kernel/time/timer.c).
+//!
+//! Hooks and the kernel prototypes they rely on (`btf_trace_*` in vmlinux BTF):
+//! - `timer_init(struct timer_list *)`: fires before `timer_setup()` fills the
+//!   timer in. The minisocket slab is `SLAB_TYPESAFE_BY_RCU`, so a freed
+//!   minisocket's memory is reused only by another minisocket: an init on a
+//!   timer we still follow means the old minisocket is gone (a kill).
+//! - `timer_start(struct timer_list *, unsigned long)`: creation (unknown
+//!   timer) or re-arm (known timer, just cancelled on this CPU).
+//! - `timer_cancel(struct timer_list *)`: fires on kill (SYN reuse, RST,
+//!   `tcp_tw_reuse`, netns teardown), just before `timer_expire_entry` on
+//!   expiry, and just before a re-arm's `timer_start`. What it meant is
+//!   resolved by what follows; until then the minisocket is not counted.
+//! - `timer_expire_entry(struct timer_list *, unsigned long)`: expiry.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
+use timewait_common::{
+    AggKey, Config, DIRECTION_INBOUND, HINT_RESET, TW_CANCELLED, TW_LIVE, TwEntry, counter,
+};
+
+use crate::{
+    maps::{BPF_NOEXIST, COUNTS, PENDING, TW_SOCKS, add, bump, config, is_eexist, read},
+    sock::{netns_of, tw_key, watched},
+};
+
+/// Whether `timer` is a minisocket's `tw_timer`.
+#[inline(always)]
+fn is_tw_timer(cfg: &Config, timer: u64) -> bool {
+    read::<u64>(timer, cfg.offsets.timer_function).is_ok_and(|f| f == cfg.tw_timer_handler)
+}
+
+/// Closes a followed minisocket for `reason` if this call is the one that
+/// removes it from `TW_SOCKS` (removal is the claim: the daemon's sweeper and
+/// the programs can race for the same entry, only one wins).
+#[inline(always)]
+pub fn close(timer: u64, entry: &TwEntry, reason: u32) {
+    if TW_SOCKS.remove(timer).is_err() {
+        return;
+    }
+    if entry.counted == 1 {
+        add(&COUNTS, &entry.key, -1);
+    }
+    bump(reason);
+    let _ = PENDING.remove(timer);
+}
+
+/// The reason a kill resolves to, from what the programs saw after the cancel.
+#[inline(always)]
+pub fn kill_reason(entry: &TwEntry) -> u32 {
+    if entry.hint == HINT_RESET {
+        counter::CLOSED_RESET
+    } else {
+        counter::CLOSED_OTHER
+    }
+}
+
+/// Starts following minisocket `tw` (timer `timer`). Returns its key, or
+/// None when it was already followed or could not be.
+#[inline(always)]
+pub fn follow(cfg: &Config, tw: u64, timer: u64, netns: u32, from_snapshot: u32) -> Option<AggKey> {
+    let key = tw_key(cfg, tw, netns).ok()?;
+    let entry = TwEntry {
+        key,
+        // SAFETY: helper without preconditions.
+        created_ns: unsafe { bpf_ktime_get_ns() },
+        state: TW_LIVE,
+        from_snapshot,
+        ..TwEntry::default()
+    };
+    match TW_SOCKS.insert(timer, entry, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(e) if is_eexist(e.into()) => return None,
+        Err(_) => {
+            bump(counter::LOST);
+            return None;
+        }
+    }
+    if add(&COUNTS, &key, 1)
+        && let Some(e) = TW_SOCKS.get_ptr_mut(timer)
+    {
+        // SAFETY: e points to the entry just inserted; only events of this
+        // timer (serialised by the timer base lock) write it.
+        unsafe { (*e).counted = 1 };
+    }
+    Some(key)
+}
+
+#[btf_tracepoint(function = "timer_init")]
+pub fn tw_timer_init(ctx: BtfTracePointContext) -> u32 {
+    let timer: u64 = ctx.arg(0);
+    // SAFETY: read-only copy of the entry; see `close` for who may remove it.
+    if let Some(entry) = unsafe { TW_SOCKS.get(timer) } {
+        let entry = *entry;
+        close(timer, &entry, kill_reason(&entry));
+    }
+    0
+}
+
+#[btf_tracepoint(function = "timer_start")]
+pub fn tw_timer_start(ctx: BtfTracePointContext) -> u32 {
+    let _ = try_timer_start(ctx.arg(0));
+    0
+}
+
+#[inline(always)]
+fn try_timer_start(timer: u64) -> Result<(), i64> {
+    let cfg = config();
+    if !is_tw_timer(&cfg, timer) {
+        return Ok(());
+    }
+    let tw = timer - cfg.offsets.tw_timer as u64;
+    let netns = netns_of(&cfg, tw)?;
+    if !watched(&cfg, netns) {
+        return Ok(());
+    }
+    let Some(e) = TW_SOCKS.get_ptr_mut(timer) else {
+        if let Some(key) = follow(&cfg, tw, timer, netns, 0) {
+            bump(if key.direction == DIRECTION_INBOUND {
+                counter::CREATED_INBOUND
+            } else {
+                counter::CREATED_OUTBOUND
+            });
+        }
+        return Ok(());
+    };
+    // Re-arm: FIN_WAIT2 -> TIME_WAIT, or a segment that restarted the timer.
+    // SAFETY: e points to this timer's entry; its events are serialised by
+    // the timer base lock this tracepoint runs under.
+    let entry = unsafe { &mut *e };
+    let key = tw_key(&cfg, tw, netns)?;
+    if entry.counted == 1 && entry.key != key {
+        add(&COUNTS, &entry.key, -1);
+        entry.counted = 0;
+        if entry.key.substate != key.substate {
+            bump(counter::SUBSTATE_CHANGES);
+        }
+    }
+    entry.key = key;
+    if entry.counted == 0 && add(&COUNTS, &key, 1) {
+        entry.counted = 1;
+    }
+    if entry.state == TW_CANCELLED {
+        entry.state = TW_LIVE;
+        entry.cancel_ns = 0;
+        let _ = PENDING.remove(timer);
+    }
+    Ok(())
+}
+
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn tw_timer_cancel(ctx: BtfTracePointContext) -> u32 {
+    let timer: u64 = ctx.arg(0);
+    let cfg = config();
+    if !is_tw_timer(&cfg, timer) {
+        return 0;
+    }
+    let Some(e) = TW_SOCKS.get_ptr_mut(timer) else {
+        return 0;
+    };
+    // SAFETY: as in try_timer_start.
+    let entry = unsafe { &mut *e };
+    if entry.state != TW_LIVE {
+        return 0;
+    }
+    if entry.counted == 1 {
+        add(&COUNTS, &entry.key, -1);
+        entry.counted = 0;
+    }
+    entry.state = TW_CANCELLED;
+    // SAFETY: helper without preconditions.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    entry.cancel_ns = now;
+    if PENDING.insert(timer, now, 0).is_err() {
+        bump(counter::LOST);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn tw_timer_expire(ctx: BtfTracePointContext) -> u32 {
+    let timer: u64 = ctx.arg(0);
+    let cfg = config();
+    if !is_tw_timer(&cfg, timer) {
+        return 0;
+    }
+    // SAFETY: read-only copy; `close` claims the entry.
+    if let Some(entry) = unsafe { TW_SOCKS.get(timer) } {
+        let entry = *entry;
+        close(timer, &entry, counter::CLOSED_EXPIRED);
+    }
+    0
+}
