@@ -50,7 +50,91 @@ pub const TW_CANCELLED: u32 = 2;
 /// What the kernel side has learned about why a cancelled minisocket went away
 /// (set from the segment that followed the cancel). Resolved into a `reason`.
 pub const HINT_NONE: u32 = 0;
+/// An RST (received, or sent by the minisocket in answer to a SYN) followed.
 pub const HINT_RESET: u32 = 1;
+/// A listener took the SYN for the same 4-tuple right after the cancel.
+pub const HINT_SYN: u32 = 2;
+/// Cancelled inside a `connect()` toward the minisocket's remote address and
+/// port: `tcp_tw_reuse` handed its port to the new connection.
+pub const HINT_CONNECT: u32 = 3;
+
+/// Key of the per-remote SYN counters (`SYNS`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RemoteKey {
+    pub remote: [u8; 16],
+    pub netns: u32,
+    pub family: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `SYNS`: SYNs that hit a minisocket, and those not accepted.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct SynCounts {
+    pub total: i64,
+    pub rejected: i64,
+}
+
+/// Lifetime histogram (`LIFETIME` per-CPU array): for each close reason
+/// (`counter::CLOSED_*` - `CLOSED_EXPIRED`), `LIFETIME_BUCKETS_NS.len()`
+/// non-cumulative bucket counts, one count beyond the last bound, and the sum
+/// of lifetimes in nanoseconds.
+pub const LIFETIME_BUCKETS_NS: [u64; 16] = [
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    500_000_000,
+    1_000_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    30_000_000_000,
+    50_000_000_000,
+    59_000_000_000,
+    60_000_000_000,
+    61_000_000_000,
+    62_000_000_000,
+    65_000_000_000,
+    90_000_000_000,
+    120_000_000_000,
+];
+pub const LIFETIME_SLOTS: u32 = LIFETIME_BUCKETS_NS.len() as u32 + 2;
+pub const LIFETIME_REASONS: u32 = 5;
+
+/// The bucket slot of a lifetime (`LIFETIME_BUCKETS_NS.len()` when beyond).
+#[inline(always)]
+pub fn lifetime_slot(ns: u64) -> u32 {
+    let mut i = 0;
+    while i < LIFETIME_BUCKETS_NS.len() {
+        if ns <= LIFETIME_BUCKETS_NS[i] {
+            return i as u32;
+        }
+        i += 1;
+    }
+    LIFETIME_BUCKETS_NS.len() as u32
+}
+
+/// Per-CPU record of the last minisocket whose timer was cancelled, to match
+/// it with the request socket a listener creates for the SYN that killed it.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct LastCancel {
+    pub timer: u64,
+    pub remote: [u8; 16],
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: u32,
+}
+
+/// Destination of a `connect()` in progress (`CONNECTING`, by pid_tgid).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct ConnectDst {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
 
 /// Value of the `TW_SOCKS` map, keyed by the address of `tw->tw_timer`.
 #[repr(C)]
@@ -89,6 +173,12 @@ pub mod counter {
     pub const SNAPSHOT_LISTENERS: u32 = 9;
     /// Substate changes FIN_WAIT2 -> TIME_WAIT seen.
     pub const SUBSTATE_CHANGES: u32 = 10;
+    /// Segments a minisocket dropped, by kind.
+    pub const SEG_ACK: u32 = 11;
+    pub const SEG_FIN: u32 = 12;
+    pub const SEG_RST: u32 = 13;
+    pub const SEG_SYN: u32 = 14;
+    pub const SEG_DATA: u32 = 15;
     pub const COUNT: u32 = 16;
 }
 
@@ -132,6 +222,10 @@ pub struct Offsets {
     pub skb_transport_header: u32,
     /// `timer_list.entry.pprev`: non-NULL while the timer is pending.
     pub timer_pprev: u32,
+    /// `request_sock.rsk_timer`
+    pub rsk_timer: u32,
+    /// `sk_buff.network_header`
+    pub skb_network_header: u32,
     pub _pad: u32,
 }
 
@@ -142,6 +236,8 @@ pub struct Config {
     pub offsets: Offsets,
     /// Address of `tw_timer_handler` (from `/proc/kallsyms`).
     pub tw_timer_handler: u64,
+    /// Address of `reqsk_timer_handler` (0 when unknown: no SYN-reuse reason).
+    pub reqsk_timer_handler: u64,
     /// Network namespace to watch (inode number); 0 watches all.
     pub netns: u32,
     pub _pad: u32,
@@ -166,6 +262,8 @@ impl Offsets {
         skb_head: 0,
         skb_transport_header: 0,
         timer_pprev: 0,
+        rsk_timer: 0,
+        skb_network_header: 0,
         _pad: 0,
     };
 }
@@ -175,15 +273,19 @@ impl Config {
     pub const ZERO: Self = Self {
         offsets: Offsets::ZERO,
         tw_timer_handler: 0,
+        reqsk_timer_handler: 0,
         netns: 0,
         _pad: 0,
     };
 }
 
 const _: () = assert!(core::mem::size_of::<AggKey>() == 32);
+const _: () = assert!(core::mem::size_of::<RemoteKey>() == 24);
+const _: () = assert!(core::mem::size_of::<LastCancel>() == 32);
+const _: () = assert!(core::mem::size_of::<ConnectDst>() == 24);
 const _: () = assert!(core::mem::size_of::<TwEntry>() == 32 + 8 * 2 + 4 * 4);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 18 * 4);
-const _: () = assert!(core::mem::size_of::<Config>() == 72 + 16);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 20 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 80 + 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -196,4 +298,8 @@ mod pod {
     unsafe impl aya::Pod for super::Offsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RemoteKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SynCounts {}
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use serde::Serialize;
-use timewait_common::{AF_INET, AggKey, DIRECTION_INBOUND, TCP_FIN_WAIT2};
+use timewait_common::{AF_INET, AggKey, DIRECTION_INBOUND, RemoteKey, SynCounts, TCP_FIN_WAIT2};
 
 /// The remote label of series folded beyond the top K.
 pub const OTHER: &str = "other";
@@ -59,11 +59,15 @@ pub struct Series {
 /// The remote address of a key; IPv4-mapped IPv6 addresses are shown as IPv4,
 /// as a dual-stack listener's IPv4 peers are.
 pub fn remote_addr(key: &AggKey) -> IpAddr {
-    if key.family == AF_INET {
-        let [a, b, c, d, ..] = key.remote;
+    addr_of(key.family, key.remote)
+}
+
+fn addr_of(family: u16, remote: [u8; 16]) -> IpAddr {
+    if family == AF_INET {
+        let [a, b, c, d, ..] = remote;
         return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
     }
-    let v6 = Ipv6Addr::from(key.remote);
+    let v6 = Ipv6Addr::from(remote);
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),
@@ -110,17 +114,7 @@ pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions
         }
     }
 
-    let mut per_remote: BTreeMap<&str, u64> = BTreeMap::new();
-    for ((_, remote, _), (tw, fw)) in &by_series {
-        *per_remote.entry(remote.as_str()).or_default() += tw + fw;
-    }
-    let kept: std::collections::HashSet<String> = if per_remote.len() > opts.top_remotes {
-        let mut ranked: Vec<(&str, u64)> = per_remote.into_iter().collect();
-        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-        ranked.into_iter().take(opts.top_remotes).map(|(r, _)| r.to_string()).collect()
-    } else {
-        per_remote.into_keys().map(str::to_string).collect()
-    };
+    let kept = top_remotes(by_series.iter().map(|((_, r, _), (tw, fw))| (r.as_str(), tw + fw)), opts.top_remotes);
 
     let mut folded: BTreeMap<(Direction, String, u16), (u64, u64)> = BTreeMap::new();
     for ((d, remote, port), (tw, fw)) in by_series {
@@ -139,6 +133,46 @@ pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions
             fin_wait2,
         })
         .collect()
+}
+
+/// The `n` busiest remotes (ties broken by label, so the choice is stable).
+fn top_remotes<'a>(weights: impl Iterator<Item = (&'a str, u64)>, n: usize) -> std::collections::HashSet<String> {
+    let mut per_remote: BTreeMap<&str, u64> = BTreeMap::new();
+    for (r, w) in weights {
+        *per_remote.entry(r).or_default() += w;
+    }
+    let mut ranked: Vec<(&str, u64)> = per_remote.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    ranked.into_iter().take(n).map(|(r, _)| r.to_string()).collect()
+}
+
+/// SYNs that hit a minisocket, per remote.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SynSeries {
+    pub remote: String,
+    pub total: u64,
+    pub rejected: u64,
+}
+
+/// Per-remote SYN counters with the same folding as `aggregate`. Remotes are
+/// ranked by their SYN total.
+pub fn aggregate_syns(raw: impl IntoIterator<Item = (RemoteKey, SynCounts)>, opts: &AggOptions) -> Vec<SynSeries> {
+    let mut by_remote: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (k, v) in raw {
+        let label = remote_label(addr_of(k.family, k.remote), opts);
+        let slot = by_remote.entry(label).or_default();
+        slot.0 += u64::try_from(v.total).unwrap_or(0);
+        slot.1 += u64::try_from(v.rejected).unwrap_or(0);
+    }
+    let kept = top_remotes(by_remote.iter().map(|(r, (t, _))| (r.as_str(), *t)), opts.top_remotes);
+    let mut folded: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (remote, (t, r)) in by_remote {
+        let remote = if kept.contains(&remote) { remote } else { OTHER.to_string() };
+        let slot = folded.entry(remote).or_default();
+        slot.0 += t;
+        slot.1 += r;
+    }
+    folded.into_iter().map(|(remote, (total, rejected))| SynSeries { remote, total, rejected }).collect()
 }
 
 #[cfg(test)]
@@ -183,6 +217,24 @@ mod tests {
         for x in s.iter().filter(|x| x.remote != OTHER) {
             assert!(x.time_wait >= 16, "{x:?} should not be kept");
         }
+    }
+
+    #[test]
+    fn syns_fold_like_sockets() {
+        let k = |last: u8| {
+            let mut r = RemoteKey { family: AF_INET, ..Default::default() };
+            r.remote[..4].copy_from_slice(&[10, 0, 0, last]);
+            r
+        };
+        let raw = [
+            (k(1), SynCounts { total: 9, rejected: 1 }),
+            (k(2), SynCounts { total: 3, rejected: 3 }),
+            (k(3), SynCounts { total: 2, rejected: 0 }),
+        ];
+        let s = aggregate_syns(raw, &AggOptions { top_remotes: 1, ..Default::default() });
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.iter().find(|x| x.remote == "10.0.0.1").map(|x| (x.total, x.rejected)), Some((9, 1)));
+        assert_eq!(s.iter().find(|x| x.remote == OTHER).map(|x| (x.total, x.rejected)), Some((5, 3)));
     }
 
     #[test]

@@ -47,9 +47,26 @@ pub fn main() -> ExitCode {
         }
         Err(e) => lines.push(line("btf", false, e.to_string())),
     }
-    match kernel::tw_timer_handler() {
-        Ok(a) => lines.push(line("tw_timer_handler", true, format!("{a:#x}"))),
+    match kernel::timer_functions() {
+        Ok(f) => {
+            lines.push(line("tw_timer_handler", true, format!("{:#x}", f.tw_timer_handler)));
+            let ok = f.reqsk_timer_handler != 0;
+            lines.push(line(
+                "reqsk_timer_handler",
+                ok,
+                if ok { format!("{:#x}", f.reqsk_timer_handler) } else { "missing: SYN reuse would read reason=\"other\"".into() },
+            ));
+        }
         Err(e) => lines.push(line("tw_timer_handler", false, e.to_string())),
+    }
+    for tp in ["sys_enter_connect", "sys_exit_connect"] {
+        let ok = std::path::Path::new(&format!("/sys/kernel/tracing/events/syscalls/{tp}")).exists()
+            || std::path::Path::new(&format!("/sys/kernel/debug/tracing/events/syscalls/{tp}")).exists();
+        lines.push(line(
+            format!("tracepoint/syscalls/{tp}"),
+            ok,
+            if ok { "available" } else { "missing: needs tracefs and CONFIG_FTRACE_SYSCALLS (reused_by_connect reads other)" },
+        ));
     }
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };

@@ -10,11 +10,14 @@ use std::{
 };
 
 use serde::Serialize;
-use timewait_common::{TW_CANCELLED, TwEntry, counter};
+use timewait_common::{
+    HINT_CONNECT, HINT_RESET, HINT_SYN, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, TW_CANCELLED,
+    TwEntry, counter, lifetime_slot,
+};
 use tracing::warn;
 
 use crate::{
-    aggregate::{AggOptions, Series, aggregate},
+    aggregate::{AggOptions, Series, SynSeries, aggregate, aggregate_syns},
     loader::Probes,
 };
 
@@ -43,18 +46,53 @@ pub struct Counters {
     pub snapshot: u64,
     pub snapshot_listeners: u64,
     pub substate_changes: u64,
+    /// Segments dropped by minisockets, as in `SEGMENT_KINDS`.
+    pub segments: [u64; 5],
+}
+
+/// Segment kinds, in the order of `counter::SEG_*`.
+pub const SEGMENT_KINDS: [(&str, u32); 5] = [
+    ("ack", counter::SEG_ACK),
+    ("fin", counter::SEG_FIN),
+    ("rst", counter::SEG_RST),
+    ("syn", counter::SEG_SYN),
+    ("data", counter::SEG_DATA),
+];
+
+/// One lifetime histogram: cumulative counts per `LIFETIME_BUCKETS_NS` bound.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Lifetime {
+    pub reason: &'static str,
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct View {
     pub series: Vec<Series>,
+    pub syns: Vec<SynSeries>,
     pub counters: Counters,
+    pub lifetimes: Vec<Lifetime>,
+}
+
+/// The close reason of a kill, from the hint the programs left (the same
+/// mapping as `kill_reason` in timewait-ebpf/src/timer.rs).
+fn kill_reason(hint: u32) -> u32 {
+    match hint {
+        HINT_RESET => counter::CLOSED_RESET,
+        HINT_SYN => counter::CLOSED_REUSED_BY_SYN,
+        HINT_CONNECT => counter::CLOSED_REUSED_BY_CONNECT,
+        _ => counter::CLOSED_OTHER,
+    }
 }
 
 pub struct Collector {
     probes: Mutex<Probes>,
     /// Closes the sweeper resolved, by `counter::CLOSED_*` index.
     swept: [AtomicU64; counter::COUNT as usize],
+    /// Lifetimes of the closes the sweeper resolved (layout of `LIFETIME`).
+    swept_lifetime: Vec<AtomicU64>,
     /// Map reads that failed (a kernel error, not a lost event).
     pub read_errors: AtomicU64,
 }
@@ -72,6 +110,7 @@ impl Collector {
         Self {
             probes: Mutex::new(probes),
             swept: std::array::from_fn(|_| AtomicU64::new(0)),
+            swept_lifetime: (0..LIFETIME_REASONS * LIFETIME_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             read_errors: AtomicU64::new(0),
         }
     }
@@ -117,9 +156,38 @@ impl Collector {
             snapshot: sum(counter::SNAPSHOT),
             snapshot_listeners: sum(counter::SNAPSHOT_LISTENERS),
             substate_changes: sum(counter::SUBSTATE_CHANGES),
+            segments: SEGMENT_KINDS.map(|(_, idx)| sum(idx)),
         };
+        let syns: Vec<_> = probes.syns.iter().filter_map(Result::ok).collect();
+        let mut slots = vec![0u64; (LIFETIME_REASONS * LIFETIME_SLOTS) as usize];
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let kernel = probes.lifetime.get(&(i as u32), 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+            *slot = kernel + self.swept_lifetime[i].load(Ordering::Relaxed);
+        }
         drop(probes);
-        View { series: aggregate(raw, opts), counters }
+        let lifetimes = REASONS
+            .iter()
+            .enumerate()
+            .map(|(r, (reason, _))| {
+                let base = r * LIFETIME_SLOTS as usize;
+                let nb = LIFETIME_BUCKETS_NS.len();
+                let mut acc = 0;
+                let cumulative = slots[base..base + nb]
+                    .iter()
+                    .map(|n| {
+                        acc += n;
+                        acc
+                    })
+                    .collect();
+                Lifetime {
+                    reason,
+                    cumulative,
+                    count: acc + slots[base + nb],
+                    sum_seconds: slots[base + nb + 1] as f64 / 1e9,
+                }
+            })
+            .collect();
+        View { series: aggregate(raw, opts), syns: aggregate_syns(syns, opts), counters, lifetimes }
     }
 
     /// Resolves cancels that neither a re-arm, an expiry nor a reuse of the
@@ -144,12 +212,15 @@ impl Collector {
                 && e.cancel_ns == cancelled_at
                 && probes.tw_socks.remove(&timer).is_ok()
             {
-                let reason = if e.hint == timewait_common::HINT_RESET {
-                    counter::CLOSED_RESET
-                } else {
-                    counter::CLOSED_OTHER
-                };
+                let reason = kill_reason(e.hint);
                 self.swept[reason as usize].fetch_add(1, Ordering::Relaxed);
+                if e.from_snapshot == 0 {
+                    // The kill happened at the cancel, not now.
+                    let ns = e.cancel_ns.saturating_sub(e.created_ns);
+                    let base = (reason - counter::CLOSED_EXPIRED) * LIFETIME_SLOTS;
+                    self.swept_lifetime[(base + lifetime_slot(ns)) as usize].fetch_add(1, Ordering::Relaxed);
+                    self.swept_lifetime[(base + LIFETIME_SLOTS - 1) as usize].fetch_add(ns, Ordering::Relaxed);
+                }
                 resolved += 1;
             }
             // Only if it is still this cancel: a re-arm and a new cancel may

@@ -103,22 +103,39 @@ pub fn offsets(btf: &Btf) -> Result<Offsets, KernelError> {
         skb_head: offset_of(btf, "sk_buff", "head")?,
         skb_transport_header: offset_of(btf, "sk_buff", "transport_header")?,
         timer_pprev: entry + pprev,
+        rsk_timer: offset_of(btf, "request_sock", "rsk_timer")?,
+        skb_network_header: offset_of(btf, "sk_buff", "network_header")?,
         _pad: 0,
     })
 }
 
-/// Address of `tw_timer_handler`, the function of every minisocket's timer.
-pub fn tw_timer_handler() -> Result<u64, KernelError> {
+/// Timer functions the programs recognise, from `/proc/kallsyms`.
+#[derive(Debug, Clone, Copy)]
+pub struct TimerFunctions {
+    /// Every minisocket's timer.
+    pub tw_timer_handler: u64,
+    /// A request socket's timer (0 when absent: SYN reuse then reads `other`).
+    pub reqsk_timer_handler: u64,
+}
+
+pub fn timer_functions() -> Result<TimerFunctions, KernelError> {
     let path = "/proc/kallsyms";
     let text = fs::read_to_string(path).map_err(|err| KernelError::Read { path: path.into(), err })?;
-    text.lines()
-        .find_map(|l| {
-            let mut it = l.split_whitespace();
-            let (addr, _kind, name) = (it.next()?, it.next()?, it.next()?);
-            (name == "tw_timer_handler").then(|| u64::from_str_radix(addr, 16).ok())?
-        })
-        .filter(|a| *a != 0)
-        .ok_or(KernelError::TwTimerHandler)
+    let (mut tw, mut reqsk) = (0, 0);
+    for l in text.lines() {
+        let mut it = l.split_whitespace();
+        let (Some(addr), Some(_kind), Some(name)) = (it.next(), it.next(), it.next()) else { continue };
+        let slot = match name {
+            "tw_timer_handler" => &mut tw,
+            "reqsk_timer_handler" => &mut reqsk,
+            _ => continue,
+        };
+        *slot = u64::from_str_radix(addr, 16).unwrap_or(0);
+    }
+    if tw == 0 {
+        return Err(KernelError::TwTimerHandler);
+    }
+    Ok(TimerFunctions { tw_timer_handler: tw, reqsk_timer_handler: reqsk })
 }
 
 /// Inode number of this process's network namespace.

@@ -6,10 +6,10 @@ use std::io::Read as _;
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{BtfTracePoint, Iter},
+    programs::{BtfTracePoint, Iter, TracePoint},
 };
 use thiserror::Error;
-use timewait_common::{AggKey, Config, TwEntry};
+use timewait_common::{AggKey, Config, RemoteKey, SynCounts, TwEntry};
 use tracing::{debug, info};
 
 use crate::kernel::{self, KernelError};
@@ -40,6 +40,11 @@ const TIMER_PROGRAMS: &[(&str, &str)] = &[
     ("tw_timer_start", "timer_start"),
 ];
 const LISTEN_PROGRAM: (&str, &str) = ("tw_sock_set_state", "inet_sock_set_state");
+/// Classic syscall tracepoints: (program, category, name).
+const SYSCALL_PROGRAMS: &[(&str, &str, &str)] = &[
+    ("tw_enter_connect", "syscalls", "sys_enter_connect"),
+    ("tw_exit_connect", "syscalls", "sys_exit_connect"),
+];
 
 /// Options that shape what is loaded.
 #[derive(Debug, Clone)]
@@ -60,9 +65,10 @@ pub struct Probes {
     pub counts: HashMap<MapData, AggKey, i64>,
     pub pending: HashMap<MapData, u64, u64>,
     pub counters: PerCpuArray<MapData, u64>,
+    pub syns: HashMap<MapData, RemoteKey, SynCounts>,
+    pub lifetime: PerCpuArray<MapData, u64>,
     /// Each hook and whether it is attached.
     pub hooks: Vec<(&'static str, bool)>,
-    pub netns: u32,
 }
 
 fn prog_err(program: &'static str, step: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
@@ -91,6 +97,20 @@ fn attach_tp(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, tp: &'static str) -
     prog.load(tp, btf).map_err(prog_err(name, "load"))?;
     prog.attach().map_err(prog_err(name, "attach"))?;
     debug!(program = name, tracepoint = tp, "attached");
+    Ok(())
+}
+
+/// Attaches a classic tracepoint program; a kernel without it (no tracefs, no
+/// syscall tracepoints) costs only the feature it serves, so it is reported,
+/// not fatal.
+fn attach_classic(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str) -> Result<(), LoadError> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::Program { program: name, step: "be found", err: "not in object".into() })?
+        .try_into()
+        .map_err(prog_err(name, "convert"))?;
+    prog.load().map_err(prog_err(name, "load"))?;
+    prog.attach(category, tp).map_err(prog_err(name, "attach"))?;
     Ok(())
 }
 
@@ -141,9 +161,11 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let offsets = kernel::offsets(&btf_rs)?;
     drop(btf_rs);
     let netns = kernel::own_netns()?;
+    let functions = kernel::timer_functions()?;
     let config = Config {
         offsets,
-        tw_timer_handler: kernel::tw_timer_handler()?,
+        tw_timer_handler: functions.tw_timer_handler,
+        reqsk_timer_handler: functions.reqsk_timer_handler,
         netns: if opts.all_netns { 0 } else { netns },
         _pad: 0,
     };
@@ -159,6 +181,17 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         .map_err(|e| LoadError::Load(error_chain(&e)))?;
 
     let mut hooks = Vec::new();
+    // 0. connect() destinations, to tell a tcp_tw_reuse takeover.
+    for (name, category, tp) in SYSCALL_PROGRAMS {
+        let ok = match attach_classic(&mut ebpf, name, category, tp) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "reused_by_connect will read as other");
+                false
+            }
+        };
+        hooks.push((*tp, ok));
+    }
     // 1. Listeners: tracepoint first, then the snapshot of existing ones, so
     //    every minisocket followed from step 2 on gets its direction.
     attach_tp(&mut ebpf, &btf, LISTEN_PROGRAM.0, LISTEN_PROGRAM.1)?;
@@ -178,9 +211,10 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         counts: take(&mut ebpf, "COUNTS")?,
         pending: take(&mut ebpf, "PENDING")?,
         counters: take(&mut ebpf, "COUNTERS")?,
+        syns: take(&mut ebpf, "SYNS")?,
+        lifetime: take(&mut ebpf, "LIFETIME")?,
         _ebpf: ebpf,
         hooks,
-        netns,
     };
     info!(
         netns = if opts.all_netns { "all".to_string() } else { netns.to_string() },

@@ -3,10 +3,11 @@
 
 use prometheus::{
     Encoder as _, TextEncoder,
-    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+    proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
+use timewait_common::LIFETIME_BUCKETS_NS;
 
-use crate::collector::{REASONS, View};
+use crate::collector::{REASONS, SEGMENT_KINDS, View};
 
 /// Everything the exposition shows besides the kernel's view.
 pub struct Static<'a> {
@@ -28,7 +29,7 @@ impl Family {
         Self(mf)
     }
 
-    fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
+    fn labelled(labels: &[(&str, &str)]) -> Metric {
         let mut m = Metric::default();
         m.set_label(
             labels
@@ -41,6 +42,32 @@ impl Family {
                 })
                 .collect(),
         );
+        m
+    }
+
+    fn histogram(&mut self, labels: &[(&str, &str)], bounds_s: &[f64], cumulative: &[u64], count: u64, sum: f64) {
+        let mut m = Self::labelled(labels);
+        let mut h = Histogram::default();
+        h.set_sample_count(count);
+        h.set_sample_sum(sum);
+        h.set_bucket(
+            bounds_s
+                .iter()
+                .zip(cumulative)
+                .map(|(b, c)| {
+                    let mut bucket = Bucket::default();
+                    bucket.set_upper_bound(*b);
+                    bucket.set_cumulative_count(*c);
+                    bucket
+                })
+                .collect(),
+        );
+        m.set_histogram(h);
+        self.0.mut_metric().push(m);
+    }
+
+    fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        let mut m = Self::labelled(labels);
         match self.0.get_field_type() {
             MetricType::COUNTER => {
                 let mut c = Counter::default();
@@ -98,6 +125,40 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         closed.sample(&[("reason", reason)], n as f64);
     }
     fams.push(closed);
+
+    let mut lifetime = Family::new(
+        "timewait_lifetime_seconds",
+        "How long a minisocket lived (created under watch), by why it ended.",
+        MetricType::HISTOGRAM,
+    );
+    let bounds: Vec<f64> = LIFETIME_BUCKETS_NS.iter().map(|ns| *ns as f64 / 1e9).collect();
+    for l in &view.lifetimes {
+        lifetime.histogram(&[("reason", l.reason)], &bounds, &l.cumulative, l.count, l.sum_seconds);
+    }
+    fams.push(lifetime);
+
+    let mut syn = Family::new(
+        "timewait_syn_total",
+        "SYNs that arrived for a 4-tuple held by a TIME_WAIT minisocket.",
+        COUNTER,
+    );
+    let mut rejected = Family::new(
+        "timewait_syn_rejected_total",
+        "SYNs for a 4-tuple in TIME_WAIT that the kernel did not accept (old sequence/timestamp, or FIN_WAIT2).",
+        COUNTER,
+    );
+    for s in &view.syns {
+        syn.sample(&[("remote", s.remote.as_str())], s.total as f64);
+        rejected.sample(&[("remote", s.remote.as_str())], s.rejected as f64);
+    }
+    fams.push(syn);
+    fams.push(rejected);
+
+    let mut segments = Family::new("timewait_segments_total", "Segments dropped by a TIME_WAIT minisocket, by kind.", COUNTER);
+    for ((kind, _), n) in SEGMENT_KINDS.iter().zip(c.segments) {
+        segments.sample(&[("kind", kind)], n as f64);
+    }
+    fams.push(segments);
 
     let mut lost = Family::new(
         "timewait_events_lost_total",

@@ -12,6 +12,7 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "core_intrinsics is the only atomic add on the BPF target")]
 
+mod connect;
 mod iter;
 mod listen;
 mod maps;

@@ -7,7 +7,10 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
-use timewait_common::{AggKey, Config, TwEntry, counter};
+use timewait_common::{
+    AggKey, Config, ConnectDst, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, RemoteKey, SynCounts,
+    TwEntry, counter,
+};
 
 /// Start-up configuration; the daemon sets it with `EbpfLoader::set_global`.
 #[unsafe(no_mangle)]
@@ -39,6 +42,22 @@ pub static LISTEN_PORTS: HashMap<u64, i64> = HashMap::with_max_entries(1 << 14, 
 /// Monotonic counters, indexed by `timewait_common::counter`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// SYNs that hit a minisocket, per remote.
+#[map]
+pub static SYNS: HashMap<RemoteKey, SynCounts> = HashMap::with_max_entries(1 << 14, 0);
+
+/// Lifetime histogram by close reason; layout in `timewait_common::LIFETIME_SLOTS`.
+#[map]
+pub static LIFETIME: PerCpuArray<u64> = PerCpuArray::with_max_entries(LIFETIME_REASONS * LIFETIME_SLOTS, 0);
+
+/// The last minisocket cancelled on this CPU (see `timer::tw_timer_start`).
+#[map]
+pub static LAST_CANCEL: PerCpuArray<LastCancel> = PerCpuArray::with_max_entries(1, 0);
+
+/// `connect()` calls in progress, by pid_tgid: their destination.
+#[map]
+pub static CONNECTING: HashMap<u64, ConnectDst> = HashMap::with_max_entries(1 << 13, 0);
 
 pub const BPF_NOEXIST: u64 = 1;
 const EEXIST: i64 = 17;
@@ -103,6 +122,52 @@ pub fn add<K>(m: &HashMap<K, i64>, key: &K, delta: i64) -> bool {
         None => {
             bump(counter::LOST);
             false
+        }
+    }
+}
+
+/// Adds to the SYN counters of a remote.
+#[inline(always)]
+pub fn add_syn(key: &RemoteKey, rejected: bool) {
+    let mut p = SYNS.get_ptr_mut(key);
+    if p.is_none() {
+        match SYNS.insert(key, SynCounts::default(), BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(e) if is_eexist(e.into()) => {}
+            Err(_) => {
+                bump(counter::LOST);
+                return;
+            }
+        }
+        p = SYNS.get_ptr_mut(key);
+    }
+    let Some(p) = p else {
+        bump(counter::LOST);
+        return;
+    };
+    // SAFETY: p points to the map value; fields are only updated atomically.
+    unsafe {
+        atomic_add(&raw mut (*p).total, 1);
+        if rejected {
+            atomic_add(&raw mut (*p).rejected, 1);
+        }
+    }
+}
+
+/// Counts one lifetime observation for a close reason.
+#[inline(always)]
+pub fn observe_lifetime(reason: u32, ns: u64) {
+    let Some(r) = reason.checked_sub(counter::CLOSED_EXPIRED) else {
+        return;
+    };
+    if r >= LIFETIME_REASONS {
+        return;
+    }
+    let base = r * LIFETIME_SLOTS;
+    for (idx, delta) in [(base + timewait_common::lifetime_slot(ns), 1), (base + LIFETIME_SLOTS - 1, ns)] {
+        if let Some(p) = LIFETIME.get_ptr_mut(idx) {
+            // SAFETY: this CPU's slot; tracing programs do not migrate.
+            unsafe { *p += delta };
         }
     }
 }

@@ -27,6 +27,21 @@ pub fn listen_key(netns: u32, port: u16) -> u64 {
     ((netns as u64) << 16) | port as u64
 }
 
+/// Remote address of a socket (IPv4 in the first 4 bytes).
+#[inline(always)]
+pub fn remote_of(cfg: &Config, sk: u64, family: u16) -> Result<[u8; 16], i64> {
+    let mut remote = [0u8; 16];
+    if family == AF_INET {
+        let a: [u8; 4] = read(sk, cfg.offsets.skc_daddr)?;
+        remote[..4].copy_from_slice(&a);
+    } else if family == AF_INET6 {
+        remote = read(sk, cfg.offsets.skc_v6_daddr)?;
+    } else {
+        return Err(-1);
+    }
+    Ok(remote)
+}
+
 /// Builds the aggregation key of minisocket `tw` in namespace `netns`.
 /// Direction is inbound when the local port has a listener in that namespace.
 #[inline(always)]
@@ -42,14 +57,7 @@ pub fn tw_key(cfg: &Config, tw: u64, netns: u32) -> Result<AggKey, i64> {
         substate,
         ..AggKey::default()
     };
-    if family == AF_INET {
-        let a: [u8; 4] = read(tw, o.skc_daddr)?;
-        key.remote[..4].copy_from_slice(&a);
-    } else if family == AF_INET6 {
-        key.remote = read(tw, o.skc_v6_daddr)?;
-    } else {
-        return Err(-1);
-    }
+    key.remote = remote_of(cfg, tw, family)?;
     // SAFETY: the value is a plain i64 read once; a concurrent update only
     // changes which side of zero we see, as it would a moment later anyway.
     let listening = unsafe { LISTEN_PORTS.get(listen_key(netns, lport)) }

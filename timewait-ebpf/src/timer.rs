@@ -13,14 +13,22 @@
 //!   resolved by what follows; until then the minisocket is not counted.
 //! - `timer_expire_entry(struct timer_list *, unsigned long)`: expiry.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
 use timewait_common::{
-    AggKey, Config, DIRECTION_INBOUND, HINT_RESET, TW_CANCELLED, TW_LIVE, TwEntry, counter,
+    AggKey, Config, DIRECTION_INBOUND, HINT_CONNECT, HINT_NONE, HINT_RESET, HINT_SYN, LastCancel,
+    RemoteKey, TW_CANCELLED, TW_LIVE, TwEntry, counter,
 };
 
 use crate::{
-    maps::{BPF_NOEXIST, COUNTS, PENDING, TW_SOCKS, add, bump, config, is_eexist, read},
-    sock::{netns_of, tw_key, watched},
+    maps::{
+        BPF_NOEXIST, CONNECTING, COUNTS, LAST_CANCEL, PENDING, TW_SOCKS, add, add_syn, bump, config,
+        is_eexist, observe_lifetime, read,
+    },
+    sock::{netns_of, remote_of, tw_key, watched},
 };
 
 /// Whether `timer` is a minisocket's `tw_timer`.
@@ -41,16 +49,23 @@ pub fn close(timer: u64, entry: &TwEntry, reason: u32) {
         add(&COUNTS, &entry.key, -1);
     }
     bump(reason);
+    if entry.from_snapshot == 0 {
+        // SAFETY: helper without preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        observe_lifetime(reason, now.saturating_sub(entry.created_ns));
+    }
     let _ = PENDING.remove(timer);
 }
 
-/// The reason a kill resolves to, from what the programs saw after the cancel.
+/// The reason a kill resolves to, from what the programs saw after the cancel
+/// (the daemon's sweeper applies the same mapping: collector.rs).
 #[inline(always)]
 pub fn kill_reason(entry: &TwEntry) -> u32 {
-    if entry.hint == HINT_RESET {
-        counter::CLOSED_RESET
-    } else {
-        counter::CLOSED_OTHER
+    match entry.hint {
+        HINT_RESET => counter::CLOSED_RESET,
+        HINT_SYN => counter::CLOSED_REUSED_BY_SYN,
+        HINT_CONNECT => counter::CLOSED_REUSED_BY_CONNECT,
+        _ => counter::CLOSED_OTHER,
     }
 }
 
@@ -105,7 +120,13 @@ pub fn tw_timer_start(ctx: BtfTracePointContext) -> u32 {
 #[inline(always)]
 fn try_timer_start(timer: u64) -> Result<(), i64> {
     let cfg = config();
-    if !is_tw_timer(&cfg, timer) {
+    let Ok(function) = read::<u64>(timer, cfg.offsets.timer_function) else {
+        return Ok(());
+    };
+    if function != cfg.tw_timer_handler {
+        if function == cfg.reqsk_timer_handler && cfg.reqsk_timer_handler != 0 {
+            request_timer_started(&cfg, timer)?;
+        }
         return Ok(());
     }
     let tw = timer - cfg.offsets.tw_timer as u64;
@@ -147,6 +168,44 @@ fn try_timer_start(timer: u64) -> Result<(), i64> {
     Ok(())
 }
 
+/// A listener armed the timer of a new request socket. When the minisocket
+/// cancelled last on this CPU held the same 4-tuple, this is the SYN it let
+/// through (`tcp_v4_rcv`: TCP_TW_SYN -> `inet_twsk_deschedule_put` -> `goto
+/// process` with the listener, all in one softirq): a reuse by SYN.
+#[inline(always)]
+fn request_timer_started(cfg: &Config, timer: u64) -> Result<(), i64> {
+    let Some(slot) = LAST_CANCEL.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    // SAFETY: this CPU's slot; tracing programs do not migrate.
+    let slot = unsafe { &mut *slot };
+    if slot.timer == 0 {
+        return Ok(());
+    }
+    let req = timer - cfg.offsets.rsk_timer as u64;
+    let family: u16 = read(req, cfg.offsets.skc_family)?;
+    let remote = remote_of(cfg, req, family)?;
+    let lport: u16 = read(req, cfg.offsets.skc_num)?;
+    let rport: u16 = read(req, cfg.offsets.skc_dport)?;
+    if remote != slot.remote || lport != slot.lport || rport != slot.rport {
+        return Ok(());
+    }
+    let tw_timer = slot.timer;
+    slot.timer = 0;
+    if let Some(e) = TW_SOCKS.get_ptr_mut(tw_timer) {
+        // SAFETY: the entry of a cancelled minisocket; only its resolution writes it.
+        let entry = unsafe { &mut *e };
+        if entry.state == TW_CANCELLED && entry.hint == HINT_NONE {
+            entry.hint = HINT_SYN;
+            add_syn(
+                &RemoteKey { remote: entry.key.remote, netns: entry.key.netns, family: entry.key.family, _pad: [0; 2] },
+                false,
+            );
+        }
+    }
+    Ok(())
+}
+
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn tw_timer_cancel(ctx: BtfTracePointContext) -> u32 {
     let timer: u64 = ctx.arg(0);
@@ -167,9 +226,30 @@ pub fn tw_timer_cancel(ctx: BtfTracePointContext) -> u32 {
         entry.counted = 0;
     }
     entry.state = TW_CANCELLED;
+    entry.hint = HINT_NONE;
     // SAFETY: helper without preconditions.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_ns() };
     entry.cancel_ns = now;
+    let tw = timer - cfg.offsets.tw_timer as u64;
+    let lport: u16 = read(tw, cfg.offsets.skc_num).unwrap_or(0);
+    let rport: u16 = read(tw, cfg.offsets.skc_dport).unwrap_or(0);
+    if let Some(slot) = LAST_CANCEL.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; tracing programs do not migrate.
+        unsafe {
+            *slot = LastCancel { timer, remote: entry.key.remote, lport, rport, _pad: 0 };
+        }
+    }
+    // Inside connect() toward this minisocket's own remote address and port:
+    // `__inet_check_established` took its port over (tcp_tw_reuse).
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: read-only copy.
+    if let Some(dst) = unsafe { CONNECTING.get(pid_tgid) }
+        && dst.family == entry.key.family
+        && dst.addr == entry.key.remote
+        && dst.port == rport
+    {
+        entry.hint = HINT_CONNECT;
+    }
     if PENDING.insert(timer, now, 0).is_err() {
         bump(counter::LOST);
     }

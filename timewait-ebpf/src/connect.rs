@@ -1,0 +1,55 @@
+//! `connect()` in progress, so a minisocket cancelled inside it toward the
+//! same destination is known to be taken over by `tcp_tw_reuse`
+//! (`__inet_check_established`, net/ipv4/inet_hashtables.c).
+//! Classic tracepoints `syscalls/sys_enter_connect(fd, uservaddr, addrlen)` and
+//! `syscalls/sys_exit_connect(ret)`; their field offsets are the stable
+//! syscall tracepoint layout (8 bytes of common fields, the syscall number,
+//! then 8-byte arguments).
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use timewait_common::{AF_INET, AF_INET6, ConnectDst};
+
+use crate::maps::CONNECTING;
+
+const ARG1: usize = 24;
+
+#[tracepoint(category = "syscalls", name = "sys_enter_connect")]
+pub fn tw_enter_connect(ctx: TracePointContext) -> u32 {
+    let _ = try_enter(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: reads a field of the tracepoint record at a fixed offset.
+    let uaddr: u64 = unsafe { ctx.read_at(ARG1) }.map_err(i64::from)?;
+    // SAFETY: bpf_probe_read_user copes with any user address.
+    let family: u16 = unsafe { bpf_probe_read_user(uaddr as *const u16) }.map_err(i64::from)?;
+    // SAFETY: as above; sin_port / sin6_port follow the family.
+    let port: u16 = unsafe { bpf_probe_read_user((uaddr + 2) as *const u16) }.map_err(i64::from)?;
+    let mut dst = ConnectDst { port, family, ..ConnectDst::default() };
+    if family == AF_INET {
+        // SAFETY: as above: sin_addr.
+        let a: [u8; 4] = unsafe { bpf_probe_read_user((uaddr + 4) as *const [u8; 4]) }.map_err(i64::from)?;
+        dst.addr[..4].copy_from_slice(&a);
+    } else if family == AF_INET6 {
+        // SAFETY: as above: sin6_addr.
+        dst.addr = unsafe { bpf_probe_read_user((uaddr + 8) as *const [u8; 16]) }.map_err(i64::from)?;
+    } else {
+        return Ok(());
+    }
+    let id = bpf_get_current_pid_tgid();
+    let _ = CONNECTING.insert(id, dst, 0);
+    Ok(())
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+pub fn tw_exit_connect(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let _ = CONNECTING.remove(id);
+    0
+}
