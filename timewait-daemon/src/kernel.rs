@@ -151,6 +151,25 @@ pub fn sysctl(name: &str) -> Option<String> {
     fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
+/// Where tracefs lives, mounting it at /sys/kernel/tracing when it is not
+/// mounted anywhere (aya attaches classic tracepoints through it). Under
+/// `ip netns exec` the mount stays in the daemon's own mount namespace.
+pub fn ensure_tracefs() -> Result<&'static str, String> {
+    const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+    if let Some(p) = CANDIDATES.iter().find(|p| Path::new(p).join("events").exists()) {
+        return Ok(p);
+    }
+    let target = CANDIDATES[0];
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, dst, fstype) = (c("tracefs"), c(target), c("tracefs"));
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(format!("tracefs is not mounted and mounting it at {target} failed: {}", std::io::Error::last_os_error()));
+    }
+    Ok(target)
+}
+
 /// `uname -r`.
 pub fn release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -182,8 +182,12 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
 
     let mut hooks = Vec::new();
     // 0. connect() destinations, to tell a tcp_tw_reuse takeover.
+    let tracefs = kernel::ensure_tracefs();
+    if let Err(e) = &tracefs {
+        tracing::warn!(error = %e, "reused_by_connect will read as other");
+    }
     for (name, category, tp) in SYSCALL_PROGRAMS {
-        let ok = match attach_classic(&mut ebpf, name, category, tp) {
+        let ok = tracefs.is_ok() && match attach_classic(&mut ebpf, name, category, tp) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "reused_by_connect will read as other");
