@@ -11,6 +11,8 @@ pub const AF_INET6: u16 = 10;
 
 /// TCP states (include/net/tcp_states.h).
 pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_SYN_SENT: u8 = 2;
+pub const TCP_SYN_RECV: u8 = 3;
 pub const TCP_FIN_WAIT2: u8 = 5;
 pub const TCP_TIME_WAIT: u8 = 6;
 pub const TCP_CLOSE: u8 = 7;
@@ -35,9 +37,27 @@ pub struct AggKey {
     pub family: u16,
     /// `DIRECTION_INBOUND` or `DIRECTION_OUTBOUND`.
     pub direction: u8,
-    /// `TCP_TIME_WAIT` or `TCP_FIN_WAIT2` (the minisocket's `tw_substate`).
+    /// `TCP_TIME_WAIT` or `TCP_FIN_WAIT2` (the minisocket's `tw_substate`),
+    /// or `SUBSTATE_CONNECTION` for a full socket of an active open (outbound
+    /// only), which holds its local port toward the remote in any state.
     pub substate: u8,
     pub _pad: [u8; 6],
+}
+
+/// `AggKey::substate` of full sockets opened by `connect()` (SYN_SENT until CLOSE).
+pub const SUBSTATE_CONNECTION: u8 = TCP_ESTABLISHED;
+
+/// Errnos of `timewait_connect_errors_total`.
+pub const EADDRINUSE: u32 = 98;
+pub const EADDRNOTAVAIL: u32 = 99;
+
+/// Key of `CONNECT_ERRORS`: a failed `connect()`/`bind()` by process name.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ErrKey {
+    pub comm: [u8; 16],
+    pub errno: u32,
+    pub netns: u32,
 }
 
 /// Entry state: the minisocket's timer is pending.
@@ -226,6 +246,10 @@ pub struct Offsets {
     pub rsk_timer: u32,
     /// `sk_buff.network_header`
     pub skb_network_header: u32,
+    /// `task_struct.nsproxy`
+    pub task_nsproxy: u32,
+    /// `nsproxy.net_ns`
+    pub nsproxy_net_ns: u32,
     pub _pad: u32,
 }
 
@@ -264,6 +288,8 @@ impl Offsets {
         timer_pprev: 0,
         rsk_timer: 0,
         skb_network_header: 0,
+        task_nsproxy: 0,
+        nsproxy_net_ns: 0,
         _pad: 0,
     };
 }
@@ -281,11 +307,12 @@ impl Config {
 
 const _: () = assert!(core::mem::size_of::<AggKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RemoteKey>() == 24);
+const _: () = assert!(core::mem::size_of::<ErrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LastCancel>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectDst>() == 24);
 const _: () = assert!(core::mem::size_of::<TwEntry>() == 32 + 8 * 2 + 4 * 4);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 20 * 4);
-const _: () = assert!(core::mem::size_of::<Config>() == 80 + 24);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 22 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 88 + 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -302,4 +329,6 @@ mod pod {
     unsafe impl aya::Pod for super::RemoteKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SynCounts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ErrKey {}
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use serde::Serialize;
-use timewait_common::{AF_INET, AggKey, DIRECTION_INBOUND, RemoteKey, SynCounts, TCP_FIN_WAIT2};
+use timewait_common::{AF_INET, AggKey, DIRECTION_INBOUND, RemoteKey, SUBSTATE_CONNECTION, SynCounts, TCP_FIN_WAIT2};
 
 /// The remote label of series folded beyond the top K.
 pub const OTHER: &str = "other";
@@ -36,11 +36,15 @@ pub struct AggOptions {
     pub ipv4_prefix: u8,
     /// Fold IPv6 remotes into blocks of this prefix length (128: no folding).
     pub ipv6_prefix: u8,
+    /// Source ports one remote can use (denominator of the inbound ratio).
+    pub remote_port_range_size: u64,
 }
+
+pub const DEFAULT_REMOTE_PORT_RANGE_SIZE: u64 = 64_512;
 
 impl Default for AggOptions {
     fn default() -> Self {
-        Self { top_remotes: 100, ipv4_prefix: 32, ipv6_prefix: 128 }
+        Self { top_remotes: 100, ipv4_prefix: 32, ipv6_prefix: 128, remote_port_range_size: DEFAULT_REMOTE_PORT_RANGE_SIZE }
     }
 }
 
@@ -54,6 +58,15 @@ pub struct Series {
     pub time_wait: u64,
     /// Minisockets in substate FIN_WAIT2.
     pub fin_wait2: u64,
+    /// Full sockets we opened toward remote:port (outbound only), any state.
+    pub connections: u64,
+}
+
+impl Series {
+    /// Local ports held toward remote:port: connections and minisockets.
+    pub fn ports_in_use(&self) -> u64 {
+        self.connections + self.time_wait + self.fin_wait2
+    }
 }
 
 /// The remote address of a key; IPv4-mapped IPv6 addresses are shown as IPv4,
@@ -94,7 +107,7 @@ pub fn remote_label(addr: IpAddr, opts: &AggOptions) -> String {
 /// label so the choice is stable) and sum the rest into `remote="other"`.
 /// Sums are preserved exactly. Non-positive values are skipped.
 pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions) -> Vec<Series> {
-    let mut by_series: BTreeMap<(Direction, String, u16), (u64, u64)> = BTreeMap::new();
+    let mut by_series: BTreeMap<(Direction, String, u16), (u64, u64, u64)> = BTreeMap::new();
     for (key, n) in raw {
         let Ok(n) = u64::try_from(n) else { continue };
         if n == 0 {
@@ -107,30 +120,32 @@ pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions
         };
         let remote = remote_label(remote_addr(&key), opts);
         let slot = by_series.entry((direction, remote, key.port)).or_default();
-        if key.substate == TCP_FIN_WAIT2 {
-            slot.1 += n;
-        } else {
-            slot.0 += n;
+        match key.substate {
+            TCP_FIN_WAIT2 => slot.1 += n,
+            SUBSTATE_CONNECTION => slot.2 += n,
+            _ => slot.0 += n,
         }
     }
 
-    let kept = top_remotes(by_series.iter().map(|((_, r, _), (tw, fw))| (r.as_str(), tw + fw)), opts.top_remotes);
+    let kept = top_remotes(by_series.iter().map(|((_, r, _), (tw, fw, c))| (r.as_str(), tw + fw + c)), opts.top_remotes);
 
-    let mut folded: BTreeMap<(Direction, String, u16), (u64, u64)> = BTreeMap::new();
-    for ((d, remote, port), (tw, fw)) in by_series {
+    let mut folded: BTreeMap<(Direction, String, u16), (u64, u64, u64)> = BTreeMap::new();
+    for ((d, remote, port), (tw, fw, c)) in by_series {
         let remote = if kept.contains(&remote) { remote } else { OTHER.to_string() };
         let slot = folded.entry((d, remote, port)).or_default();
         slot.0 += tw;
         slot.1 += fw;
+        slot.2 += c;
     }
     folded
         .into_iter()
-        .map(|((d, remote, port), (time_wait, fin_wait2))| Series {
+        .map(|((d, remote, port), (time_wait, fin_wait2, connections))| Series {
             direction: Some(d),
             remote,
             port,
             time_wait,
             fin_wait2,
+            connections,
         })
         .collect()
 }
@@ -197,7 +212,7 @@ mod tests {
         ];
         let s = aggregate(raw, &AggOptions::default());
         assert_eq!(s.len(), 1);
-        assert_eq!((s[0].time_wait, s[0].fin_wait2), (5, 2));
+        assert_eq!((s[0].time_wait, s[0].fin_wait2, s[0].connections), (5, 2, 0));
         assert_eq!(s[0].remote, "10.0.0.1");
         assert_eq!(s[0].direction, Some(Direction::Inbound));
     }
@@ -217,6 +232,18 @@ mod tests {
         for x in s.iter().filter(|x| x.remote != OTHER) {
             assert!(x.time_wait >= 16, "{x:?} should not be kept");
         }
+    }
+
+    #[test]
+    fn connections_count_toward_ports_in_use() {
+        let raw = [
+            (v4([10, 0, 0, 9], 5432, DIRECTION_OUTBOUND, TCP_TIME_WAIT), 3),
+            (v4([10, 0, 0, 9], 5432, DIRECTION_OUTBOUND, SUBSTATE_CONNECTION), 4),
+            (v4([10, 0, 0, 9], 5432, DIRECTION_OUTBOUND, TCP_FIN_WAIT2), 1),
+        ];
+        let s = aggregate(raw, &AggOptions::default());
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].time_wait, s[0].connections, s[0].ports_in_use()), (3, 4, 8));
     }
 
     #[test]

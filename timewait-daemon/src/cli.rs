@@ -40,6 +40,9 @@ pub struct RunArgs {
     /// Fold IPv6 remotes into /P blocks before ranking [default: 128, no folding].
     #[arg(long, value_name = "P")]
     pub aggregate_ipv6_prefix: Option<u8>,
+    /// Source ports one remote can use: denominator of timewait_inbound_remote_port_ratio [default: 64512].
+    #[arg(long, value_name = "N")]
+    pub remote_port_range_size: Option<u64>,
     /// Watch every network namespace, not only the daemon's own.
     #[arg(long)]
     pub all_netns: bool,

@@ -11,12 +11,13 @@ use std::{
 
 use serde::Serialize;
 use timewait_common::{
-    HINT_CONNECT, HINT_RESET, HINT_SYN, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, TW_CANCELLED,
+    EADDRINUSE, HINT_CONNECT, HINT_RESET, HINT_SYN, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, TW_CANCELLED,
     TwEntry, counter, lifetime_slot,
 };
 use tracing::warn;
 
 use crate::{
+    kernel,
     aggregate::{AggOptions, Series, SynSeries, aggregate, aggregate_syns},
     loader::Probes,
 };
@@ -68,12 +69,32 @@ pub struct Lifetime {
     pub sum_seconds: f64,
 }
 
+/// Failed connect()/bind() calls by errno and process name.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectErrors {
+    pub errno: &'static str,
+    pub comm: String,
+    pub count: u64,
+}
+
+/// The namespace's own settings and counters, read at each scrape (so a
+/// changed sysctl shows at the next one).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Sysctls {
+    pub max_buckets: Option<u64>,
+    pub local_port_range_size: Option<u64>,
+    /// TcpExtTCPTimeWaitOverflow.
+    pub overflow: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct View {
     pub series: Vec<Series>,
     pub syns: Vec<SynSeries>,
     pub counters: Counters,
     pub lifetimes: Vec<Lifetime>,
+    pub connect_errors: Vec<ConnectErrors>,
+    pub sysctls: Sysctls,
 }
 
 /// The close reason of a kill, from the hint the programs left (the same
@@ -159,6 +180,25 @@ impl Collector {
             segments: SEGMENT_KINDS.map(|(_, idx)| sum(idx)),
         };
         let syns: Vec<_> = probes.syns.iter().filter_map(Result::ok).collect();
+        let mut connect_errors: Vec<ConnectErrors> = probes
+            .connect_errors
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, n)| ConnectErrors {
+                errno: if k.errno == EADDRINUSE { "EADDRINUSE" } else { "EADDRNOTAVAIL" },
+                comm: String::from_utf8_lossy(k.comm.split(|b| *b == 0).next().unwrap_or_default()).into_owned(),
+                count: u64::try_from(n).unwrap_or(0),
+            })
+            .collect();
+        // The same name in several namespaces (--all-netns) is one series.
+        connect_errors.sort_by(|a, b| (a.errno, &a.comm).cmp(&(b.errno, &b.comm)));
+        connect_errors.dedup_by(|b, a| {
+            let same = a.errno == b.errno && a.comm == b.comm;
+            if same {
+                a.count += b.count;
+            }
+            same
+        });
         let mut slots = vec![0u64; (LIFETIME_REASONS * LIFETIME_SLOTS) as usize];
         for (i, slot) in slots.iter_mut().enumerate() {
             let kernel = probes.lifetime.get(&(i as u32), 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
@@ -187,7 +227,19 @@ impl Collector {
                 }
             })
             .collect();
-        View { series: aggregate(raw, opts), syns: aggregate_syns(syns, opts), counters, lifetimes }
+        let sysctls = Sysctls {
+            max_buckets: kernel::sysctl("net.ipv4.tcp_max_tw_buckets").and_then(|s| s.parse().ok()),
+            local_port_range_size: kernel::local_port_range_size(),
+            overflow: kernel::netstat("TcpExt", "TCPTimeWaitOverflow"),
+        };
+        View {
+            series: aggregate(raw, opts),
+            syns: aggregate_syns(syns, opts),
+            counters,
+            lifetimes,
+            connect_errors,
+            sysctls,
+        }
     }
 
     /// Resolves cancels that neither a re-arm, an expiry nor a reuse of the

@@ -33,6 +33,7 @@ struct FileConfig {
     all_netns: Option<bool>,
     max_tracked_sockets: Option<u32>,
     max_series: Option<u32>,
+    remote_port_range_size: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,13 +105,20 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     if max_series == 0 {
         return Err(ConfigError::Range { key: "max-series", value: "0".into(), range: "at least 1" });
     }
+    let remote_ports = args
+        .remote_port_range_size
+        .or(file.remote_port_range_size)
+        .unwrap_or(crate::aggregate::DEFAULT_REMOTE_PORT_RANGE_SIZE);
+    if remote_ports == 0 || remote_ports > 65_536 {
+        return Err(ConfigError::Range { key: "remote-port-range-size", value: remote_ports.to_string(), range: "1..=65536" });
+    }
     let max_tracked_sockets = args.max_tracked_sockets.or(file.max_tracked_sockets);
     if max_tracked_sockets == Some(0) {
         return Err(ConfigError::Range { key: "max-tracked-sockets", value: "0".into(), range: "at least 1" });
     }
     Ok(Config {
         listen,
-        agg: AggOptions { top_remotes, ipv4_prefix: v4, ipv6_prefix: v6 },
+        agg: AggOptions { top_remotes, ipv4_prefix: v4, ipv6_prefix: v6, remote_port_range_size: remote_ports },
         all_netns: args.all_netns || file.all_netns.unwrap_or(false),
         max_tracked_sockets,
         max_series,

@@ -105,6 +105,8 @@ pub fn offsets(btf: &Btf) -> Result<Offsets, KernelError> {
         timer_pprev: entry + pprev,
         rsk_timer: offset_of(btf, "request_sock", "rsk_timer")?,
         skb_network_header: offset_of(btf, "sk_buff", "network_header")?,
+        task_nsproxy: offset_of(btf, "task_struct", "nsproxy")?,
+        nsproxy_net_ns: offset_of(btf, "nsproxy", "net_ns")?,
         _pad: 0,
     })
 }
@@ -170,6 +172,28 @@ pub fn ensure_tracefs() -> Result<&'static str, String> {
     Ok(target)
 }
 
+/// `net.ipv4.ip_local_port_range` as a number of ports (per namespace: read
+/// through this process's /proc/sys/net).
+pub fn local_port_range_size() -> Option<u64> {
+    let s = sysctl("net.ipv4.ip_local_port_range")?;
+    let mut it = s.split_whitespace().map(|v| v.parse::<u64>());
+    let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else { return None };
+    hi.checked_sub(lo).map(|d| d + 1)
+}
+
+/// A counter of this namespace's /proc/net/netstat, e.g. ("TcpExt", "TW").
+pub fn netstat(group: &str, name: &str) -> Option<u64> {
+    parse_netstat(&fs::read_to_string("/proc/self/net/netstat").ok()?, group, name)
+}
+
+fn parse_netstat(text: &str, group: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let idx = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(idx)?.parse().ok()
+}
+
 /// `uname -r`.
 pub fn release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -180,6 +204,16 @@ pub fn release() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netstat_parsing() {
+        let t = "TcpExt: SyncookiesSent TW TCPTimeWaitOverflow\nTcpExt: 0 17 40\nIpExt: InNoRoutes\nIpExt: 3\n";
+        assert_eq!(parse_netstat(t, "TcpExt", "TCPTimeWaitOverflow"), Some(40));
+        assert_eq!(parse_netstat(t, "TcpExt", "TW"), Some(17));
+        assert_eq!(parse_netstat(t, "IpExt", "InNoRoutes"), Some(3));
+        assert_eq!(parse_netstat(t, "TcpExt", "Nope"), None);
+        assert!(netstat("TcpExt", "TW").is_some(), "this machine's /proc/net/netstat");
+    }
 
     /// Needs only a readable BTF; checks offsets against the layout this
     /// machine's kernel documents (6.x: tw_timer after the common header).

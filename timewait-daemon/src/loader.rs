@@ -9,7 +9,7 @@ use aya::{
     programs::{BtfTracePoint, Iter, TracePoint},
 };
 use thiserror::Error;
-use timewait_common::{AggKey, Config, RemoteKey, SynCounts, TwEntry};
+use timewait_common::{AggKey, Config, ErrKey, RemoteKey, SynCounts, TwEntry};
 use tracing::{debug, info};
 
 use crate::kernel::{self, KernelError};
@@ -44,6 +44,7 @@ const LISTEN_PROGRAM: (&str, &str) = ("tw_sock_set_state", "inet_sock_set_state"
 const SYSCALL_PROGRAMS: &[(&str, &str, &str)] = &[
     ("tw_enter_connect", "syscalls", "sys_enter_connect"),
     ("tw_exit_connect", "syscalls", "sys_exit_connect"),
+    ("tw_exit_bind", "syscalls", "sys_exit_bind"),
 ];
 
 /// Options that shape what is loaded.
@@ -67,6 +68,7 @@ pub struct Probes {
     pub counters: PerCpuArray<MapData, u64>,
     pub syns: HashMap<MapData, RemoteKey, SynCounts>,
     pub lifetime: PerCpuArray<MapData, u64>,
+    pub connect_errors: HashMap<MapData, ErrKey, i64>,
     /// Each hook and whether it is attached.
     pub hooks: Vec<(&'static str, bool)>,
 }
@@ -190,7 +192,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         let ok = tracefs.is_ok() && match attach_classic(&mut ebpf, name, category, tp) {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(error = %e, "reused_by_connect will read as other");
+                tracing::warn!(error = %e, "reused_by_connect will read as other, connect errors are not counted");
                 false
             }
         };
@@ -217,6 +219,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         counters: take(&mut ebpf, "COUNTERS")?,
         syns: take(&mut ebpf, "SYNS")?,
         lifetime: take(&mut ebpf, "LIFETIME")?,
+        connect_errors: take(&mut ebpf, "CONNECT_ERRORS")?,
         _ebpf: ebpf,
         hooks,
     };

@@ -15,7 +15,7 @@ pub struct Static<'a> {
     pub kernel: &'a str,
     pub hooks: &'a [(&'static str, bool)],
     pub read_errors: u64,
-    pub max_buckets: Option<f64>,
+    pub remote_port_range_size: u64,
 }
 
 struct Family(MetricFamily);
@@ -113,6 +113,56 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     fams.push(sockets);
     fams.push(orphans);
 
+    let mut in_use = Family::new(
+        "timewait_outbound_ports_in_use",
+        "Local ports held toward remote:port (connections we opened, in every state, TIME_WAIT included).",
+        GAUGE,
+    );
+    let mut ratio = Family::new(
+        "timewait_port_exhaustion_ratio",
+        "timewait_outbound_ports_in_use / timewait_local_port_range_size, 0..1.",
+        GAUGE,
+    );
+    let range = view.sysctls.local_port_range_size.filter(|n| *n > 0);
+    let mut inbound: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for s in &view.series {
+        match s.direction {
+            Some(crate::aggregate::Direction::Outbound) if s.ports_in_use() > 0 => {
+                let port = s.port.to_string();
+                let labels = [("remote", s.remote.as_str()), ("port", port.as_str())];
+                in_use.sample(&labels, s.ports_in_use() as f64);
+                if let Some(r) = range {
+                    ratio.sample(&labels, (s.ports_in_use() as f64 / r as f64).min(1.0));
+                }
+            }
+            Some(crate::aggregate::Direction::Inbound) if s.time_wait > 0 => {
+                *inbound.entry(s.remote.as_str()).or_default() += s.time_wait;
+            }
+            _ => {}
+        }
+    }
+    fams.push(in_use);
+    fams.push(ratio);
+    let mut inbound_ratio = Family::new(
+        "timewait_inbound_remote_port_ratio",
+        "Inbound TIME_WAIT sockets from one remote / the source ports one remote can use (--remote-port-range-size).",
+        GAUGE,
+    );
+    for (remote, n) in inbound {
+        inbound_ratio.sample(&[("remote", remote)], (n as f64 / st.remote_port_range_size as f64).min(1.0));
+    }
+    fams.push(inbound_ratio);
+
+    let mut errors = Family::new(
+        "timewait_connect_errors_total",
+        "Failed connect() (EADDRNOTAVAIL) and bind() (EADDRINUSE) calls, by process name.",
+        COUNTER,
+    );
+    for e in &view.connect_errors {
+        errors.sample(&[("errno", e.errno), ("comm", e.comm.as_str())], e.count as f64);
+    }
+    fams.push(errors);
+
     let c = &view.counters;
     let mut created = Family::new("timewait_created_total", "Minisockets created (TIME_WAIT or FIN_WAIT2).", COUNTER);
     created
@@ -176,9 +226,24 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     snap.sample(&[], c.snapshot as f64);
     fams.push(snap);
 
-    if let Some(max) = st.max_buckets {
+    let sys = &view.sysctls;
+    if let Some(max) = sys.max_buckets {
         let mut f = Family::new("timewait_max_buckets", "net.ipv4.tcp_max_tw_buckets.", GAUGE);
-        f.sample(&[], max);
+        f.sample(&[], max as f64);
+        fams.push(f);
+    }
+    if let Some(n) = sys.local_port_range_size {
+        let mut f = Family::new("timewait_local_port_range_size", "Ports in net.ipv4.ip_local_port_range.", GAUGE);
+        f.sample(&[], n as f64);
+        fams.push(f);
+    }
+    if let Some(n) = sys.overflow {
+        let mut f = Family::new(
+            "timewait_overflow_total",
+            "Sockets that could not enter TIME_WAIT because tcp_max_tw_buckets was full (TcpExtTCPTimeWaitOverflow).",
+            COUNTER,
+        );
+        f.sample(&[], n as f64);
         fams.push(f);
     }
 

@@ -10,7 +10,7 @@ use axum::{
     routing::get,
 };
 
-use crate::{aggregate::AggOptions, collector::Collector, kernel, metrics};
+use crate::{aggregate::AggOptions, collector::Collector, metrics};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -51,7 +51,6 @@ async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {
     let body = tokio::task::spawn_blocking(move || {
         let view = c.read(&st2.agg);
         let hooks = c.hooks();
-        let max_buckets = kernel::sysctl("net.ipv4.tcp_max_tw_buckets").and_then(|s| s.parse().ok());
         metrics::render(
             &view,
             &metrics::Static {
@@ -59,7 +58,7 @@ async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {
                 kernel: &st2.kernel_release,
                 hooks: &hooks,
                 read_errors: c.read_errors.load(std::sync::atomic::Ordering::Relaxed),
-                max_buckets,
+                remote_port_range_size: st2.agg.remote_port_range_size,
             },
         )
     })

@@ -7,15 +7,20 @@
 //! then 8-byte arguments).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use timewait_common::{AF_INET, AF_INET6, ConnectDst};
+use timewait_common::{AF_INET, AF_INET6, ConnectDst, EADDRINUSE, EADDRNOTAVAIL, ErrKey};
 
-use crate::maps::CONNECTING;
+use crate::{
+    maps::{CONNECT_ERRORS, CONNECTING, add, config, read},
+    sock::watched,
+};
 
 const ARG1: usize = 24;
+/// `ret` of a `sys_exit_*` record.
+const RET: usize = 16;
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn tw_enter_connect(ctx: TracePointContext) -> u32 {
@@ -48,8 +53,40 @@ fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
-pub fn tw_exit_connect(_ctx: TracePointContext) -> u32 {
+pub fn tw_exit_connect(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let _ = CONNECTING.remove(id);
+    let _ = count_error(&ctx, EADDRNOTAVAIL);
     0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_bind")]
+pub fn tw_exit_bind(ctx: TracePointContext) -> u32 {
+    let _ = count_error(&ctx, EADDRINUSE);
+    0
+}
+
+/// Counts the syscall by process name when it failed with `errno`. The
+/// namespace is the calling task's (syscall exit runs in its context).
+#[inline(always)]
+fn count_error(ctx: &TracePointContext, errno: u32) -> Result<(), i64> {
+    // SAFETY: reads a field of the tracepoint record at a fixed offset.
+    let ret: i64 = unsafe { ctx.read_at(RET) }.map_err(i64::from)?;
+    if ret != -(errno as i64) {
+        return Ok(());
+    }
+    let cfg = config();
+    // SAFETY: helper without preconditions; the pointer is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() };
+    let nsproxy: u64 = read(task, cfg.offsets.task_nsproxy)?;
+    let net: u64 = read(nsproxy, cfg.offsets.nsproxy_net_ns)?;
+    let netns: u32 = read(net, cfg.offsets.net_inum)?;
+    if !watched(&cfg, netns) {
+        return Ok(());
+    }
+    let comm = bpf_get_current_comm().map_err(i64::from)?;
+    let key = ErrKey { comm, errno, netns };
+    add(&CONNECT_ERRORS, &key, 1);
+    Ok(())
 }

@@ -7,10 +7,10 @@
 
 use core::ffi::c_void;
 
-use timewait_common::{TCP_LISTEN, TCP_TIME_WAIT, counter};
+use timewait_common::{TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_TIME_WAIT, counter};
 
 use crate::{
-    listen::listener_added,
+    listen::{connection_added, connection_closed, listener_added},
     maps::{TW_SOCKS, bump, config, read},
     sock::{listen_key, netns_of, watched},
     timer::{close, follow},
@@ -29,6 +29,7 @@ fn sk_of(ctx: *mut c_void) -> u64 {
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
+/// Listeners, and connections we opened (the local ports they hold).
 pub extern "C" fn iter_listeners(ctx: *mut c_void) -> i32 {
     let _ = try_listeners(sk_of(ctx));
     0
@@ -41,7 +42,8 @@ fn try_listeners(sk: u64) -> Result<(), i64> {
     }
     let cfg = config();
     let state: u8 = read(sk, cfg.offsets.skc_state)?;
-    if state != TCP_LISTEN {
+    // Minisockets and request sockets are not full sockets; CLOSE holds no port.
+    if state == TCP_TIME_WAIT || state == TCP_CLOSE || state == TCP_SYN_RECV || state > TCP_LISTEN + 1 {
         return Ok(());
     }
     let netns = netns_of(&cfg, sk)?;
@@ -49,8 +51,21 @@ fn try_listeners(sk: u64) -> Result<(), i64> {
         return Ok(());
     }
     let port: u16 = read(sk, cfg.offsets.skc_num)?;
-    listener_added(sk, listen_key(netns, port));
-    bump(counter::SNAPSHOT_LISTENERS);
+    if state == TCP_LISTEN {
+        listener_added(sk, listen_key(netns, port));
+        bump(counter::SNAPSHOT_LISTENERS);
+        return Ok(());
+    }
+    // Listeners come first in the walk (listening hash, then established), so
+    // a connection whose local port has no listener is one we opened.
+    // SAFETY: read-only look at a plain i64.
+    let listening = unsafe { crate::maps::LISTEN_PORTS.get(listen_key(netns, port)) }.is_some_and(|n| *n > 0);
+    if !listening && connection_added(&cfg, sk, netns)? {
+        // It may have closed between the state read and the insert.
+        if read::<u8>(sk, cfg.offsets.skc_state)? == TCP_CLOSE {
+            connection_closed(sk);
+        }
+    }
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use timewait_common::{
-    AggKey, Config, ConnectDst, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, RemoteKey, SynCounts,
+    AggKey, Config, ConnectDst, ErrKey, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, RemoteKey, SynCounts,
     TwEntry, counter,
 };
 
@@ -58,6 +58,16 @@ pub static LAST_CANCEL: PerCpuArray<LastCancel> = PerCpuArray::with_max_entries(
 /// `connect()` calls in progress, by pid_tgid: their destination.
 #[map]
 pub static CONNECTING: HashMap<u64, ConnectDst> = HashMap::with_max_entries(1 << 13, 0);
+
+/// Full sockets of active opens, keyed by `struct sock *`: their key in
+/// `COUNTS` (substate `SUBSTATE_CONNECTION`).
+#[map]
+pub static CONNS: HashMap<u64, AggKey> = HashMap::with_max_entries(1 << 18, 0);
+
+/// Failed connect()/bind() calls that mean port exhaustion, by process name.
+/// Bounded: names beyond it are counted as lost.
+#[map]
+pub static CONNECT_ERRORS: HashMap<ErrKey, i64> = HashMap::with_max_entries(1024, 0);
 
 pub const BPF_NOEXIST: u64 = 1;
 const EEXIST: i64 = 17;
