@@ -12,7 +12,14 @@ const BPF_LINKER: &str = "0.10.2";
 const BPF_LINKER_LLVM_MAJOR: &str = "22";
 
 /// Debian packages the tests use: (a command that shows it is there, package).
-const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ss", "iproute2"), ("nstat", "iproute2"), ("sysctl", "procps")];
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ss", "iproute2"),
+    ("nstat", "iproute2"),
+    ("sysctl", "procps"),
+    // promtool, for the alert rules' unit tests.
+    ("promtool", "prometheus"),
+];
 
 pub fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
