@@ -80,16 +80,14 @@ pub fn main() -> ExitCode {
         lines.push(line(s, v.is_some(), v.unwrap_or_else(|| "unreadable".into()).replace('\t', " ")));
     }
     let width = lines.iter().map(|l| l.what.len()).max().unwrap_or(0);
-    let mut all_ok = true;
+    let mut out = String::new();
     for l in &lines {
-        all_ok &= l.ok;
-        println!("{:<width$}  {:<7}  {}", l.what, if l.ok { "ok" } else { "missing" }, l.detail);
+        out.push_str(&format!("{:<width$}  {:<7}  {}\n", l.what, if l.ok { "ok" } else { "missing" }, l.detail));
     }
-    if all_ok {
-        println!("timewaitd can run here");
-        ExitCode::SUCCESS
-    } else {
-        println!("timewaitd cannot run here: fix the lines marked missing");
-        ExitCode::from(1)
+    let all_ok = lines.iter().all(|l| l.ok);
+    out.push_str(if all_ok { "timewaitd can run here\n" } else { "timewaitd cannot run here: fix the lines marked missing\n" });
+    if crate::snapshot::print_out(&out) != ExitCode::SUCCESS {
+        return ExitCode::from(2);
     }
+    if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }

@@ -21,6 +21,14 @@ pub enum Command {
     Run(RunArgs),
     /// Probe the kernel and say whether the daemon can run here (exit 0) or not (exit 1).
     Check,
+    /// One-shot grouped view, like `ss` but per remote: from a running daemon's API, or the kernel if none.
+    Snapshot {
+        /// Print the JSON of /api/v1/snapshot instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        run: RunArgs,
+    },
 }
 
 #[derive(Debug, Clone, Default, Args)]

@@ -10,6 +10,7 @@ mod loader;
 mod metrics;
 mod run;
 mod server;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
         Some(cli::Command::Check) => check::main(),
+        Some(cli::Command::Snapshot { json, run }) => snapshot::main(&run, json),
         Some(cli::Command::Run(args)) => run::main(&args),
         None => run::main(&cli.run),
     }

@@ -8,9 +8,7 @@
 //! namespace runs on a fresh thread that `setns()`es first (`NetNs::run`),
 //! because `setns` moves only the calling thread.
 
-#![allow(dead_code, reason = "not every test uses every helper")]
-
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -42,7 +40,12 @@ pub fn require_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
-        eprintln!("SKIPPED {test}: needs root (network namespaces, BPF programs; euid is {euid})");
+        // Straight to fd 2, not eprintln!: libtest captures the print macros
+        // of a passing test, and a skip must never look like a silent pass.
+        let _ = writeln!(
+            io::stderr(),
+            "SKIPPED {test}: needs root (network namespaces, BPF programs; euid is {euid})"
+        );
         return false;
     }
     true
@@ -192,7 +195,12 @@ impl NetNs {
         })
     }
 
-    /// `sysctl -w key=value` inside the namespace.
+    /// `sysctl -w key=value` inside the namespace (sysctls such as
+    /// `ip_local_port_range` are per network namespace).
+    #[expect(
+        dead_code,
+        reason = "harness API; none of issue 2's tests changes a sysctl"
+    )]
     #[track_caller]
     pub fn sysctl(&self, key: &str, value: &str) {
         run_cmd(
@@ -577,6 +585,47 @@ impl<'a> Daemon<'a> {
         self.child.as_ref().expect("daemon running").id()
     }
 
+    /// Whether the daemon has exited, and how, without reaping it: a failed
+    /// scrape then says "killed by signal 15" rather than only "refused".
+    pub fn exit_note(&self) -> String {
+        let Some(child) = self.child.as_ref() else {
+            return "the daemon was stopped by the test".into();
+        };
+        // SAFETY: siginfo_t is plain old data; all-zero is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a live siginfo_t; WNOWAIT leaves the child
+        // unreaped, so `Child` still owns its pid.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                child.id() as libc::id_t,
+                &raw mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if rc != 0 {
+            return format!("waitid: {}", io::Error::last_os_error());
+        }
+        // SAFETY: waitid filled `info` for a child-state change (or left it
+        // zeroed, si_pid 0, when the child still runs).
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if pid == 0 {
+            return format!("the daemon (pid {}) is still running", child.id());
+        }
+        match info.si_code {
+            libc::CLD_EXITED => format!(
+                "the daemon (pid {pid}) EXITED with status {status} while the test needed it \
+                 (a SIGTERM/SIGINT from outside the test ends it with 0)"
+            ),
+            libc::CLD_KILLED | libc::CLD_DUMPED => format!(
+                "the daemon (pid {pid}) was KILLED by signal {status} (not sent by this test)"
+            ),
+            code => {
+                format!("the daemon (pid {pid}) changed state (si_code {code}, status {status})")
+            }
+        }
+    }
+
     /// The last lines of the daemon's log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -597,7 +646,11 @@ impl<'a> Daemon<'a> {
         match self.ns.run(|| http_get(addr, "/metrics")) {
             Ok((200, body)) => Metrics::parse(&body),
             Ok((code, body)) => panic!("GET /metrics: {code}: {body}\n{}", self.log_tail()),
-            Err(e) => panic!("GET /metrics: {e}\n{}", self.log_tail()),
+            Err(e) => panic!(
+                "GET /metrics: {e}; {}\n{}",
+                self.exit_note(),
+                self.log_tail()
+            ),
         }
     }
 
@@ -605,9 +658,9 @@ impl<'a> Daemon<'a> {
     #[track_caller]
     pub fn get(&self, path: &str) -> (u16, String) {
         let addr: SocketAddr = WEB_ADDR.parse().unwrap();
-        self.ns
-            .run(|| http_get(addr, path))
-            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log_tail()))
+        self.ns.run(|| http_get(addr, path)).unwrap_or_else(|e| {
+            panic!("GET {path}: {e}; {}\n{}", self.exit_note(), self.log_tail())
+        })
     }
 
     fn signal(&self, sig: libc::c_int) {
@@ -890,10 +943,6 @@ impl Metrics {
         self.matching(name, &[])
             .map(|(_, l, v)| (l.clone(), *v))
             .collect()
-    }
-
-    pub fn has(&self, name: &str) -> bool {
-        self.samples.iter().any(|(n, _, _)| n == name)
     }
 
     /// A per-socket gauge (`timewait_sockets`, `timewait_fin_wait2_orphans`)
@@ -1197,9 +1246,4 @@ fn wait_eof(s: &TcpStream) {
         Ok(n) => panic!("expected EOF, read {n} bytes"),
         Err(e) => panic!("expected EOF: {e}"),
     }
-}
-
-/// Distinct sorted set, for readable assertions.
-pub fn set<T: Ord + Clone>(items: impl IntoIterator<Item = T>) -> BTreeSet<T> {
-    items.into_iter().collect()
 }

@@ -1,0 +1,163 @@
+//! `timewaitd snapshot [--json]`: the aggregated view once, from a running
+//! daemon's API or, when none answers, straight from the kernel (the same
+//! probes and start-up snapshot the daemon uses, then detached).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    process::ExitCode,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{
+    cli::RunArgs,
+    collector::Collector,
+    config,
+    loader::{self, LoadOptions},
+};
+
+/// GET `path` from the daemon at `addr`. The connection ends with an RST
+/// (SO_LINGER 0) so that asking leaves no TIME_WAIT socket behind to count.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid fd and a correctly sized linger struct.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    if status != "200" {
+        return Err(std::io::Error::other(format!("{path} answered {status}: {}", body.trim())));
+    }
+    Ok(body.to_string())
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("timewaitd: {msg}");
+    ExitCode::from(2)
+}
+
+pub fn main(args: &RunArgs, json: bool) -> ExitCode {
+    let cfg = match config::resolve(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let (view, source): (Value, String) = match http_get(cfg.listen, "/api/v1/snapshot") {
+        Ok(body) => match serde_json::from_str(&body) {
+            Ok(v) => (v, format!("daemon at {}", cfg.listen)),
+            Err(e) => return fail(format!("the daemon at {} sent invalid JSON: {e}", cfg.listen)),
+        },
+        Err(_) => {
+            let opts = LoadOptions {
+                all_netns: cfg.all_netns,
+                max_tracked_sockets: cfg.max_tracked_sockets,
+                max_series: cfg.max_series,
+            };
+            match loader::load(&opts) {
+                Ok(p) => {
+                    let v = Collector::new(p).read(&cfg.agg);
+                    (serde_json::to_value(&v).unwrap_or(Value::Null), "kernel (no daemon answered)".into())
+                }
+                Err(e) => return fail(format!("no daemon at {} and reading the kernel failed: {e}", cfg.listen)),
+            }
+        }
+    };
+    let text = if json { format!("{view}\n") } else { render_table(&view, &source) };
+    print_out(&text)
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends quietly, not in a panic.
+pub fn print_out(text: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(format!("writing to stdout: {e}")),
+    }
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// The view as `ss`-like text, busiest first.
+fn render_table(view: &Value, source: &str) -> String {
+    let mut out = format!("# from {source}\n");
+    let mut series: Vec<&Value> = view["series"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    series.sort_by_key(|x| std::cmp::Reverse(n(x, "time_wait") + n(x, "fin_wait2")));
+    out.push_str(&format!(
+        "{:<9} {:<40} {:>5} {:>10} {:>10} {:>12}\n",
+        "DIRECTION", "REMOTE", "PORT", "TIME_WAIT", "FIN_WAIT2", "PORTS_IN_USE"
+    ));
+    let (mut tw, mut fw) = (0, 0);
+    for x in series {
+        let in_use = if s(x, "direction") == "outbound" {
+            (n(x, "connections") + n(x, "time_wait") + n(x, "fin_wait2")).to_string()
+        } else {
+            "-".into()
+        };
+        tw += n(x, "time_wait");
+        fw += n(x, "fin_wait2");
+        out.push_str(&format!(
+            "{:<9} {:<40} {:>5} {:>10} {:>10} {:>12}\n",
+            s(x, "direction"),
+            s(x, "remote"),
+            n(x, "port"),
+            n(x, "time_wait"),
+            n(x, "fin_wait2"),
+            in_use
+        ));
+    }
+    out.push_str(&format!("total: {tw} TIME_WAIT, {fw} FIN_WAIT2\n"));
+    if let Some(syns) = view["syns"].as_array().filter(|a| !a.is_empty()) {
+        out.push_str(&format!("\n{:<40} {:>10} {:>10}\n", "SYN FROM", "TOTAL", "REJECTED"));
+        for x in syns {
+            out.push_str(&format!("{:<40} {:>10} {:>10}\n", s(x, "remote"), n(x, "total"), n(x, "rejected")));
+        }
+    }
+    if let Some(range) = view["sysctls"]["local_port_range_size"].as_u64() {
+        out.push_str(&format!("\nlocal port range: {range} ports\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_sorts_busiest_first_and_totals() {
+        let v: Value = serde_json::from_str(
+            r#"{"series":[
+                {"direction":"outbound","remote":"10.0.0.1","port":443,"time_wait":2,"fin_wait2":0,"connections":5},
+                {"direction":"inbound","remote":"10.0.0.2","port":80,"time_wait":9,"fin_wait2":1,"connections":0}],
+              "syns":[{"remote":"10.0.0.2","total":4,"rejected":1}],
+              "sysctls":{"local_port_range_size":28232}}"#,
+        )
+        .unwrap();
+        let t = render_table(&v, "test");
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[2].starts_with("inbound") && lines[2].contains("10.0.0.2"), "{t}");
+        assert!(lines[3].trim_end().ends_with('7'), "ports in use = 5 + 2: {t}");
+        assert!(t.contains("total: 11 TIME_WAIT, 1 FIN_WAIT2"), "{t}");
+        assert!(t.contains("28232 ports"), "{t}");
+    }
+}
