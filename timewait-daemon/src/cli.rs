@@ -39,6 +39,9 @@ pub struct RunArgs {
     /// Address to serve /metrics on [default: 127.0.0.1:19868; `[::]:19868` to expose].
     #[arg(long = "web.listen-address", value_name = "ADDR:PORT")]
     pub listen_address: Option<String>,
+    /// TLS and basic auth, in the Prometheus exporter-toolkit web config format (YAML).
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
     /// Remotes beyond the N busiest are summed into remote="other" [default: 100].
     #[arg(long, value_name = "N")]
     pub top_remotes: Option<usize>,

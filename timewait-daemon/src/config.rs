@@ -40,6 +40,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct WebFile {
     listen_address: Option<String>,
+    config_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -51,6 +52,7 @@ struct LogFile {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub web_config_file: Option<std::path::PathBuf>,
     pub agg: AggOptions,
     pub all_netns: bool,
     pub max_tracked_sockets: Option<u32>,
@@ -118,6 +120,7 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     }
     Ok(Config {
         listen,
+        web_config_file: args.web_config_file.clone().or_else(|| file.web.as_ref().and_then(|w| w.config_file.clone())),
         agg: AggOptions { top_remotes, ipv4_prefix: v4, ipv6_prefix: v6, remote_port_range_size: remote_ports },
         all_netns: args.all_netns || file.all_netns.unwrap_or(false),
         max_tracked_sockets,

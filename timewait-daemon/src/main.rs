@@ -11,6 +11,7 @@ mod metrics;
 mod run;
 mod server;
 mod snapshot;
+mod web;
 
 use std::process::ExitCode;
 

@@ -47,9 +47,20 @@ pub fn main(args: &RunArgs) -> ExitCode {
 }
 
 async fn serve(cfg: Config) -> ExitCode {
+    let web = match &cfg.web_config_file {
+        Some(path) => match crate::web::load(path) {
+            Ok(w) => Some(w),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
     let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", cfg.listen)),
+    };
+    let (tls, auth) = match web {
+        Some(w) => (w.tls, w.auth),
+        None => (None, None),
     };
     let state = Arc::new(AppState {
         collector: OnceLock::new(),
@@ -62,14 +73,28 @@ async fn serve(cfg: Config) -> ExitCode {
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(
-        axum::serve(listener, router(state.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            })
-            .into_future(),
+    let tls_on = tls.is_some();
+    let app = router(state.clone(), auth.clone());
+    let shutdown = async move {
+        let _ = server_stop.wait_for(|s| *s).await;
+    };
+    let server = match tls {
+        Some(acceptor) => {
+            let tls_listener = match crate::web::TlsListener::new(listener, acceptor) {
+                Ok(l) => l,
+                Err(e) => return fail(format!("cannot listen on {}: {e}", cfg.listen)),
+            };
+            tokio::spawn(axum::serve(tls_listener, app).with_graceful_shutdown(shutdown).into_future())
+        }
+        None => tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future()),
+    };
+    info!(
+        version = VERSION,
+        listen = %cfg.listen,
+        tls = tls_on,
+        basic_auth = auth.is_some(),
+        "serving; attaching probes"
     );
-    info!(version = VERSION, listen = %cfg.listen, "serving; attaching probes");
 
     let opts = LoadOptions {
         all_netns: cfg.all_netns,

@@ -21,15 +21,19 @@ pub struct AppState {
     pub kernel_release: String,
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+pub fn router(state: Arc<AppState>, auth: Option<Arc<crate::web::BasicAuth>>) -> Router {
+    let router = Router::new()
         .route("/", get(index))
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/snapshot", get(snapshot))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-        .with_state(state)
+        .with_state(state);
+    match auth {
+        Some(auth) => router.layer(axum::middleware::from_fn_with_state(auth, crate::web::require_auth)),
+        None => router,
+    }
 }
 
 fn not_ready() -> Response {

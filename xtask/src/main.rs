@@ -62,6 +62,41 @@ pub fn sh(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, passing its output through, and ends with one line
+/// that sums every test binary's result: `N passed, N failed`.
+fn test_summed(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("xtask: $ {}", render(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", render(cmd)))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut it = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (it.next(), it.next()) else { continue };
+                let n: u64 = n.parse().unwrap_or(0);
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{} failed ({status})", render(cmd));
+    }
+    Ok(())
+}
+
 fn render(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
@@ -107,13 +142,15 @@ fn run(cli: Cli) -> Result<()> {
             if !setup::is_root() {
                 eprintln!("xtask: not root: the real-kernel tests will print SKIPPED and return");
             }
-            // Unit tests and the integration binary. The kernel tests spend
+            // Unit tests and the integration binaries. The kernel tests spend
             // most of their time waiting on the kernel (TIME_WAIT lasts 60 s),
             // so they run many at once on few cores.
-            sh(cargo()
-                .args(["test", "--workspace", "--exclude", "timewait-ebpf", "--"])
-                .args(["--test-threads", "16"])
-                .args(&args))
+            test_summed(
+                cargo()
+                    .args(["test", "--workspace", "--exclude", "timewait-ebpf", "--lib", "--bins", "--tests", "--"])
+                    .args(["--test-threads", "16"])
+                    .args(&args),
+            )
         }
     }
 }

@@ -19,6 +19,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("sysctl", "procps"),
     // promtool, for the alert rules' unit tests.
     ("promtool", "prometheus"),
+    // TLS tests: a certificate, and a real client.
+    ("openssl", "openssl"),
+    ("curl", "curl"),
 ];
 
 pub fn is_root() -> bool {
