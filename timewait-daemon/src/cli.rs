@@ -21,6 +21,14 @@ pub enum Command {
     Run(RunArgs),
     /// Probe the kernel and say whether the daemon can run here (exit 0) or not (exit 1).
     Check,
+    /// Live view of the busiest remotes, ports, SYN outcomes and exhaustion ratios, from a running daemon's API.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        #[command(flatten)]
+        run: RunArgs,
+    },
     /// One-shot grouped view, like `ss` but per remote: from a running daemon's API, or the kernel if none.
     Snapshot {
         /// Print the JSON of /api/v1/snapshot instead of a table.

@@ -11,6 +11,7 @@ mod metrics;
 mod run;
 mod server;
 mod snapshot;
+mod top;
 mod web;
 
 use std::process::ExitCode;
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(cli::Command::Check) => check::main(),
         Some(cli::Command::Snapshot { json, run }) => snapshot::main(&run, json),
+        Some(cli::Command::Top { interval, run }) => top::main(&run, interval),
         Some(cli::Command::Run(args)) => run::main(&args),
         None => run::main(&cli.run),
     }
