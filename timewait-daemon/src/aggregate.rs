@@ -38,19 +38,30 @@ pub struct AggOptions {
     pub ipv6_prefix: u8,
     /// Source ports one remote can use (denominator of the inbound ratio).
     pub remote_port_range_size: u64,
+    /// Keep network namespaces apart (`--all-netns`): series carry `netns`.
+    pub per_netns: bool,
 }
 
 pub const DEFAULT_REMOTE_PORT_RANGE_SIZE: u64 = 64_512;
 
 impl Default for AggOptions {
     fn default() -> Self {
-        Self { top_remotes: 100, ipv4_prefix: 32, ipv6_prefix: 128, remote_port_range_size: DEFAULT_REMOTE_PORT_RANGE_SIZE }
+        Self {
+            top_remotes: 100,
+            ipv4_prefix: 32,
+            ipv6_prefix: 128,
+            remote_port_range_size: DEFAULT_REMOTE_PORT_RANGE_SIZE,
+            per_netns: false,
+        }
     }
 }
 
 /// One (direction, remote, port) series.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Series {
+    /// Network namespace inode, with `--all-netns` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
     pub direction: Option<Direction>,
     pub remote: String,
     pub port: u16,
@@ -107,7 +118,8 @@ pub fn remote_label(addr: IpAddr, opts: &AggOptions) -> String {
 /// label so the choice is stable) and sum the rest into `remote="other"`.
 /// Sums are preserved exactly. Non-positive values are skipped.
 pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions) -> Vec<Series> {
-    let mut by_series: BTreeMap<(Direction, String, u16), (u64, u64, u64)> = BTreeMap::new();
+    type SeriesKey = (Option<u32>, Direction, String, u16);
+    let mut by_series: BTreeMap<SeriesKey, (u64, u64, u64)> = BTreeMap::new();
     for (key, n) in raw {
         let Ok(n) = u64::try_from(n) else { continue };
         if n == 0 {
@@ -119,7 +131,8 @@ pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions
             Direction::Outbound
         };
         let remote = remote_label(remote_addr(&key), opts);
-        let slot = by_series.entry((direction, remote, key.port)).or_default();
+        let netns = opts.per_netns.then_some(key.netns);
+        let slot = by_series.entry((netns, direction, remote, key.port)).or_default();
         match key.substate {
             TCP_FIN_WAIT2 => slot.1 += n,
             SUBSTATE_CONNECTION => slot.2 += n,
@@ -127,19 +140,20 @@ pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions
         }
     }
 
-    let kept = top_remotes(by_series.iter().map(|((_, r, _), (tw, fw, c))| (r.as_str(), tw + fw + c)), opts.top_remotes);
+    let kept = top_remotes(by_series.iter().map(|((_, _, r, _), (tw, fw, c))| (r.as_str(), tw + fw + c)), opts.top_remotes);
 
-    let mut folded: BTreeMap<(Direction, String, u16), (u64, u64, u64)> = BTreeMap::new();
-    for ((d, remote, port), (tw, fw, c)) in by_series {
+    let mut folded: BTreeMap<SeriesKey, (u64, u64, u64)> = BTreeMap::new();
+    for ((netns, d, remote, port), (tw, fw, c)) in by_series {
         let remote = if kept.contains(&remote) { remote } else { OTHER.to_string() };
-        let slot = folded.entry((d, remote, port)).or_default();
+        let slot = folded.entry((netns, d, remote, port)).or_default();
         slot.0 += tw;
         slot.1 += fw;
         slot.2 += c;
     }
     folded
         .into_iter()
-        .map(|((d, remote, port), (time_wait, fin_wait2, connections))| Series {
+        .map(|((netns, d, remote, port), (time_wait, fin_wait2, connections))| Series {
+            netns,
             direction: Some(d),
             remote,
             port,
@@ -164,6 +178,8 @@ fn top_remotes<'a>(weights: impl Iterator<Item = (&'a str, u64)>, n: usize) -> s
 /// SYNs that hit a minisocket, per remote.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SynSeries {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
     pub remote: String,
     pub total: u64,
     pub rejected: u64,
@@ -172,22 +188,25 @@ pub struct SynSeries {
 /// Per-remote SYN counters with the same folding as `aggregate`. Remotes are
 /// ranked by their SYN total.
 pub fn aggregate_syns(raw: impl IntoIterator<Item = (RemoteKey, SynCounts)>, opts: &AggOptions) -> Vec<SynSeries> {
-    let mut by_remote: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut by_remote: BTreeMap<(Option<u32>, String), (u64, u64)> = BTreeMap::new();
     for (k, v) in raw {
         let label = remote_label(addr_of(k.family, k.remote), opts);
-        let slot = by_remote.entry(label).or_default();
+        let slot = by_remote.entry((opts.per_netns.then_some(k.netns), label)).or_default();
         slot.0 += u64::try_from(v.total).unwrap_or(0);
         slot.1 += u64::try_from(v.rejected).unwrap_or(0);
     }
-    let kept = top_remotes(by_remote.iter().map(|(r, (t, _))| (r.as_str(), *t)), opts.top_remotes);
-    let mut folded: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for (remote, (t, r)) in by_remote {
+    let kept = top_remotes(by_remote.iter().map(|((_, r), (t, _))| (r.as_str(), *t)), opts.top_remotes);
+    let mut folded: BTreeMap<(Option<u32>, String), (u64, u64)> = BTreeMap::new();
+    for ((netns, remote), (t, r)) in by_remote {
         let remote = if kept.contains(&remote) { remote } else { OTHER.to_string() };
-        let slot = folded.entry(remote).or_default();
+        let slot = folded.entry((netns, remote)).or_default();
         slot.0 += t;
         slot.1 += r;
     }
-    folded.into_iter().map(|(remote, (total, rejected))| SynSeries { remote, total, rejected }).collect()
+    folded
+        .into_iter()
+        .map(|((netns, remote), (total, rejected))| SynSeries { netns, remote, total, rejected })
+        .collect()
 }
 
 #[cfg(test)]
@@ -232,6 +251,17 @@ mod tests {
         for x in s.iter().filter(|x| x.remote != OTHER) {
             assert!(x.time_wait >= 16, "{x:?} should not be kept");
         }
+    }
+
+    #[test]
+    fn per_netns_keeps_namespaces_apart() {
+        let mut a = v4([10, 0, 0, 1], 80, DIRECTION_INBOUND, TCP_TIME_WAIT);
+        let mut b = a;
+        a.netns = 1;
+        b.netns = 2;
+        assert_eq!(aggregate([(a, 1), (b, 2)], &AggOptions::default()).len(), 1);
+        let s = aggregate([(a, 1), (b, 2)], &AggOptions { per_netns: true, ..Default::default() });
+        assert_eq!(s.iter().map(|x| (x.netns, x.time_wait)).collect::<Vec<_>>(), [(Some(1), 1), (Some(2), 2)]);
     }
 
     #[test]

@@ -114,6 +114,7 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     if remote_ports == 0 || remote_ports > 65_536 {
         return Err(ConfigError::Range { key: "remote-port-range-size", value: remote_ports.to_string(), range: "1..=65536" });
     }
+    let all_netns = args.all_netns || file.all_netns.unwrap_or(false);
     let max_tracked_sockets = args.max_tracked_sockets.or(file.max_tracked_sockets);
     if max_tracked_sockets == Some(0) {
         return Err(ConfigError::Range { key: "max-tracked-sockets", value: "0".into(), range: "at least 1" });
@@ -121,8 +122,14 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     Ok(Config {
         listen,
         web_config_file: args.web_config_file.clone().or_else(|| file.web.as_ref().and_then(|w| w.config_file.clone())),
-        agg: AggOptions { top_remotes, ipv4_prefix: v4, ipv6_prefix: v6, remote_port_range_size: remote_ports },
-        all_netns: args.all_netns || file.all_netns.unwrap_or(false),
+        agg: AggOptions {
+            top_remotes,
+            ipv4_prefix: v4,
+            ipv6_prefix: v6,
+            remote_port_range_size: remote_ports,
+            per_netns: all_netns,
+        },
+        all_netns,
         max_tracked_sockets,
         max_series,
         log_level: args

@@ -116,14 +116,25 @@ fn attach_classic(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str)
     Ok(())
 }
 
-/// Runs iterator program `name` over the TCP sockets of our namespace.
-fn run_iter(ebpf: &mut Ebpf, btf: &Btf, name: &'static str) -> Result<(), LoadError> {
-    let prog: &mut Iter = ebpf
-        .program_mut(name)
+fn iter_prog<'e>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut Iter, LoadError> {
+    ebpf.program_mut(name)
         .ok_or(LoadError::Program { program: name, step: "be found", err: "not in object".into() })?
         .try_into()
-        .map_err(prog_err(name, "convert"))?;
-    prog.load("tcp", btf).map_err(prog_err(name, "load"))?;
+        .map_err(prog_err(name, "convert"))
+}
+
+/// Loads the iterator programs (once; they run once per namespace).
+fn load_iters(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), LoadError> {
+    for name in ["iter_listeners", "iter_timewait"] {
+        iter_prog(ebpf, name)?.load("tcp", btf).map_err(prog_err(name, "load"))?;
+    }
+    Ok(())
+}
+
+/// Runs iterator program `name` over the TCP sockets of the namespace this
+/// thread is in.
+fn run_iter(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
+    let prog = iter_prog(ebpf, name)?;
     let link = prog.attach().map_err(prog_err(name, "attach"))?;
     let link = prog.take_link(link).map_err(prog_err(name, "take link"))?;
     let mut file = link.into_file().map_err(|e| LoadError::Program {
@@ -146,6 +157,49 @@ where
 {
     let map = ebpf.take_map(name).ok_or(LoadError::Map(name, "not in object".into()))?;
     T::try_from(map).map_err(|e| LoadError::Map(name, error_chain(&e)))
+}
+
+/// One path per network namespace other than `own` (by inode), from
+/// processes' `/proc/PID/ns/net` and the named ones in /var/run/netns.
+fn other_namespaces(own: u32) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = std::collections::BTreeSet::from([u64::from(own)]);
+    let mut out = Vec::new();
+    let named = std::fs::read_dir("/var/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+    let procs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .map(|e| e.path().join("ns/net"));
+    for path in named.chain(procs) {
+        if let Ok(md) = std::fs::metadata(&path)
+            && seen.insert(md.ino())
+        {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Runs `f` with this thread in the network namespace at `path`, then
+/// returns the thread to the namespace it was in.
+fn in_netns<T>(path: &std::path::Path, f: impl FnOnce() -> Result<T, LoadError>) -> Result<T, LoadError> {
+    use std::os::fd::AsRawFd as _;
+    let io = |e: std::io::Error| LoadError::Program { program: "iter_timewait", step: "enter namespace", err: e.to_string() };
+    let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(io)?;
+    let target = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: valid namespace fds; CLONE_NEWNET only moves this thread.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    let r = f();
+    // SAFETY: as above, back to where this thread was.
+    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // A thread stuck in another namespace would read the wrong sysctls.
+        panic!("cannot return to the daemon's network namespace: {}", std::io::Error::last_os_error());
+    }
+    r
 }
 
 /// Default capacity of the minisocket table: every minisocket the kernel can
@@ -202,14 +256,27 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     //    every minisocket followed from step 2 on gets its direction.
     attach_tp(&mut ebpf, &btf, LISTEN_PROGRAM.0, LISTEN_PROGRAM.1)?;
     hooks.push((LISTEN_PROGRAM.1, true));
-    run_iter(&mut ebpf, &btf, "iter_listeners")?;
+    load_iters(&mut ebpf, &btf)?;
+    run_iter(&mut ebpf, "iter_listeners")?;
     // 2. Minisockets: timer programs, then the snapshot of those that already
     //    exist. The snapshot inserts with BPF_NOEXIST: no double count.
     for (name, tp) in TIMER_PROGRAMS {
         attach_tp(&mut ebpf, &btf, name, tp)?;
         hooks.push((*tp, true));
     }
-    run_iter(&mut ebpf, &btf, "iter_timewait")?;
+    run_iter(&mut ebpf, "iter_timewait")?;
+    if opts.all_netns {
+        // A TCP iterator walks the namespace of whoever creates it: visit the
+        // others from this thread, then come back.
+        for ns in other_namespaces(netns) {
+            if let Err(e) = in_netns(&ns, || {
+                run_iter(&mut ebpf, "iter_listeners")?;
+                run_iter(&mut ebpf, "iter_timewait")
+            }) {
+                tracing::warn!(netns = %ns.display(), error = %e, "start-up snapshot of this namespace skipped");
+            }
+        }
+    }
     hooks.push(("iter/tcp", true));
 
     let probes = Probes {

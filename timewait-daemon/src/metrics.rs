@@ -85,6 +85,15 @@ impl Family {
     }
 }
 
+/// `labels`, plus `netns` when the series has one (`--all-netns`).
+fn with_netns<'a>(labels: &[(&'a str, &'a str)], netns: &'a Option<String>) -> Vec<(&'a str, &'a str)> {
+    let mut v = labels.to_vec();
+    if let Some(n) = netns {
+        v.push(("netns", n.as_str()));
+    }
+    v
+}
+
 pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     use MetricType::{COUNTER, GAUGE};
     let mut fams = Vec::new();
@@ -102,7 +111,8 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     for s in &view.series {
         let port = s.port.to_string();
         let dir = s.direction.map_or("unknown", |d| d.as_str());
-        let labels = [("direction", dir), ("remote", s.remote.as_str()), ("port", port.as_str())];
+        let netns = s.netns.map(|n| n.to_string());
+        let labels = with_netns(&[("direction", dir), ("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
         if s.time_wait > 0 {
             sockets.sample(&labels, s.time_wait as f64);
         }
@@ -124,19 +134,22 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         GAUGE,
     );
     let range = view.sysctls.local_port_range_size.filter(|n| *n > 0);
-    let mut inbound: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    let mut inbound: std::collections::BTreeMap<(Option<String>, &str), u64> = std::collections::BTreeMap::new();
     for s in &view.series {
+        let netns = s.netns.map(|n| n.to_string());
         match s.direction {
             Some(crate::aggregate::Direction::Outbound) if s.ports_in_use() > 0 => {
                 let port = s.port.to_string();
-                let labels = [("remote", s.remote.as_str()), ("port", port.as_str())];
+                let labels = with_netns(&[("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
                 in_use.sample(&labels, s.ports_in_use() as f64);
-                if let Some(r) = range {
+                // The port range is this namespace's: other namespaces (with
+                // --all-netns) may have their own, so no ratio for them.
+                if let Some(r) = range.filter(|_| s.netns.is_none()) {
                     ratio.sample(&labels, (s.ports_in_use() as f64 / r as f64).min(1.0));
                 }
             }
             Some(crate::aggregate::Direction::Inbound) if s.time_wait > 0 => {
-                *inbound.entry(s.remote.as_str()).or_default() += s.time_wait;
+                *inbound.entry((netns, s.remote.as_str())).or_default() += s.time_wait;
             }
             _ => {}
         }
@@ -148,8 +161,9 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         "Inbound TIME_WAIT sockets from one remote / the source ports one remote can use (--remote-port-range-size).",
         GAUGE,
     );
-    for (remote, n) in inbound {
-        inbound_ratio.sample(&[("remote", remote)], (n as f64 / st.remote_port_range_size as f64).min(1.0));
+    for ((netns, remote), n) in inbound {
+        let labels = with_netns(&[("remote", remote)], &netns);
+        inbound_ratio.sample(&labels, (n as f64 / st.remote_port_range_size as f64).min(1.0));
     }
     fams.push(inbound_ratio);
 
@@ -198,8 +212,10 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         COUNTER,
     );
     for s in &view.syns {
-        syn.sample(&[("remote", s.remote.as_str())], s.total as f64);
-        rejected.sample(&[("remote", s.remote.as_str())], s.rejected as f64);
+        let netns = s.netns.map(|n| n.to_string());
+        let labels = with_netns(&[("remote", s.remote.as_str())], &netns);
+        syn.sample(&labels, s.total as f64);
+        rejected.sample(&labels, s.rejected as f64);
     }
     fams.push(syn);
     fams.push(rejected);
