@@ -158,7 +158,13 @@ pub fn sysctl(name: &str) -> Option<String> {
 /// `ip netns exec` the mount stays in the daemon's own mount namespace.
 pub fn ensure_tracefs() -> Result<&'static str, String> {
     const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-    if let Some(p) = CANDIDATES.iter().find(|p| Path::new(p).join("events").exists()) {
+    // A tracefs we may not read (mode 0700, no CAP_DAC_READ_SEARCH) is still
+    // mounted: say so at attach time rather than try to mount it again.
+    let mounted = |p: &str| match fs::metadata(Path::new(p).join("events")) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+    };
+    if let Some(p) = CANDIDATES.into_iter().find(|p| mounted(p)) {
         return Ok(p);
     }
     let target = CANDIDATES[0];
