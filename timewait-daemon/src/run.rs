@@ -8,7 +8,7 @@ use std::{
 };
 
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     cli::RunArgs,
@@ -30,7 +30,8 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 pub fn main(args: &RunArgs) -> ExitCode {
-    let cfg = match config::resolve(args) {
+    let args = args.clone();
+    let cfg = match config::resolve(&args) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
@@ -43,10 +44,44 @@ pub fn main(args: &RunArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    rt.block_on(serve(cfg))
+    rt.block_on(serve(cfg, args))
 }
 
-async fn serve(cfg: Config) -> ExitCode {
+/// SIGHUP: read the flags and the config file again. Aggregation settings
+/// apply at once; a file that does not parse keeps the running configuration
+/// (and says why); settings fixed at start-up say that they need a restart.
+fn reload(args: &RunArgs, running: &Config, state: &AppState) {
+    let new = match config::resolve(args) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "SIGHUP: configuration not reloaded, keeping the running one");
+            return;
+        }
+    };
+    let fixed = [
+        ("web.listen-address", new.listen != running.listen),
+        ("web.config-file", new.web_config_file != running.web_config_file),
+        ("all-netns", new.all_netns != running.all_netns),
+        ("max-tracked-sockets", new.max_tracked_sockets != running.max_tracked_sockets),
+        ("max-series", new.max_series != running.max_series),
+        ("log.level", new.log_level != running.log_level),
+    ];
+    for (key, changed) in fixed {
+        if changed {
+            warn!(key, "SIGHUP: this setting changes only with a restart");
+        }
+    }
+    *state.agg.write().unwrap_or_else(|e| e.into_inner()) = new.agg.clone();
+    info!(
+        top_remotes = new.agg.top_remotes,
+        aggregate_ipv4_prefix = new.agg.ipv4_prefix,
+        aggregate_ipv6_prefix = new.agg.ipv6_prefix,
+        remote_port_range_size = new.agg.remote_port_range_size,
+        "SIGHUP: configuration reloaded"
+    );
+}
+
+async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     let web = match &cfg.web_config_file {
         Some(path) => match crate::web::load(path) {
             Ok(w) => Some(w),
@@ -64,12 +99,18 @@ async fn serve(cfg: Config) -> ExitCode {
     };
     let state = Arc::new(AppState {
         collector: OnceLock::new(),
-        agg: cfg.agg.clone(),
+        agg: std::sync::RwLock::new(cfg.agg.clone()),
         kernel_release: kernel::release(),
     });
     let mut sigterm = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot handle SIGTERM: {e}")),
+    };
+    // Registered now, so that a SIGHUP during start-up waits instead of
+    // killing the process (its default action).
+    let mut sighup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot handle SIGHUP: {e}")),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut server_stop = stop_rx.clone();
@@ -78,15 +119,16 @@ async fn serve(cfg: Config) -> ExitCode {
     let shutdown = async move {
         let _ = server_stop.wait_for(|s| *s).await;
     };
+    let limits = crate::server::Limits::default();
     let server = match tls {
         Some(acceptor) => {
             let tls_listener = match crate::web::TlsListener::new(listener, acceptor) {
                 Ok(l) => l,
                 Err(e) => return fail(format!("cannot listen on {}: {e}", cfg.listen)),
             };
-            tokio::spawn(axum::serve(tls_listener, app).with_graceful_shutdown(shutdown).into_future())
+            tokio::spawn(crate::server::serve(tls_listener, app, limits, shutdown))
         }
-        None => tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future()),
+        None => tokio::spawn(crate::server::serve(listener, app, limits, shutdown)),
     };
     info!(
         version = VERSION,
@@ -139,14 +181,18 @@ async fn serve(cfg: Config) -> ExitCode {
         })
     };
 
-    stop_signal(&mut sigterm).await;
+    loop {
+        tokio::select! {
+            _ = sighup.recv() => reload(&args, &cfg, &state),
+            () = stop_signal(&mut sigterm) => break,
+        }
+    }
     info!("stopping: detaching probes");
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
-    match tokio::time::timeout(Duration::from_secs(2), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => error!(error = %e, "server error"),
-        _ => error!("server did not stop within 2 s"),
+    // serve() itself gives requests in flight 2 s.
+    if tokio::time::timeout(Duration::from_secs(3), server).await.is_err() {
+        error!("server did not stop within 3 s");
     }
     // Dropping the last reference detaches every program.
     drop(state);

@@ -14,10 +14,17 @@ use crate::{aggregate::AggOptions, collector::Collector, metrics};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+impl AppState {
+    pub fn agg(&self) -> AggOptions {
+        self.agg.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 pub struct AppState {
     /// Set once the probes are attached and the start-up snapshot is loaded.
     pub collector: OnceLock<Arc<Collector>>,
-    pub agg: AggOptions,
+    /// Aggregation settings; SIGHUP replaces them (see run.rs).
+    pub agg: std::sync::RwLock<AggOptions>,
     pub kernel_release: String,
 }
 
@@ -53,7 +60,8 @@ async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {
     };
     let st2 = st.clone();
     let body = tokio::task::spawn_blocking(move || {
-        let view = c.read(&st2.agg);
+        let agg = st2.agg();
+        let view = c.read(&agg);
         let hooks = c.hooks();
         metrics::render(
             &view,
@@ -62,7 +70,7 @@ async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {
                 kernel: &st2.kernel_release,
                 hooks: &hooks,
                 read_errors: c.read_errors.load(std::sync::atomic::Ordering::Relaxed),
-                remote_port_range_size: st2.agg.remote_port_range_size,
+                remote_port_range_size: agg.remote_port_range_size,
             },
         )
     })
@@ -78,7 +86,7 @@ async fn snapshot(State(st): State<Arc<AppState>>) -> Response {
         return not_ready();
     };
     let st2 = st.clone();
-    match tokio::task::spawn_blocking(move || c.read(&st2.agg)).await {
+    match tokio::task::spawn_blocking(move || c.read(&st2.agg())).await {
         Ok(view) => axum::Json(view).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "collection failed\n").into_response(),
     }
@@ -100,4 +108,75 @@ async fn index(State(st): State<Arc<AppState>>) -> Html<String> {
          </body></html>",
         st.kernel_release
     ))
+}
+
+/// Limits that keep one client from hurting the others.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// A client must send its request headers within this time.
+    pub header_read_timeout: std::time::Duration,
+    /// A request must be answered within this time (408 otherwise).
+    pub request_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            header_read_timeout: std::time::Duration::from_secs(10),
+            request_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+/// hyper's smallest read buffer: a request whose headers do not fit gets 431.
+const MAX_REQUEST_HEAD: usize = 8192;
+
+/// Serves `app` on `listener` (plain TCP or TLS) until `stop`, then lets
+/// requests in flight finish for up to 2 s.
+pub async fn serve<L>(mut listener: L, app: Router, limits: Limits, stop: impl std::future::Future<Output = ()>)
+where
+    L: axum::serve::Listener,
+    L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::{
+        rt::{TokioIo, TokioTimer},
+        server::graceful::GracefulShutdown,
+        service::TowerToHyperService,
+    };
+    let app = app.layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        limits.request_timeout,
+    ));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .keep_alive(true);
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        // Take a permit before accepting: at the cap, new clients wait in the
+        // accept queue instead of being accepted and dropped.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = &mut stop => break,
+        };
+        let (io, _peer) = tokio::select! {
+            c = listener.accept() => c,
+            () = &mut stop => break,
+        };
+        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // Errors here are the client's (reset, timeout, bad request).
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), graceful.shutdown()).await;
 }
