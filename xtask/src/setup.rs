@@ -22,6 +22,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // TLS tests: a certificate, and a real client.
     ("openssl", "openssl"),
     ("curl", "curl"),
+    // Checks that a killed daemon leaves no BPF programs or links behind.
+    ("bpftool", "bpftool"),
 ];
 
 pub fn is_root() -> bool {

@@ -707,6 +707,25 @@ impl<'a> Daemon<'a> {
         }
     }
 
+    /// Sends `sig`, asserts the daemon exits 0 within `within`, and returns
+    /// how long that took.
+    #[track_caller]
+    pub fn stop_with(mut self, sig: i32, within: Duration) -> Duration {
+        let start = Instant::now();
+        self.signal(sig);
+        match self.wait_exit(within) {
+            Some(st) if st.code() == Some(0) => start.elapsed(),
+            Some(st) => panic!("timewaitd exited with {st} after signal {sig}, not 0\n{}", self.log_tail()),
+            None => panic!("timewaitd did not exit within {within:?} of signal {sig}\n{}", self.log_tail()),
+        }
+    }
+
+    /// Sends a signal that should not stop it (SIGHUP).
+    pub fn send(&self, sig: i32) {
+        // SAFETY: kill with the pid of our own live child.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
     /// SIGKILL, as a crash would; waits for the process to be gone.
     #[track_caller]
     pub fn kill9(mut self) {
