@@ -24,6 +24,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     // Checks that a killed daemon leaves no BPF programs or links behind.
     ("bpftool", "bpftool"),
+    // `timewaitd top` is driven in a real terminal.
+    ("tmux", "tmux"),
+    ("script", "bsdutils"),
 ];
 
 pub fn is_root() -> bool {
