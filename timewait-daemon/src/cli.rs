@@ -71,6 +71,9 @@ pub struct RunArgs {
     /// Capacity of the kernel's per-(direction, remote, port) table [default: 65536].
     #[arg(long, value_name = "N")]
     pub max_series: Option<u32>,
+    /// Seconds between reconciliations against the kernel's socket list (a sock_diag dump, like ss); 0 turns them off [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub reconcile_interval: Option<u64>,
     /// Log filter (tracing EnvFilter syntax) [default: info].
     #[arg(long = "log.level", value_name = "FILTER")]
     pub log_level: Option<String>,

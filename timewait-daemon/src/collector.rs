@@ -2,6 +2,7 @@
 //! the kernel resolved (the sweeper).
 
 use std::{
+    collections::{HashMap, HashSet},
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -11,7 +12,7 @@ use std::{
 
 use serde::Serialize;
 use timewait_common::{
-    EADDRINUSE, HINT_CONNECT, HINT_RESET, HINT_SYN, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, TW_CANCELLED,
+    AggKey, EADDRINUSE, HINT_CONNECT, HINT_RESET, HINT_SYN, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, TW_CANCELLED,
     TwEntry, counter, lifetime_slot,
 };
 use tracing::warn;
@@ -49,6 +50,14 @@ pub struct Counters {
     pub substate_changes: u64,
     /// Segments dropped by minisockets, as in `SEGMENT_KINDS`.
     pub segments: [u64; 5],
+    pub reconcile_runs: u64,
+    pub reconcile_errors: u64,
+    /// Sum of |change| of the corrections applied.
+    pub reconcile_corrections: u64,
+    pub reconcile_last_micros: u64,
+    /// Program runs the kernel skipped (recursion on a CPU), per program;
+    /// their sum is part of `lost`.
+    pub recursion_misses: Vec<(String, u64)>,
 }
 
 /// Segment kinds, in the order of `counter::SEG_*`.
@@ -116,6 +125,20 @@ pub struct Collector {
     swept_lifetime: Vec<AtomicU64>,
     /// Map reads that failed (a kernel error, not a lost event).
     pub read_errors: AtomicU64,
+    reconcile: Mutex<Reconcile>,
+}
+
+/// State of the reconciliation against the kernel's socket list.
+#[derive(Default)]
+struct Reconcile {
+    /// Added to the kernel's count of each key at read time.
+    offsets: HashMap<AggKey, i64>,
+    /// The difference seen in the previous round, per key.
+    last_diff: HashMap<AggKey, i64>,
+    runs: u64,
+    errors: u64,
+    corrections: u64,
+    last_micros: u64,
 }
 
 fn clock_monotonic_ns() -> u64 {
@@ -133,7 +156,84 @@ impl Collector {
             swept: std::array::from_fn(|_| AtomicU64::new(0)),
             swept_lifetime: (0..LIFETIME_REASONS * LIFETIME_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             read_errors: AtomicU64::new(0),
+            reconcile: Mutex::new(Reconcile::default()),
         }
+    }
+
+    fn raw_counts(&self) -> HashMap<AggKey, i64> {
+        let probes = self.lock();
+        let mut raw = HashMap::new();
+        for item in probes.counts.iter() {
+            match item {
+                Ok((k, v)) => {
+                    raw.insert(k, v);
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(_) => {
+                    self.read_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        raw
+    }
+
+    /// Compares the counts with the kernel's own socket list (a sock_diag
+    /// dump, as `ss` does) and corrects what the programs could not count
+    /// (full maps, lost events). A key's correction changes only when its
+    /// kernel count held still across the dump and the difference was the
+    /// same in two rounds in a row, so churn during a dump is never "fixed".
+    /// Cost: one dump of the namespace's TCP sockets per call.
+    pub fn reconcile(&self, netns: u32) -> Result<u64, crate::diag::DiagError> {
+        let start = std::time::Instant::now();
+        let before = self.raw_counts();
+        let socks = match crate::diag::dump() {
+            Ok(s) => s,
+            Err(e) => {
+                self.reconcile.lock().unwrap_or_else(|e| e.into_inner()).errors += 1;
+                return Err(e);
+            }
+        };
+        let after = self.raw_counts();
+        let was_listening: HashSet<u16> = after
+            .keys()
+            .filter(|k| k.netns == netns && k.direction == timewait_common::DIRECTION_INBOUND)
+            .map(|k| k.port)
+            .collect();
+        let expected = crate::diag::expected(&socks, netns, &was_listening);
+        let mut r = self.reconcile.lock().unwrap_or_else(|e| e.into_inner());
+        let keys: HashSet<AggKey> = after
+            .keys()
+            .filter(|k| k.netns == netns)
+            .chain(expected.keys())
+            .chain(r.offsets.keys())
+            .copied()
+            .collect();
+        let mut diffs = HashMap::new();
+        let mut corrected = 0;
+        for key in keys {
+            let (k1, k2) = (before.get(&key).copied().unwrap_or(0), after.get(&key).copied().unwrap_or(0));
+            if k1 != k2 {
+                continue;
+            }
+            let diff = expected.get(&key).copied().unwrap_or(0) - k2;
+            let old = r.offsets.get(&key).copied().unwrap_or(0);
+            if r.last_diff.get(&key).copied().unwrap_or(0) == diff && diff != old {
+                corrected += diff.abs_diff(old);
+                if diff == 0 {
+                    r.offsets.remove(&key);
+                } else {
+                    r.offsets.insert(key, diff);
+                }
+            }
+            if diff != 0 {
+                diffs.insert(key, diff);
+            }
+        }
+        r.last_diff = diffs;
+        r.runs += 1;
+        r.corrections += corrected;
+        r.last_micros = start.elapsed().as_micros() as u64;
+        Ok(corrected)
     }
 
     pub fn hooks(&self) -> Vec<(&'static str, bool)> {
@@ -147,18 +247,16 @@ impl Collector {
 
     /// One consistent read of everything the metrics show.
     pub fn read(&self, opts: &AggOptions) -> View {
-        let probes = self.lock();
-        let mut raw = Vec::new();
-        for item in probes.counts.iter() {
-            match item {
-                Ok(kv) => raw.push(kv),
-                // A key deleted between get_next_key and lookup: harmless.
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(_) => {
-                    self.read_errors.fetch_add(1, Ordering::Relaxed);
-                }
+        let mut counts = self.raw_counts();
+        let rec = {
+            let r = self.reconcile.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, off) in &r.offsets {
+                *counts.entry(*k).or_insert(0) += off;
             }
-        }
+            (r.runs, r.errors, r.corrections, r.last_micros)
+        };
+        let raw: Vec<(AggKey, i64)> = counts.into_iter().collect();
+        let probes = self.lock();
         let sum = |idx: u32| -> u64 {
             let kernel = match probes.counters.get(&idx, 0) {
                 Ok(values) => values.iter().sum::<u64>(),
@@ -169,15 +267,29 @@ impl Collector {
             };
             kernel + self.swept[idx as usize].load(Ordering::Relaxed)
         };
+        let recursion_misses: Vec<(String, u64)> = probes
+            .programs
+            .iter()
+            .filter_map(|(name, fd)| {
+                use std::os::fd::AsFd as _;
+                Some((name.clone(), crate::loader::recursion_misses(fd.as_fd())?))
+            })
+            .collect();
+        let misses: u64 = recursion_misses.iter().map(|(_, n)| n).sum();
         let counters = Counters {
             created_inbound: sum(counter::CREATED_INBOUND),
             created_outbound: sum(counter::CREATED_OUTBOUND),
             closed: REASONS.map(|(_, idx)| sum(idx)),
-            lost: sum(counter::LOST),
+            lost: sum(counter::LOST) + misses,
             snapshot: sum(counter::SNAPSHOT),
             snapshot_listeners: sum(counter::SNAPSHOT_LISTENERS),
             substate_changes: sum(counter::SUBSTATE_CHANGES),
             segments: SEGMENT_KINDS.map(|(_, idx)| sum(idx)),
+            reconcile_runs: rec.0,
+            reconcile_errors: rec.1,
+            reconcile_corrections: rec.2,
+            reconcile_last_micros: rec.3,
+            recursion_misses,
         };
         let syns: Vec<_> = probes.syns.iter().filter_map(Result::ok).collect();
         let mut connect_errors: Vec<ConnectErrors> = probes

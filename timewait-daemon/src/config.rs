@@ -34,6 +34,7 @@ struct FileConfig {
     max_tracked_sockets: Option<u32>,
     max_series: Option<u32>,
     remote_port_range_size: Option<u64>,
+    reconcile_interval: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +59,8 @@ pub struct Config {
     pub max_tracked_sockets: Option<u32>,
     pub max_series: u32,
     pub log_level: String,
+    /// Seconds between reconciliations; 0 = off.
+    pub reconcile_interval: u64,
 }
 
 fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -132,6 +135,7 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
         all_netns,
         max_tracked_sockets,
         max_series,
+        reconcile_interval: args.reconcile_interval.or(file.reconcile_interval).unwrap_or(60),
         log_level: args
             .log_level
             .clone()

@@ -71,6 +71,48 @@ pub struct Probes {
     pub connect_errors: HashMap<MapData, ErrKey, i64>,
     /// Each hook and whether it is attached.
     pub hooks: Vec<(&'static str, bool)>,
+    /// Our attached programs, to read how often the kernel skipped them.
+    pub programs: Vec<(String, std::os::fd::OwnedFd)>,
+}
+
+/// Runs of a program the kernel skipped because it was already running on
+/// that CPU (an interrupt came in the middle of it and hit the same hook):
+/// `bpf_prog_info.recursion_misses`, Linux 5.12+. Each is an event lost.
+pub fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: bpf_prog_info is plain old data; all-zero is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // The rest of `union bpf_attr` must be zero: pad to its 128-byte minimum.
+    #[repr(C)]
+    struct Attr {
+        info: InfoAttr,
+        _rest: [u8; 112],
+    }
+    let mut attr = Attr {
+        info: InfoAttr {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: size_of::<aya_obj::generated::bpf_prog_info>() as u32,
+            info: (&raw mut info) as u64,
+        },
+        _rest: [0; 112],
+    };
+    // SAFETY: BPF_OBJ_GET_INFO_BY_FD writes at most info_len bytes into `info`,
+    // which outlives the call; attr is valid and zero beyond the used fields.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &raw mut attr,
+            size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    (rc == 0).then_some(info.recursion_misses)
 }
 
 fn prog_err(program: &'static str, step: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
@@ -279,7 +321,16 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     }
     hooks.push(("iter/tcp", true));
 
+    let programs = ebpf
+        .programs()
+        .filter_map(|(name, p)| {
+            use std::os::fd::AsFd as _;
+            let fd = p.fd().ok()?.as_fd().try_clone_to_owned().ok()?;
+            Some((name.to_string(), fd))
+        })
+        .collect();
     let probes = Probes {
+        programs,
         tw_socks: take(&mut ebpf, "TW_SOCKS")?,
         counts: take(&mut ebpf, "COUNTS")?,
         pending: take(&mut ebpf, "PENDING")?,

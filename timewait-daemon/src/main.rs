@@ -4,6 +4,7 @@ mod aggregate;
 mod check;
 mod cli;
 mod collector;
+mod diag;
 mod config;
 mod kernel;
 mod loader;

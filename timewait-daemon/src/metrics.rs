@@ -234,6 +234,33 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     lost.sample(&[], c.lost as f64);
     fams.push(lost);
 
+    let mut misses = Family::new(
+        "timewait_program_recursion_misses_total",
+        "Runs of a program the kernel skipped because it was already running on that CPU (counted in timewait_events_lost_total too).",
+        COUNTER,
+    );
+    for (name, n) in &c.recursion_misses {
+        misses.sample(&[("program", name.as_str())], *n as f64);
+    }
+    fams.push(misses);
+
+    let mut runs = Family::new("timewait_reconcile_runs_total", "Reconciliations against the kernel's socket list (sock_diag dump).", COUNTER);
+    runs.sample(&[], c.reconcile_runs as f64);
+    fams.push(runs);
+    let mut rerr = Family::new("timewait_reconcile_errors_total", "Reconciliations that failed (the dump could not be read).", COUNTER);
+    rerr.sample(&[], c.reconcile_errors as f64);
+    fams.push(rerr);
+    let mut corr = Family::new(
+        "timewait_reconcile_corrections_total",
+        "How much reconciliation corrected the counts (sum of absolute changes): what the programs missed.",
+        COUNTER,
+    );
+    corr.sample(&[], c.reconcile_corrections as f64);
+    fams.push(corr);
+    let mut rdur = Family::new("timewait_reconcile_duration_seconds", "How long the last reconciliation took.", GAUGE);
+    rdur.sample(&[], c.reconcile_last_micros as f64 / 1e6);
+    fams.push(rdur);
+
     let mut snap = Family::new(
         "timewait_snapshot_sockets_total",
         "Minisockets that already existed when the daemon started (start-up snapshot).",

@@ -65,6 +65,7 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
         ("max-tracked-sockets", new.max_tracked_sockets != running.max_tracked_sockets),
         ("max-series", new.max_series != running.max_series),
         ("log.level", new.log_level != running.log_level),
+        ("reconcile-interval", new.reconcile_interval != running.reconcile_interval),
     ];
     for (key, changed) in fixed {
         if changed {
@@ -181,6 +182,28 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         })
     };
 
+    let reconciler = (cfg.reconcile_interval > 0).then(|| {
+        let c = collector.clone();
+        let mut stop = stop_rx.clone();
+        let every = Duration::from_secs(cfg.reconcile_interval);
+        tokio::spawn(async move {
+            let netns = kernel::own_netns().unwrap_or(0);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                let c = c.clone();
+                match tokio::task::spawn_blocking(move || c.reconcile(netns)).await {
+                    Ok(Ok(n)) if n > 0 => info!(corrected = n, "reconciliation corrected the counts"),
+                    Ok(Err(e)) => warn!(error = %e, "reconciliation failed"),
+                    _ => {}
+                }
+            }
+        })
+    });
     loop {
         tokio::select! {
             _ = sighup.recv() => reload(&args, &cfg, &state),
@@ -190,6 +213,9 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     info!("stopping: detaching probes");
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
+    if let Some(r) = reconciler {
+        let _ = r.await;
+    }
     // serve() itself gives requests in flight 2 s.
     if tokio::time::timeout(Duration::from_secs(3), server).await.is_err() {
         error!("server did not stop within 3 s");

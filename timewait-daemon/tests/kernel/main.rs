@@ -18,3 +18,25 @@ mod many_remotes;
 mod netns_isolation;
 mod preexisting_and_restart;
 mod server_side_500;
+
+mod support_syn;
+
+mod syn_reuse;
+mod syn_rejected;
+mod reset;
+mod connect_reuse;
+mod mixed;
+
+// Issue 4: port exhaustion.
+mod support_ports;
+
+mod exhaustion;
+mod inbound_ratio;
+mod overflow;
+mod port_range_change;
+mod web_tls;
+mod deploy_metrics;
+mod all_netns;
+mod prometheus_server;
+mod reliability;
+mod full_maps;

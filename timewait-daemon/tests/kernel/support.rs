@@ -197,10 +197,6 @@ impl NetNs {
 
     /// `sysctl -w key=value` inside the namespace (sysctls such as
     /// `ip_local_port_range` are per network namespace).
-    #[expect(
-        dead_code,
-        reason = "harness API; none of issue 2's tests changes a sysctl"
-    )]
     #[track_caller]
     pub fn sysctl(&self, key: &str, value: &str) {
         run_cmd(

@@ -1,0 +1,267 @@
+//! Issue 5: every `timewait_*` metric name that the shipped dashboard, alert
+//! rules and Kubernetes manifests (`deploy/`) use is a metric family in a live
+//! daemon's `/metrics`. A renamed metric would otherwise leave an empty panel
+//! or an alert that can never fire, with no error anywhere.
+//!
+//! Families with no series are not exposed at all, so a little traffic first
+//! makes each of them exist: server-side and client-side TIME_WAIT, a
+//! FIN_WAIT2 orphan, one SYN into a TIME_WAIT (which also ends a minisocket,
+//! filling the lifetime histogram) and one `bind()` failing with EADDRINUSE.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::support::{Daemon, NetNs, require_root, server_closes_first_clients_stay, v4};
+
+/// The files whose metric names must exist, relative to `deploy/`: a
+/// directory means every file in it.
+const DEPLOY_SOURCES: [&str; 3] = ["grafana", "prometheus/timewait.rules.yml", "kubernetes"];
+
+/// How long the families may take to appear (a SYN reuse is resolved by the
+/// daemon shortly after it happened).
+const APPEAR_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[test]
+fn deploy_metrics() {
+    if !require_root("deploy_metrics") {
+        return;
+    }
+    let used = names_used_in_deploy();
+    assert!(
+        used.contains_key("timewait_sockets"),
+        "the scan of deploy/ found no timewait_sockets; is it broken? found {used:?}"
+    );
+
+    let ns = NetNs::new();
+    let inbound = ns.listen("127.0.0.1:8080".parse().unwrap());
+    let outbound = ns.listen("127.0.0.1:9090".parse().unwrap());
+    let daemon = Daemon::start(&ns, &[]);
+
+    // Inbound TIME_WAIT (server closes first) and outbound (client closes
+    // first): sockets, inbound_remote_port_ratio, outbound_ports_in_use,
+    // port_exhaustion_ratio, created_total.
+    ns.server_closes_first(&inbound, &[(v4(127, 0, 0, 3), 5)]);
+    ns.client_closes_first(&outbound, Some(v4(127, 0, 0, 4)), 5);
+    // One SYN from a fixed client port into the server's TIME_WAIT: syn_total,
+    // syn_rejected_total, closed_total{reason="reused_by_syn"}, lifetime.
+    syn_into_time_wait(&ns, &inbound);
+    // bind() to a listening port: connect_errors_total{errno="EADDRINUSE"}.
+    let err = ns
+        .run(|| TcpListener::bind("127.0.0.1:8080"))
+        .expect_err("binding a second listener to 127.0.0.1:8080 must fail");
+    assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "bind: {err}");
+    // A FIN_WAIT2 orphan (we closed, the client stays open): kept until the
+    // scrapes are done.
+    let open_clients =
+        ns.run(|| server_closes_first_clients_stay(&inbound, &[(v4(127, 0, 0, 5), 1)]));
+
+    let start = Instant::now();
+    let (families, missing) = loop {
+        let families = live_families(&daemon);
+        let missing: Vec<String> = used
+            .iter()
+            .filter(|(name, _)| !exposed(name, &families))
+            .map(|(name, files)| format!("{name} (used in {})", files.join(", ")))
+            .collect();
+        if missing.is_empty() || start.elapsed() >= APPEAR_TIMEOUT {
+            break (families, missing);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(open_clients);
+    eprintln!(
+        "deploy_metrics: {} names used in deploy/, {} families exposed",
+        used.len(),
+        families.len()
+    );
+    if !missing.is_empty() {
+        panic!(
+            "{} metric name(s) used in deploy/ are not families of a live daemon's /metrics \
+             (after {APPEAR_TIMEOUT:?}):\n  {}\nexposed families: {:?}",
+            missing.len(),
+            missing.join("\n  "),
+            families.keys().collect::<Vec<_>>()
+        );
+    }
+}
+
+/// `name` is a family, or a histogram/summary family's `_bucket`/`_sum`/`_count`.
+fn exposed(name: &str, families: &BTreeMap<String, String>) -> bool {
+    if families.contains_key(name) {
+        return true;
+    }
+    ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+        name.strip_suffix(suffix).is_some_and(|base| {
+            matches!(
+                families.get(base).map(String::as_str),
+                Some("histogram" | "summary")
+            )
+        })
+    })
+}
+
+/// `# TYPE name type` lines of `/metrics`: name -> type.
+fn live_families(daemon: &Daemon<'_>) -> BTreeMap<String, String> {
+    let (code, body) = daemon.get("/metrics");
+    assert_eq!(code, 200, "GET /metrics: {body}");
+    body.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// Every `timewait_[a-z0-9_]+` in the deploy files: name -> files using it.
+fn names_used_in_deploy() -> BTreeMap<String, Vec<String>> {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut files: Vec<PathBuf> = Vec::new();
+    for source in DEPLOY_SOURCES {
+        let path = deploy.join(source);
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = fs::read_dir(&path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+                .map(|e| e.expect("directory entry").path())
+                .filter(|p| p.is_file())
+                .collect();
+            entries.sort();
+            assert!(!entries.is_empty(), "{} is empty", path.display());
+            files.extend(entries);
+        } else {
+            files.push(path);
+        }
+    }
+    let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in &files {
+        let text =
+            fs::read_to_string(file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+        let short = file
+            .strip_prefix(&deploy)
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        for name in scan_metric_names(&text) {
+            used.entry(name).or_default().insert(short.clone());
+        }
+    }
+    used.into_iter()
+        .map(|(n, f)| (n, f.into_iter().collect()))
+        .collect()
+}
+
+/// The words `timewait_[a-z0-9_]+` (not part of a longer identifier).
+fn scan_metric_names(text: &str) -> BTreeSet<String> {
+    const PREFIX: &str = "timewait_";
+    let bytes = text.as_bytes();
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut out = BTreeSet::new();
+    let mut from = 0;
+    while let Some(i) = text[from..].find(PREFIX).map(|i| from + i) {
+        let mut end = i + PREFIX.len();
+        while end < bytes.len() && matches!(bytes[end], b'a'..=b'z' | b'0'..=b'9' | b'_') {
+            end += 1;
+        }
+        let standalone = i == 0 || !ident(bytes[i - 1]);
+        let name = text[i..end].trim_end_matches('_');
+        if standalone && name.len() > PREFIX.len() {
+            out.insert(name.to_string());
+        }
+        from = end;
+    }
+    out
+}
+
+#[test]
+fn scan_metric_names_finds_words() {
+    let names = scan_metric_names(
+        "expr: sum(rate(timewait_syn_total{a=\"b\"}[5m])) / x_timewait_no \
+         timewait_lifetime_seconds_bucket timewaitd timewait_",
+    );
+    let want: BTreeSet<String> = ["timewait_lifetime_seconds_bucket", "timewait_syn_total"]
+        .map(String::from)
+        .into();
+    assert_eq!(names, want);
+}
+
+/// A client bound to exactly `local` (SO_REUSEADDR), connected to `remote`;
+/// call inside the namespace.
+fn fixed_port_client(local: SocketAddrV4, remote: SocketAddr) -> io::Result<TcpStream> {
+    let sa = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let SocketAddr::V4(remote) = remote else {
+        return Err(io::Error::other(format!("IPv4 server expected, got {remote}")));
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: `fd` is open; the value points to a live c_int of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let local_sa = sa(local);
+    // SAFETY: `local_sa` is a valid sockaddr_in of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const local_sa).cast(), len) } != 0 {
+        return Err(io::Error::other(format!("bind {local}: {}", io::Error::last_os_error())));
+    }
+    let remote_sa = sa(remote);
+    // SAFETY: as above.
+    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const remote_sa).cast(), len) } != 0 {
+        return Err(io::Error::other(format!(
+            "connect {local} -> {remote}: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// Two connections from the same client port to `listener`, the server
+/// closing first each time: the second SYN arrives for the 4-tuple the
+/// server's TIME_WAIT still holds. Accepted (timestamps newer) or rejected,
+/// it counts in `timewait_syn_total`; the connect succeeds either way (a
+/// rejected SYN is answered with an ACK, the client resets that minisocket
+/// and its retransmitted SYN gets through).
+fn syn_into_time_wait(ns: &NetNs, listener: &TcpListener) {
+    let client: SocketAddrV4 = "127.0.0.6:40000".parse().unwrap();
+    let server = listener.local_addr().expect("listener address");
+    for round in 0..2 {
+        ns.run(|| {
+            let c = fixed_port_client(client, server)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let (s, _) = listener.accept().expect("accept");
+            drop(s);
+            c.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("set_read_timeout");
+            let mut buf = [0u8; 16];
+            let n = io::Read::read(&mut &c, &mut buf).expect("read EOF");
+            assert_eq!(n, 0, "expected EOF");
+        });
+        ns.wait_settled();
+    }
+}
