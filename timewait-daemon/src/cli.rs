@@ -78,3 +78,14 @@ pub struct RunArgs {
     #[arg(long = "log.level", value_name = "FILTER")]
     pub log_level: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// clap's own consistency checks of the definitions (names, conflicts).
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -181,3 +181,38 @@ mod tests {
         assert!(resolve(&args).unwrap_err().to_string().contains("0..=32"));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    proptest::proptest! {
+        /// No config file, however broken, panics the parser: it is an error line.
+        #[test]
+        fn config_files_never_panic(text in "\\PC{0,200}") {
+            if let Err(msg) = parse_toml(&text) {
+                proptest::prop_assert!(!msg.contains('\n'), "one line: {msg}");
+            }
+        }
+
+        /// Structured near-misses of real keys and values.
+        #[test]
+        fn config_values_never_panic(
+            key in "(top-remotes|aggregate-ipv4-prefix|aggregate-ipv6-prefix|max-series|reconcile-interval|all-netns|nope)",
+            value in "(-?[0-9]{1,25}|\"[a-z:.0-9]{0,20}\"|true|\\[\\]|\\{\\})",
+        ) {
+            let _ = parse_toml(&format!("{key} = {value}\n"));
+        }
+
+        /// No command line panics: clap reports it, resolve() reports it.
+        #[test]
+        fn command_lines_never_panic(args in proptest::collection::vec("(--[a-z.-]{1,24}|-?[0-9]{1,12}|[a-z0-9:.\\[\\]]{0,20})", 0..6)) {
+            let argv = std::iter::once("timewaitd".to_string()).chain(args);
+            if let Ok(cli) = crate::cli::Cli::try_parse_from(argv) {
+                let _ = resolve(&cli.run);
+            }
+        }
+    }
+}
