@@ -36,7 +36,7 @@ fn offset_of(btf: &Btf, name: &str, path: &str) -> Result<u32, KernelError> {
         bits += off;
         ty = next;
     }
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         return Err(missing());
     }
     Ok(bits / 8)
