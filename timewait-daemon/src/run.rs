@@ -165,43 +165,19 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     let _ = state.collector.set(collector.clone());
     info!("ready");
 
-    let sweeper = {
+    let sweeper = every(SWEEP_EVERY, stop_rx.clone(), {
         let c = collector.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SWEEP_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.wait_for(|s| *s) => break,
-                }
-                let c = c.clone();
-                let _ = tokio::task::spawn_blocking(move || c.sweep()).await;
-            }
-        })
-    };
-
+        move || {
+            c.sweep();
+        }
+    });
     let reconciler = (cfg.reconcile_interval > 0).then(|| {
         let c = collector.clone();
-        let mut stop = stop_rx.clone();
-        let every = Duration::from_secs(cfg.reconcile_interval);
-        tokio::spawn(async move {
-            let netns = kernel::own_netns().unwrap_or(0);
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.wait_for(|s| *s) => break,
-                }
-                let c = c.clone();
-                match tokio::task::spawn_blocking(move || c.reconcile(netns)).await {
-                    Ok(Ok(n)) if n > 0 => info!(corrected = n, "reconciliation corrected the counts"),
-                    Ok(Err(e)) => warn!(error = %e, "reconciliation failed"),
-                    _ => {}
-                }
-            }
+        let netns = kernel::own_netns().unwrap_or(0);
+        every(Duration::from_secs(cfg.reconcile_interval), stop_rx.clone(), move || match c.reconcile(netns) {
+            Ok(n) if n > 0 => info!(corrected = n, "reconciliation corrected the counts"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "reconciliation failed"),
         })
     });
     loop {
@@ -225,6 +201,25 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     drop(collector);
     info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Runs blocking `job` every `period` (first after one period) until `stop`.
+fn every(
+    period: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    job: impl Fn() + Clone + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            let _ = tokio::task::spawn_blocking(job.clone()).await;
+        }
+    })
 }
 
 async fn stop_signal(sigterm: &mut tokio::signal::unix::Signal) {

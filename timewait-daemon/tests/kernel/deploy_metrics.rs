@@ -11,12 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::support::{Daemon, NetNs, require_root, server_closes_first_clients_stay, v4};
+use crate::support::{Daemon, NetNs, require_root, server_closes_first_clients_stay, v4, wait_eof};
+use crate::support_syn::fixed_port_client;
 
 /// The files whose metric names must exist, relative to `deploy/`: a
 /// directory means every file in it.
@@ -189,58 +189,6 @@ fn scan_metric_names_finds_words() {
     assert_eq!(names, want);
 }
 
-/// A client bound to exactly `local` (SO_REUSEADDR), connected to `remote`;
-/// call inside the namespace.
-fn fixed_port_client(local: SocketAddrV4, remote: SocketAddr) -> io::Result<TcpStream> {
-    let sa = |a: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let SocketAddr::V4(remote) = remote else {
-        return Err(io::Error::other(format!("IPv4 server expected, got {remote}")));
-    };
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: `fd` is open; the value points to a live c_int of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let local_sa = sa(local);
-    // SAFETY: `local_sa` is a valid sockaddr_in of `len` bytes.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const local_sa).cast(), len) } != 0 {
-        return Err(io::Error::other(format!("bind {local}: {}", io::Error::last_os_error())));
-    }
-    let remote_sa = sa(remote);
-    // SAFETY: as above.
-    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const remote_sa).cast(), len) } != 0 {
-        return Err(io::Error::other(format!(
-            "connect {local} -> {remote}: {}",
-            io::Error::last_os_error()
-        )));
-    }
-    Ok(TcpStream::from(fd))
-}
-
 /// Two connections from the same client port to `listener`, the server
 /// closing first each time: the second SYN arrives for the 4-tuple the
 /// server's TIME_WAIT still holds. Accepted (timestamps newer) or rejected,
@@ -249,18 +197,16 @@ fn fixed_port_client(local: SocketAddrV4, remote: SocketAddr) -> io::Result<TcpS
 /// and its retransmitted SYN gets through).
 fn syn_into_time_wait(ns: &NetNs, listener: &TcpListener) {
     let client: SocketAddrV4 = "127.0.0.6:40000".parse().unwrap();
-    let server = listener.local_addr().expect("listener address");
+    let SocketAddr::V4(server) = listener.local_addr().expect("listener address") else {
+        panic!("IPv4 listener expected");
+    };
     for round in 0..2 {
         ns.run(|| {
             let c = fixed_port_client(client, server)
                 .unwrap_or_else(|e| panic!("round {round}: {e}"));
             let (s, _) = listener.accept().expect("accept");
             drop(s);
-            c.set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("set_read_timeout");
-            let mut buf = [0u8; 16];
-            let n = io::Read::read(&mut &c, &mut buf).expect("read EOF");
-            assert_eq!(n, 0, "expected EOF");
+            wait_eof(&c);
         });
         ns.wait_settled();
     }

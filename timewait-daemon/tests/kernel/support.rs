@@ -1251,8 +1251,9 @@ pub fn client_closes_first(listener: &TcpListener, from: Option<IpAddr>, n: usiz
     }
 }
 
+/// Reads until EOF (10 s at most); panics on data or error.
 #[track_caller]
-fn wait_eof(s: &TcpStream) {
+pub fn wait_eof(s: &TcpStream) {
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("set_read_timeout");
     let mut buf = [0u8; 64];

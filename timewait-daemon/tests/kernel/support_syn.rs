@@ -9,7 +9,7 @@
 #![allow(dead_code, reason = "not every test uses every helper")]
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::thread;
@@ -111,18 +111,7 @@ pub fn fixed_port_client(local: SocketAddrV4, remote: SocketAddrV4) -> io::Resul
     Ok(TcpStream::from(fd))
 }
 
-/// Reads until EOF (10 s at most); panics on data or error.
-#[track_caller]
-pub fn wait_eof(s: &TcpStream) {
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("set_read_timeout");
-    let mut buf = [0u8; 64];
-    match (&*s).read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("expected EOF, read {n} bytes"),
-        Err(e) => panic!("expected EOF: {e}"),
-    }
-}
+pub use crate::support::wait_eof;
 
 /// The connection's next send sequence number (`tp->write_seq`), read through
 /// TCP_REPAIR: repair mode on, select the send queue, read TCP_QUEUE_SEQ,
