@@ -2,6 +2,7 @@
 //! installs what it needs when it is missing (and says so), so that a fresh
 //! machine needs nothing but cargo.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -36,6 +37,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the performance scenarios (as root) and write BENCHMARKS.md; `--smoke` for a quick run at small sizes.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -136,11 +139,16 @@ fn run(cli: Cli) -> Result<()> {
             cmd.arg("run").args(&args);
             sh(&mut cmd)
         }
+        Task::Bench(args) => bench::run(args),
         Task::Test { args } => {
             setup::toolchain()?;
             setup::test_packages()?;
-            if !setup::is_root() {
-                eprintln!("xtask: not root: the real-kernel tests will print SKIPPED and return");
+            if setup::is_root() {
+                // The benchmark's code paths at small sizes, so that a broken
+                // bench shows up here; it never fails on a missed target.
+                bench::run(bench::BenchArgs::smoke())?;
+            } else {
+                eprintln!("xtask: not root: the real-kernel tests will print SKIPPED and return; bench smoke SKIPPED: needs root");
             }
             // Unit tests and the integration binaries. The kernel tests spend
             // most of their time waiting on the kernel (TIME_WAIT lasts 60 s),
