@@ -146,10 +146,12 @@ pub struct LastCancel {
     pub _pad: u32,
 }
 
-/// Destination of a `connect()` in progress (`CONNECTING`, by pid_tgid).
+/// Destination of the `connect()` in progress on a CPU (`CONNECTING`).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct ConnectDst {
+    /// `bpf_get_current_pid_tgid()` of the caller; 0 when none.
+    pub pid_tgid: u64,
     pub addr: [u8; 16],
     pub port: u16,
     pub family: u16,
@@ -309,7 +311,7 @@ const _: () = assert!(core::mem::size_of::<AggKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RemoteKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ErrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LastCancel>() == 32);
-const _: () = assert!(core::mem::size_of::<ConnectDst>() == 24);
+const _: () = assert!(core::mem::size_of::<ConnectDst>() == 32);
 const _: () = assert!(core::mem::size_of::<TwEntry>() == 32 + 8 * 2 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 22 * 4);
 const _: () = assert!(core::mem::size_of::<Config>() == 88 + 24);

@@ -161,7 +161,12 @@ impl Collector {
     }
 
     fn raw_counts(&self) -> HashMap<AggKey, i64> {
+        use aya::maps::IterableMap as _;
         let probes = self.lock();
+        if let Ok(all) = crate::batch::lookup_all::<AggKey, i64>(probes.counts.map()) {
+            return all.into_iter().collect();
+        }
+        // Kernels before 5.6: two syscalls per entry.
         let mut raw = HashMap::new();
         for item in probes.counts.iter() {
             match item {
@@ -257,16 +262,15 @@ impl Collector {
         };
         let raw: Vec<(AggKey, i64)> = counts.into_iter().collect();
         let probes = self.lock();
-        let sum = |idx: u32| -> u64 {
-            let kernel = match probes.counters.get(&idx, 0) {
-                Ok(values) => values.iter().sum::<u64>(),
-                Err(_) => {
-                    self.read_errors.fetch_add(1, Ordering::Relaxed);
-                    0
-                }
-            };
-            kernel + self.swept[idx as usize].load(Ordering::Relaxed)
+        // One per-CPU entry holds every counter: sum the CPUs' copies.
+        let kernel: Vec<u64> = match probes.counters.get(&0, 0) {
+            Ok(per_cpu) => (0..counter::COUNT as usize).map(|i| per_cpu.iter().map(|c| c[i]).sum()).collect(),
+            Err(_) => {
+                self.read_errors.fetch_add(1, Ordering::Relaxed);
+                vec![0; counter::COUNT as usize]
+            }
         };
+        let sum = |idx: u32| -> u64 { kernel[idx as usize] + self.swept[idx as usize].load(Ordering::Relaxed) };
         let recursion_misses: Vec<(String, u64)> = probes
             .programs
             .iter()
@@ -291,7 +295,11 @@ impl Collector {
             reconcile_last_micros: rec.3,
             recursion_misses,
         };
-        let syns: Vec<_> = probes.syns.iter().filter_map(Result::ok).collect();
+        let syns: Vec<_> = {
+            use aya::maps::IterableMap as _;
+            crate::batch::lookup_all(probes.syns.map())
+                .unwrap_or_else(|_| probes.syns.iter().filter_map(Result::ok).collect())
+        };
         let mut connect_errors: Vec<ConnectErrors> = probes
             .connect_errors
             .iter()
@@ -311,9 +319,10 @@ impl Collector {
             }
             same
         });
+        let per_cpu = probes.lifetime.get(&0, 0).ok();
         let mut slots = vec![0u64; (LIFETIME_REASONS * LIFETIME_SLOTS) as usize];
         for (i, slot) in slots.iter_mut().enumerate() {
-            let kernel = probes.lifetime.get(&(i as u32), 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+            let kernel: u64 = per_cpu.as_ref().map_or(0, |v| v.iter().map(|c| c[i]).sum());
             *slot = kernel + self.swept_lifetime[i].load(Ordering::Relaxed);
         }
         drop(probes);

@@ -65,9 +65,12 @@ pub struct Probes {
     pub tw_socks: HashMap<MapData, u64, TwEntry>,
     pub counts: HashMap<MapData, AggKey, i64>,
     pub pending: HashMap<MapData, u64, u64>,
-    pub counters: PerCpuArray<MapData, u64>,
+    pub counters: PerCpuArray<MapData, [u64; timewait_common::counter::COUNT as usize]>,
     pub syns: HashMap<MapData, RemoteKey, SynCounts>,
-    pub lifetime: PerCpuArray<MapData, u64>,
+    pub lifetime: PerCpuArray<
+        MapData,
+        [u64; (timewait_common::LIFETIME_REASONS * timewait_common::LIFETIME_SLOTS) as usize],
+    >,
     pub connect_errors: HashMap<MapData, ErrKey, i64>,
     /// Each hook and whether it is attached.
     pub hooks: Vec<(&'static str, bool)>,

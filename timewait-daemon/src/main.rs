@@ -1,6 +1,7 @@
 //! timewaitd: parses the command line and dispatches.
 
 mod aggregate;
+mod batch;
 mod check;
 mod cli;
 mod collector;

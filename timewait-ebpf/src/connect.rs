@@ -32,30 +32,41 @@ pub fn tw_enter_connect(ctx: TracePointContext) -> u32 {
 fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: reads a field of the tracepoint record at a fixed offset.
     let uaddr: u64 = unsafe { ctx.read_at(ARG1) }.map_err(i64::from)?;
+    // One read of the start of a sockaddr_in/sockaddr_in6: family, port,
+    // then the IPv4 address at 4 or the IPv6 one at 8.
     // SAFETY: bpf_probe_read_user copes with any user address.
-    let family: u16 = unsafe { bpf_probe_read_user(uaddr as *const u16) }.map_err(i64::from)?;
-    // SAFETY: as above; sin_port / sin6_port follow the family.
-    let port: u16 = unsafe { bpf_probe_read_user((uaddr + 2) as *const u16) }.map_err(i64::from)?;
-    let mut dst = ConnectDst { port, family, ..ConnectDst::default() };
+    let raw: [u8; 24] = unsafe { bpf_probe_read_user(uaddr as *const [u8; 24]) }.map_err(i64::from)?;
+    let family = u16::from_ne_bytes([raw[0], raw[1]]);
+    let mut dst = ConnectDst {
+        pid_tgid: bpf_get_current_pid_tgid(),
+        port: u16::from_ne_bytes([raw[2], raw[3]]),
+        family,
+        ..ConnectDst::default()
+    };
     if family == AF_INET {
-        // SAFETY: as above: sin_addr.
-        let a: [u8; 4] = unsafe { bpf_probe_read_user((uaddr + 4) as *const [u8; 4]) }.map_err(i64::from)?;
-        dst.addr[..4].copy_from_slice(&a);
+        dst.addr[..4].copy_from_slice(&raw[4..8]);
     } else if family == AF_INET6 {
-        // SAFETY: as above: sin6_addr.
-        dst.addr = unsafe { bpf_probe_read_user((uaddr + 8) as *const [u8; 16]) }.map_err(i64::from)?;
+        dst.addr.copy_from_slice(&raw[8..24]);
     } else {
         return Ok(());
     }
-    let id = bpf_get_current_pid_tgid();
-    let _ = CONNECTING.insert(id, dst, 0);
+    if let Some(slot) = CONNECTING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; tracing programs do not migrate.
+        unsafe { *slot = dst };
+    }
     Ok(())
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn tw_exit_connect(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let _ = CONNECTING.remove(id);
+    if let Some(slot) = CONNECTING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; tracing programs do not migrate.
+        unsafe {
+            if (*slot).pid_tgid == bpf_get_current_pid_tgid() {
+                (*slot).pid_tgid = 0;
+            }
+        }
+    }
     let _ = count_error(&ctx, EADDRNOTAVAIL);
     0
 }

@@ -39,25 +39,30 @@ pub static LISTENERS: HashMap<u64, u64> = HashMap::with_max_entries(1 << 14, 0);
 #[map]
 pub static LISTEN_PORTS: HashMap<u64, i64> = HashMap::with_max_entries(1 << 14, 0);
 
-/// Monotonic counters, indexed by `timewait_common::counter`.
+/// Monotonic counters, indexed by `timewait_common::counter`: one per-CPU
+/// entry holding all of them, so the daemon reads them in one syscall.
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<[u64; counter::COUNT as usize]> = PerCpuArray::with_max_entries(1, 0);
 
 /// SYNs that hit a minisocket, per remote.
 #[map]
 pub static SYNS: HashMap<RemoteKey, SynCounts> = HashMap::with_max_entries(1 << 14, 0);
 
-/// Lifetime histogram by close reason; layout in `timewait_common::LIFETIME_SLOTS`.
+/// Lifetime histogram by close reason; layout in `timewait_common::LIFETIME_SLOTS`
+/// (one per-CPU entry holding every slot).
 #[map]
-pub static LIFETIME: PerCpuArray<u64> = PerCpuArray::with_max_entries(LIFETIME_REASONS * LIFETIME_SLOTS, 0);
+pub static LIFETIME: PerCpuArray<[u64; (LIFETIME_REASONS * LIFETIME_SLOTS) as usize]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// The last minisocket cancelled on this CPU (see `timer::tw_timer_start`).
 #[map]
 pub static LAST_CANCEL: PerCpuArray<LastCancel> = PerCpuArray::with_max_entries(1, 0);
 
-/// `connect()` calls in progress, by pid_tgid: their destination.
+/// The `connect()` call in progress on each CPU: its destination. A per-CPU
+/// slot, not a hash map: it is written on every connect() of the system. A
+/// caller that migrates CPUs inside connect() loses its hint (reason other).
 #[map]
-pub static CONNECTING: HashMap<u64, ConnectDst> = HashMap::with_max_entries(1 << 13, 0);
+pub static CONNECTING: PerCpuArray<ConnectDst> = PerCpuArray::with_max_entries(1, 0);
 
 /// Full sockets of active opens, keyed by `struct sock *`: their key in
 /// `COUNTS` (substate `SUBSTATE_CONNECTION`).
@@ -88,10 +93,12 @@ pub fn read<T>(base: u64, off: u32) -> Result<T, i64> {
 
 #[inline(always)]
 pub fn bump(idx: u32) {
-    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
-        // SAFETY: p points into this CPU's slot of the array; tracing programs
-        // do not migrate while they run.
-        unsafe { *p += 1 };
+    if let Some(p) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: p points to this CPU's entry; tracing programs do not
+        // migrate while they run.
+        if let Some(c) = unsafe { (*p).get_mut(idx as usize) } {
+            *c += 1;
+        }
     }
 }
 
@@ -174,10 +181,13 @@ pub fn observe_lifetime(reason: u32, ns: u64) {
         return;
     }
     let base = r * LIFETIME_SLOTS;
+    let Some(p) = LIFETIME.get_ptr_mut(0) else {
+        return;
+    };
     for (idx, delta) in [(base + timewait_common::lifetime_slot(ns), 1), (base + LIFETIME_SLOTS - 1, ns)] {
-        if let Some(p) = LIFETIME.get_ptr_mut(idx) {
-            // SAFETY: this CPU's slot; tracing programs do not migrate.
-            unsafe { *p += delta };
+        // SAFETY: this CPU's entry; tracing programs do not migrate.
+        if let Some(c) = unsafe { (*p).get_mut(idx as usize) } {
+            *c += delta;
         }
     }
 }

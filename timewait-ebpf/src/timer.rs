@@ -103,6 +103,9 @@ pub fn follow(cfg: &Config, tw: u64, timer: u64, netns: u32, from_snapshot: u32)
 #[btf_tracepoint(function = "timer_init")]
 pub fn tw_timer_init(ctx: BtfTracePointContext) -> u32 {
     let timer: u64 = ctx.arg(0);
+    // No cheaper filter than the lookup: a killed minisocket's timer was
+    // stopped with timer_shutdown_sync(), which clears its function, so the
+    // reused memory no longer says tw_timer_handler here.
     // SAFETY: read-only copy of the entry; see `close` for who may remove it.
     if let Some(entry) = unsafe { TW_SOCKS.get(timer) } {
         let entry = *entry;
@@ -242,8 +245,8 @@ pub fn tw_timer_cancel(ctx: BtfTracePointContext) -> u32 {
     // Inside connect() toward this minisocket's own remote address and port:
     // `__inet_check_established` took its port over (tcp_tw_reuse).
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: read-only copy.
-    if let Some(dst) = unsafe { CONNECTING.get(pid_tgid) }
+    if let Some(dst) = CONNECTING.get(0)
+        && dst.pid_tgid == pid_tgid
         && dst.family == entry.key.family
         && dst.addr == entry.key.remote
         && dst.port == rport
