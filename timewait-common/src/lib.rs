@@ -146,16 +146,15 @@ pub struct LastCancel {
     pub _pad: u32,
 }
 
-/// Destination of the `connect()` in progress on a CPU (`CONNECTING`).
+/// The `connect()` in progress on a CPU (`CONNECTING`): who, and where its
+/// `struct sockaddr` is in the caller's memory (read only when needed).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct ConnectDst {
     /// `bpf_get_current_pid_tgid()` of the caller; 0 when none.
     pub pid_tgid: u64,
-    pub addr: [u8; 16],
-    pub port: u16,
-    pub family: u16,
-    pub _pad: u32,
+    /// User address of the destination sockaddr.
+    pub uaddr: u64,
 }
 
 /// Value of the `TW_SOCKS` map, keyed by the address of `tw->tw_timer`.
@@ -311,7 +310,7 @@ const _: () = assert!(core::mem::size_of::<AggKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RemoteKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ErrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LastCancel>() == 32);
-const _: () = assert!(core::mem::size_of::<ConnectDst>() == 32);
+const _: () = assert!(core::mem::size_of::<ConnectDst>() == 16);
 const _: () = assert!(core::mem::size_of::<TwEntry>() == 32 + 8 * 2 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 22 * 4);
 const _: () = assert!(core::mem::size_of::<Config>() == 88 + 24);

@@ -236,7 +236,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
 
     let mut misses = Family::new(
         "timewait_program_recursion_misses_total",
-        "Runs of a program the kernel skipped because it was already running on that CPU (counted in timewait_events_lost_total too).",
+        "Runs of a program the kernel skipped because it was already running on that CPU (an interrupt nested in a run); most are of unrelated timers or sockets, reconciliation heals the rest.",
         COUNTER,
     );
     for (name, n) in &c.recursion_misses {

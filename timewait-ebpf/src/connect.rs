@@ -32,29 +32,38 @@ pub fn tw_enter_connect(ctx: TracePointContext) -> u32 {
 fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: reads a field of the tracepoint record at a fixed offset.
     let uaddr: u64 = unsafe { ctx.read_at(ARG1) }.map_err(i64::from)?;
-    // One read of the start of a sockaddr_in/sockaddr_in6: family, port,
-    // then the IPv4 address at 4 or the IPv6 one at 8.
-    // SAFETY: bpf_probe_read_user copes with any user address.
-    let raw: [u8; 24] = unsafe { bpf_probe_read_user(uaddr as *const [u8; 24]) }.map_err(i64::from)?;
-    let family = u16::from_ne_bytes([raw[0], raw[1]]);
-    let mut dst = ConnectDst {
-        pid_tgid: bpf_get_current_pid_tgid(),
-        port: u16::from_ne_bytes([raw[2], raw[3]]),
-        family,
-        ..ConnectDst::default()
-    };
-    if family == AF_INET {
-        dst.addr[..4].copy_from_slice(&raw[4..8]);
-    } else if family == AF_INET6 {
-        dst.addr.copy_from_slice(&raw[8..24]);
-    } else {
-        return Ok(());
-    }
+    // Only who and where: the destination itself is read by the rare cancel
+    // that happens inside this connect() (timer::connect_hint).
     if let Some(slot) = CONNECTING.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; tracing programs do not migrate.
-        unsafe { *slot = dst };
+        unsafe { *slot = ConnectDst { pid_tgid: bpf_get_current_pid_tgid(), uaddr } };
     }
     Ok(())
+}
+
+/// The destination (family, raw port, address) of the connect() in progress
+/// on this CPU, if the current task is the one that called it.
+#[inline(always)]
+pub fn connecting_to() -> Option<(u16, u16, [u8; 16])> {
+    let slot = CONNECTING.get(0)?;
+    if slot.pid_tgid == 0 || slot.pid_tgid != bpf_get_current_pid_tgid() {
+        return None;
+    }
+    // sockaddr_in / sockaddr_in6: family, port, then the IPv4 address at 4 or
+    // the IPv6 one at 8. The cancel runs in the caller's context (or a
+    // softirq on its stack), so its memory is the current one.
+    // SAFETY: bpf_probe_read_user copes with any user address.
+    let raw: [u8; 24] = unsafe { bpf_probe_read_user(slot.uaddr as *const [u8; 24]) }.ok()?;
+    let family = u16::from_ne_bytes([raw[0], raw[1]]);
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        addr[..4].copy_from_slice(&raw[4..8]);
+    } else if family == AF_INET6 {
+        addr.copy_from_slice(&raw[8..24]);
+    } else {
+        return None;
+    }
+    Some((family, u16::from_ne_bytes([raw[2], raw[3]]), addr))
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]

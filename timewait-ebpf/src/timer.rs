@@ -14,7 +14,7 @@
 //! - `timer_expire_entry(struct timer_list *, unsigned long)`: expiry.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
@@ -25,7 +25,7 @@ use timewait_common::{
 
 use crate::{
     maps::{
-        BPF_NOEXIST, CONNECTING, COUNTS, LAST_CANCEL, PENDING, TW_SOCKS, add, add_syn, bump, config,
+        BPF_NOEXIST, COUNTS, LAST_CANCEL, PENDING, TW_SOCKS, add, add_syn, bump, config,
         is_eexist, observe_lifetime, read,
     },
     sock::{netns_of, remote_of, tw_key, watched},
@@ -74,28 +74,26 @@ pub fn kill_reason(entry: &TwEntry) -> u32 {
 #[inline(always)]
 pub fn follow(cfg: &Config, tw: u64, timer: u64, netns: u32, from_snapshot: u32) -> Option<AggKey> {
     let key = tw_key(cfg, tw, netns).ok()?;
+    // Count first, then insert already marked counted (one hash lookup
+    // fewer than insert-then-update); undo the count if it was followed.
+    let counted = add(&COUNTS, &key, 1);
     let entry = TwEntry {
         key,
         // SAFETY: helper without preconditions.
         created_ns: unsafe { bpf_ktime_get_ns() },
         state: TW_LIVE,
+        counted: counted as u32,
         from_snapshot,
         ..TwEntry::default()
     };
-    match TW_SOCKS.insert(timer, entry, BPF_NOEXIST) {
-        Ok(()) => {}
-        Err(e) if is_eexist(e.into()) => return None,
-        Err(_) => {
-            bump(counter::LOST);
-            return None;
+    if let Err(e) = TW_SOCKS.insert(timer, entry, BPF_NOEXIST) {
+        if counted {
+            add(&COUNTS, &key, -1);
         }
-    }
-    if add(&COUNTS, &key, 1)
-        && let Some(e) = TW_SOCKS.get_ptr_mut(timer)
-    {
-        // SAFETY: e points to the entry just inserted; only events of this
-        // timer (serialised by the timer base lock) write it.
-        unsafe { (*e).counted = 1 };
+        if !is_eexist(e.into()) {
+            bump(counter::LOST);
+        }
+        return None;
     }
     Some(key)
 }
@@ -244,12 +242,10 @@ pub fn tw_timer_cancel(ctx: BtfTracePointContext) -> u32 {
     }
     // Inside connect() toward this minisocket's own remote address and port:
     // `__inet_check_established` took its port over (tcp_tw_reuse).
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if let Some(dst) = CONNECTING.get(0)
-        && dst.pid_tgid == pid_tgid
-        && dst.family == entry.key.family
-        && dst.addr == entry.key.remote
-        && dst.port == rport
+    if let Some((family, port, addr)) = crate::connect::connecting_to()
+        && family == entry.key.family
+        && addr == entry.key.remote
+        && port == rport
     {
         entry.hint = HINT_CONNECT;
     }
