@@ -41,7 +41,14 @@ struct FileConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct WebFile {
     listen_address: Option<String>,
-    config_file: Option<std::path::PathBuf>,
+    /// `web.config.file`, as the flag `--web.config.file`.
+    config: Option<WebConfigFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct WebConfigFile {
+    file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,7 +131,10 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     }
     Ok(Config {
         listen,
-        web_config_file: args.web_config_file.clone().or_else(|| file.web.as_ref().and_then(|w| w.config_file.clone())),
+        web_config_file: args
+            .web_config_file
+            .clone()
+            .or_else(|| file.web.as_ref().and_then(|w| w.config.as_ref()).and_then(|c| c.file.clone())),
         agg: AggOptions {
             top_remotes,
             ipv4_prefix: v4,
@@ -161,10 +171,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tw-cfg-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        fs::write(&path, "top-remotes = 7\naggregate-ipv4-prefix = 24\n[web]\nlisten-address = \"127.0.0.1:1\"\n").unwrap();
+        fs::write(
+            &path,
+            "top-remotes = 7\naggregate-ipv4-prefix = 24\n[web]\nlisten-address = \"127.0.0.1:1\"\nconfig.file = \"/etc/w.yml\"\n",
+        )
+        .unwrap();
         let mut args = RunArgs { config: Some(path.clone()), ..Default::default() };
         let c = resolve(&args).unwrap();
         assert_eq!((c.agg.top_remotes, c.agg.ipv4_prefix, c.listen.port()), (7, 24, 1));
+        assert_eq!(c.web_config_file.as_deref(), Some(Path::new("/etc/w.yml")), "web.config.file, as the flag");
         args.top_remotes = Some(9);
         assert_eq!(resolve(&args).unwrap().agg.top_remotes, 9);
         fs::remove_dir_all(dir).unwrap();

@@ -60,7 +60,7 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
     };
     let fixed = [
         ("web.listen-address", new.listen != running.listen),
-        ("web.config-file", new.web_config_file != running.web_config_file),
+        ("web.config.file", new.web_config_file != running.web_config_file),
         ("all-netns", new.all_netns != running.all_netns),
         ("max-tracked-sockets", new.max_tracked_sockets != running.max_tracked_sockets),
         ("max-series", new.max_series != running.max_series),
