@@ -78,6 +78,19 @@ pub const HINT_SYN: u32 = 2;
 /// port: `tcp_tw_reuse` handed its port to the new connection.
 pub const HINT_CONNECT: u32 = 3;
 
+/// The close reason (`counter::CLOSED_*`) a kill resolves to, from the hint
+/// the programs left after its timer cancel. Used by the programs and by the
+/// daemon's sweeper alike.
+#[inline(always)]
+pub const fn kill_reason(hint: u32) -> u32 {
+    match hint {
+        HINT_RESET => counter::CLOSED_RESET,
+        HINT_SYN => counter::CLOSED_REUSED_BY_SYN,
+        HINT_CONNECT => counter::CLOSED_REUSED_BY_CONNECT,
+        _ => counter::CLOSED_OTHER,
+    }
+}
+
 /// Key of the per-remote SYN counters (`SYNS`).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

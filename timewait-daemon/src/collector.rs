@@ -12,7 +12,7 @@ use std::{
 
 use serde::Serialize;
 use timewait_common::{
-    AggKey, EADDRINUSE, HINT_CONNECT, HINT_RESET, HINT_SYN, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, TW_CANCELLED,
+    AggKey, EADDRINUSE, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, TW_CANCELLED,
     TwEntry, counter, lifetime_slot,
 };
 use tracing::warn;
@@ -107,16 +107,7 @@ pub struct View {
     pub sysctls: Sysctls,
 }
 
-/// The close reason of a kill, from the hint the programs left (the same
-/// mapping as `kill_reason` in timewait-ebpf/src/timer.rs).
-fn kill_reason(hint: u32) -> u32 {
-    match hint {
-        HINT_RESET => counter::CLOSED_RESET,
-        HINT_SYN => counter::CLOSED_REUSED_BY_SYN,
-        HINT_CONNECT => counter::CLOSED_REUSED_BY_CONNECT,
-        _ => counter::CLOSED_OTHER,
-    }
-}
+
 
 pub struct Collector {
     probes: Mutex<Probes>,
@@ -385,7 +376,7 @@ impl Collector {
                 && e.cancel_ns == cancelled_at
                 && probes.tw_socks.remove(&timer).is_ok()
             {
-                let reason = kill_reason(e.hint);
+                let reason = timewait_common::kill_reason(e.hint);
                 self.swept[reason as usize].fetch_add(1, Ordering::Relaxed);
                 if e.from_snapshot == 0 {
                     // The kill happened at the cancel, not now.

@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use timewait_common::{
-    AggKey, Config, DIRECTION_INBOUND, HINT_CONNECT, HINT_NONE, HINT_RESET, HINT_SYN, LastCancel,
+    AggKey, Config, DIRECTION_INBOUND, HINT_CONNECT, HINT_NONE, HINT_SYN, LastCancel,
     RemoteKey, TW_CANCELLED, TW_LIVE, TwEntry, counter,
 };
 
@@ -57,16 +57,10 @@ pub fn close(timer: u64, entry: &TwEntry, reason: u32) {
     let _ = PENDING.remove(timer);
 }
 
-/// The reason a kill resolves to, from what the programs saw after the cancel
-/// (the daemon's sweeper applies the same mapping: collector.rs).
+/// The reason a kill resolves to, from what the programs saw after the cancel.
 #[inline(always)]
 pub fn kill_reason(entry: &TwEntry) -> u32 {
-    match entry.hint {
-        HINT_RESET => counter::CLOSED_RESET,
-        HINT_SYN => counter::CLOSED_REUSED_BY_SYN,
-        HINT_CONNECT => counter::CLOSED_REUSED_BY_CONNECT,
-        _ => counter::CLOSED_OTHER,
-    }
+    timewait_common::kill_reason(entry.hint)
 }
 
 /// Starts following minisocket `tw` (timer `timer`). Returns its key, or
