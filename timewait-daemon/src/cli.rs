@@ -5,6 +5,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// Prints one line and returns exit code 2: the contract for bad input and
+/// for what stops a command from starting.
+pub fn fail(msg: impl std::fmt::Display) -> std::process::ExitCode {
+    eprintln!("timewaitd: {msg}");
+    std::process::ExitCode::from(2)
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "timewaitd", version, about = "TCP TIME_WAIT and port-exhaustion metrics per remote, from eBPF", long_about = None)]
 pub struct Cli {

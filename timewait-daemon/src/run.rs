@@ -22,12 +22,7 @@ use crate::{
 /// How often unresolved cancels are looked at (see collector::KILL_GRACE).
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
-/// Prints one line and returns exit code 2: the contract for bad input and
-/// for what stops the daemon from starting.
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("timewaitd: {msg}");
-    ExitCode::from(2)
-}
+use crate::cli::fail;
 
 pub fn main(args: &RunArgs) -> ExitCode {
     let args = args.clone();

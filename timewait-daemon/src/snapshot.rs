@@ -46,10 +46,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     Ok(body.to_string())
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("timewaitd: {msg}");
-    ExitCode::from(2)
-}
+use crate::cli::fail;
 
 pub fn main(args: &RunArgs, json: bool) -> ExitCode {
     let cfg = match config::resolve(args) {

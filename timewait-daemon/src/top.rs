@@ -649,10 +649,7 @@ fn fetch(addr: SocketAddr) -> Result<Snapshot, String> {
     parse(&body)
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("timewaitd: {msg}");
-    ExitCode::from(2)
-}
+use crate::cli::fail;
 
 pub fn main(args: &RunArgs, interval: f64) -> ExitCode {
     let interval = match validate_interval(interval) {
