@@ -12,7 +12,7 @@ use timewait_common::{TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_TIME_WAIT, counte
 use crate::{
     listen::{connection_added, connection_closed, listener_added},
     maps::{TW_SOCKS, bump, config, read},
-    sock::{listen_key, netns_of, watched},
+    sock::{is_listening, listen_key, netns_of, watched},
     timer::{close, follow},
 };
 
@@ -58,9 +58,7 @@ fn try_listeners(sk: u64) -> Result<(), i64> {
     }
     // Listeners come first in the walk (listening hash, then established), so
     // a connection whose local port has no listener is one we opened.
-    // SAFETY: read-only look at a plain i64.
-    let listening = unsafe { crate::maps::LISTEN_PORTS.get(listen_key(netns, port)) }.is_some_and(|n| *n > 0);
-    if !listening && connection_added(&cfg, sk, netns)? {
+    if !is_listening(netns, port) && connection_added(&cfg, sk, netns)? {
         // It may have closed between the state read and the insert.
         if read::<u8>(sk, cfg.offsets.skc_state)? == TCP_CLOSE {
             connection_closed(sk);

@@ -27,6 +27,14 @@ pub fn listen_key(netns: u32, port: u16) -> u64 {
     ((netns as u64) << 16) | port as u64
 }
 
+/// Whether local port `port` has a listener in namespace `netns`.
+#[inline(always)]
+pub fn is_listening(netns: u32, port: u16) -> bool {
+    // SAFETY: the value is a plain i64 read once; a concurrent update only
+    // changes which side of zero we see, as it would a moment later anyway.
+    unsafe { LISTEN_PORTS.get(listen_key(netns, port)) }.is_some_and(|n| *n > 0)
+}
+
 /// Remote address of a socket (IPv4 in the first 4 bytes).
 #[inline(always)]
 pub fn remote_of(cfg: &Config, sk: u64, family: u16) -> Result<[u8; 16], i64> {
@@ -58,11 +66,7 @@ pub fn tw_key(cfg: &Config, tw: u64, netns: u32) -> Result<AggKey, i64> {
         ..AggKey::default()
     };
     key.remote = remote_of(cfg, tw, family)?;
-    // SAFETY: the value is a plain i64 read once; a concurrent update only
-    // changes which side of zero we see, as it would a moment later anyway.
-    let listening = unsafe { LISTEN_PORTS.get(listen_key(netns, lport)) }
-        .is_some_and(|n| *n > 0);
-    if listening {
+    if is_listening(netns, lport) {
         key.direction = DIRECTION_INBOUND;
         key.port = lport;
     } else {
