@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use crate::kernel;
+use crate::{kernel, loader};
 
 struct Line {
     what: String,
@@ -14,16 +14,6 @@ fn line(what: impl Into<String>, ok: bool, detail: impl Into<String>) -> Line {
     Line { what: what.into(), ok, detail: detail.into() }
 }
 
-/// Tracepoints the programs attach to, as `tp_btf`: each needs its
-/// `btf_trace_<name>` type in the kernel's BTF.
-const TRACEPOINTS: &[&str] = &[
-    "timer_init",
-    "timer_start",
-    "timer_cancel",
-    "timer_expire_entry",
-    "kfree_skb",
-    "inet_sock_set_state",
-];
 
 pub fn main() -> ExitCode {
     let mut lines = vec![line("kernel", true, kernel::release())];
@@ -34,7 +24,10 @@ pub fn main() -> ExitCode {
                 Ok(o) => lines.push(line("struct offsets", true, format!("tw_timer at {}, tw_substate at {}", o.tw_timer, o.tw_substate))),
                 Err(e) => lines.push(line("struct offsets", false, e.to_string())),
             }
-            for tp in TRACEPOINTS {
+            // The loader's own tables: every tp_btf hook it attaches needs its
+            // btf_trace_<name> type in the kernel's BTF.
+            let tracepoints = std::iter::once(loader::LISTEN_PROGRAM).chain(loader::TIMER_PROGRAMS.iter().copied());
+            for (_, tp) in tracepoints {
                 let ok = btf.resolve_ids_by_name(&format!("btf_trace_{tp}")).is_ok_and(|v| !v.is_empty());
                 lines.push(line(
                     format!("tp_btf/{tp}"),
@@ -59,13 +52,13 @@ pub fn main() -> ExitCode {
         }
         Err(e) => lines.push(line("tw_timer_handler", false, e.to_string())),
     }
-    for tp in ["sys_enter_connect", "sys_exit_connect"] {
-        let ok = std::path::Path::new(&format!("/sys/kernel/tracing/events/syscalls/{tp}")).exists()
-            || std::path::Path::new(&format!("/sys/kernel/debug/tracing/events/syscalls/{tp}")).exists();
+    for (_, category, tp) in loader::SYSCALL_PROGRAMS {
+        let ok = std::path::Path::new(&format!("/sys/kernel/tracing/events/{category}/{tp}")).exists()
+            || std::path::Path::new(&format!("/sys/kernel/debug/tracing/events/{category}/{tp}")).exists();
         lines.push(line(
-            format!("tracepoint/syscalls/{tp}"),
+            format!("tracepoint/{category}/{tp}"),
             ok,
-            if ok { "available" } else { "missing: needs tracefs and CONFIG_FTRACE_SYSCALLS (reused_by_connect reads other)" },
+            if ok { "available" } else { "missing: needs tracefs and CONFIG_FTRACE_SYSCALLS (reused_by_connect reads other, connect errors are not counted)" },
         ));
     }
     // SAFETY: geteuid has no preconditions.

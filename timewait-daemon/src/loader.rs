@@ -30,7 +30,7 @@ pub enum LoadError {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/timewait"));
 
 /// Tracepoint programs: (program name in the object, tracepoint).
-const TIMER_PROGRAMS: &[(&str, &str)] = &[
+pub const TIMER_PROGRAMS: &[(&str, &str)] = &[
     // timer_init first: it resolves kills before a reused minisocket starts.
     ("tw_timer_init", "timer_init"),
     ("tw_timer_cancel", "timer_cancel"),
@@ -39,9 +39,9 @@ const TIMER_PROGRAMS: &[(&str, &str)] = &[
     // timer_start last: from here on every new minisocket is followed.
     ("tw_timer_start", "timer_start"),
 ];
-const LISTEN_PROGRAM: (&str, &str) = ("tw_sock_set_state", "inet_sock_set_state");
+pub const LISTEN_PROGRAM: (&str, &str) = ("tw_sock_set_state", "inet_sock_set_state");
 /// Classic syscall tracepoints: (program, category, name).
-const SYSCALL_PROGRAMS: &[(&str, &str, &str)] = &[
+pub const SYSCALL_PROGRAMS: &[(&str, &str, &str)] = &[
     ("tw_enter_connect", "syscalls", "sys_enter_connect"),
     ("tw_exit_connect", "syscalls", "sys_exit_connect"),
     ("tw_exit_bind", "syscalls", "sys_exit_bind"),
