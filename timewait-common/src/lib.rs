@@ -159,6 +159,35 @@ pub struct LastCancel {
     pub _pad: u32,
 }
 
+/// `enum tcp_tw_status` (include/net/tcp.h): what `tcp_timewait_state_process`
+/// decided about a segment that met a minisocket.
+pub const TCP_TW_SUCCESS: u32 = 0;
+pub const TCP_TW_RST: u32 = 1;
+pub const TCP_TW_ACK: u32 = 2;
+pub const TCP_TW_SYN: u32 = 3;
+/// `SegmentSlot::verdict` while `tcp_timewait_state_process` is still running.
+pub const VERDICT_PENDING: u32 = u32::MAX;
+
+/// Per-CPU record of the segment a followed minisocket is processing
+/// (fentry/kprobe path): set on entry to `tcp_timewait_state_process`,
+/// completed with its verdict on exit, read by the kill that follows in the
+/// same softirq.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct SegmentSlot {
+    /// The minisocket (`struct inet_timewait_sock *`); 0 when none.
+    pub tw: u64,
+    /// The segment's TCP flags byte.
+    pub flags: u16,
+    /// Its `counter::SEG_*` kind.
+    pub kind: u16,
+    /// `TCP_TW_*`, or `VERDICT_PENDING` while the function runs.
+    pub verdict: u32,
+    /// The followed minisocket's remote (the entry may be gone by the exit:
+    /// an RST kills it inside the function).
+    pub remote: RemoteKey,
+}
+
 /// The `connect()` in progress on a CPU (`CONNECTING`): who, and where its
 /// `struct sockaddr` is in the caller's memory (read only when needed).
 #[repr(C)]
@@ -324,6 +353,7 @@ const _: () = assert!(core::mem::size_of::<RemoteKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ErrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LastCancel>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectDst>() == 16);
+const _: () = assert!(core::mem::size_of::<SegmentSlot>() == 40);
 const _: () = assert!(core::mem::size_of::<TwEntry>() == 32 + 8 * 2 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 22 * 4);
 const _: () = assert!(core::mem::size_of::<Config>() == 88 + 24);

@@ -1,86 +1,168 @@
 //! `timewaitd check`: one line per requirement, ok or missing and what to do.
+//! It does not guess from BTF names or version numbers: it loads and attaches
+//! every program the daemon would use, exactly as the daemon does (then
+//! detaches them), and reports per signal which path serves it.
 
 use std::process::ExitCode;
 
-use crate::{kernel, loader};
+use crate::{
+    cli::RunArgs,
+    config, kernel,
+    loader::{
+        self, LoadOptions,
+        paths::{LIFECYCLE, Path, SEGMENTS},
+    },
+};
+
+/// `ok`: served; `missing`: the daemon cannot run; `partial`: it runs, this
+/// feature is unavailable (said so in /metrics, never exported as zeros).
+#[derive(PartialEq)]
+enum Status {
+    Ok,
+    Missing,
+    Partial,
+}
 
 struct Line {
     what: String,
-    ok: bool,
+    status: Status,
     detail: String,
 }
 
-fn line(what: impl Into<String>, ok: bool, detail: impl Into<String>) -> Line {
-    Line { what: what.into(), ok, detail: detail.into() }
+fn line(what: impl Into<String>, status: Status, detail: impl Into<String>) -> Line {
+    Line { what: what.into(), status, detail: detail.into() }
 }
 
+fn ok_or(ok: bool, missing: Status) -> Status {
+    if ok { Status::Ok } else { missing }
+}
 
-pub fn main() -> ExitCode {
-    let mut lines = vec![line("kernel", true, kernel::release())];
+/// What each signal gives the user, for the check's lines.
+fn feature(signal: &str) -> &'static str {
+    match signal {
+        LIFECYCLE => "lifecycle (TIME_WAIT gauges, created, closed, lifetimes)",
+        SEGMENTS => "segments (SYN accepted/rejected, segment kinds, reset reasons)",
+        _ => "",
+    }
+}
+
+pub fn main(args: &RunArgs) -> ExitCode {
+    let cfg = match config::resolve(args) {
+        Ok(c) => c,
+        Err(e) => return crate::cli::fail(e),
+    };
+    let mut lines = vec![line("kernel", Status::Ok, kernel::release())];
     match kernel::load_btf() {
         Ok(btf) => {
-            lines.push(line("btf", true, kernel::VMLINUX_BTF));
+            lines.push(line("btf", Status::Ok, kernel::VMLINUX_BTF));
             match kernel::offsets(&btf) {
-                Ok(o) => lines.push(line("struct offsets", true, format!("tw_timer at {}, tw_substate at {}", o.tw_timer, o.tw_substate))),
-                Err(e) => lines.push(line("struct offsets", false, e.to_string())),
+                Ok(o) => lines.push(line(
+                    "struct offsets",
+                    Status::Ok,
+                    format!("tw_timer at {}, tw_substate at {}", o.tw_timer, o.tw_substate),
+                )),
+                Err(e) => lines.push(line("struct offsets", Status::Missing, e.to_string())),
             }
-            // The loader's own tables: every tp_btf hook it attaches needs its
-            // btf_trace_<name> type in the kernel's BTF.
-            let tracepoints = std::iter::once(loader::LISTEN_PROGRAM).chain(loader::TIMER_PROGRAMS.iter().copied());
-            for (_, tp) in tracepoints {
-                let ok = btf.resolve_ids_by_name(&format!("btf_trace_{tp}")).is_ok_and(|v| !v.is_empty());
-                lines.push(line(
-                    format!("tp_btf/{tp}"),
-                    ok,
-                    if ok { "available" } else { "missing: this kernel does not offer the tracepoint" },
-                ));
-            }
-            let iter = btf.resolve_ids_by_name("bpf_iter__tcp").is_ok_and(|v| !v.is_empty());
-            lines.push(line("iter/tcp", iter, if iter { "available (start-up snapshot)" } else { "missing: needs Linux 5.9+" }));
         }
-        Err(e) => lines.push(line("btf", false, e.to_string())),
+        Err(e) => lines.push(line("btf", Status::Missing, e.to_string())),
     }
     match kernel::timer_functions() {
         Ok(f) => {
-            lines.push(line("tw_timer_handler", true, format!("{:#x}", f.tw_timer_handler)));
+            lines.push(line("tw_timer_handler", Status::Ok, format!("{:#x}", f.tw_timer_handler)));
             let ok = f.reqsk_timer_handler != 0;
             lines.push(line(
                 "reqsk_timer_handler",
-                ok,
-                if ok { format!("{:#x}", f.reqsk_timer_handler) } else { "missing: SYN reuse would read reason=\"other\"".into() },
+                ok_or(ok, Status::Partial),
+                if ok {
+                    format!("{:#x}", f.reqsk_timer_handler)
+                } else {
+                    "missing: on the tracepoint path SYN reuse would read reason=\"other\"".into()
+                },
             ));
         }
-        Err(e) => lines.push(line("tw_timer_handler", false, e.to_string())),
-    }
-    for (_, category, tp) in loader::SYSCALL_PROGRAMS {
-        let ok = std::path::Path::new(&format!("/sys/kernel/tracing/events/{category}/{tp}")).exists()
-            || std::path::Path::new(&format!("/sys/kernel/debug/tracing/events/{category}/{tp}")).exists();
-        lines.push(line(
-            format!("tracepoint/{category}/{tp}"),
-            ok,
-            if ok { "available" } else { "missing: needs tracefs and CONFIG_FTRACE_SYSCALLS (reused_by_connect reads other, connect errors are not counted)" },
-        ));
+        Err(e) => lines.push(line("tw_timer_handler", Status::Missing, e.to_string())),
     }
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     lines.push(line(
         "privileges",
-        euid == 0,
-        if euid == 0 { "root".to_string() } else { format!("uid {euid}: run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN") },
+        ok_or(euid == 0, Status::Missing),
+        if euid == 0 {
+            "root".to_string()
+        } else {
+            format!("uid {euid}: run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN")
+        },
     ));
+    lines.extend(attach_lines(&cfg));
     for s in ["net.ipv4.tcp_max_tw_buckets", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_tw_reuse", "net.ipv4.tcp_fin_timeout"] {
         let v = kernel::sysctl(s);
-        lines.push(line(s, v.is_some(), v.unwrap_or_else(|| "unreadable".into()).replace('\t', " ")));
+        lines.push(line(s, ok_or(v.is_some(), Status::Missing), v.unwrap_or_else(|| "unreadable".into()).replace('\t', " ")));
     }
     let width = lines.iter().map(|l| l.what.len()).max().unwrap_or(0);
     let mut out = String::new();
     for l in &lines {
-        out.push_str(&format!("{:<width$}  {:<7}  {}\n", l.what, if l.ok { "ok" } else { "missing" }, l.detail));
+        let status = match l.status {
+            Status::Ok => "ok",
+            Status::Missing => "missing",
+            Status::Partial => "partial",
+        };
+        out.push_str(&format!("{:<width$}  {status:<7}  {}\n", l.what, l.detail));
     }
-    let all_ok = lines.iter().all(|l| l.ok);
-    out.push_str(if all_ok { "timewaitd can run here\n" } else { "timewaitd cannot run here: fix the lines marked missing\n" });
+    let can_run = lines.iter().all(|l| l.status != Status::Missing);
+    out.push_str(if !can_run {
+        "timewaitd cannot run here: fix the lines marked missing\n"
+    } else if lines.iter().any(|l| l.status == Status::Partial) {
+        "timewaitd can run here; the lines marked partial are features this kernel does not serve\n"
+    } else {
+        "timewaitd can run here\n"
+    });
     if crate::snapshot::print_out(&out) != ExitCode::SUCCESS {
         return ExitCode::from(2);
     }
-    if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if can_run { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+/// Loads and attaches everything the daemon would, then drops it (which
+/// detaches every program): one line per signal and per other hook.
+fn attach_lines(cfg: &config::Config) -> Vec<Line> {
+    let opts = LoadOptions {
+        all_netns: false,
+        max_tracked_sockets: Some(1024),
+        max_series: 1024,
+        probe_path: cfg.probe_path,
+    };
+    let probes = match loader::load(&opts) {
+        Ok(p) => p,
+        Err(e) => return vec![line("attach", Status::Missing, format!("{e}"))],
+    };
+    let mut lines = Vec::new();
+    for sp in &probes.signals {
+        let what = feature(sp.signal);
+        let refused = if sp.refused.is_empty() { String::new() } else { format!(" (not taken: {})", sp.refused.join("; ")) };
+        if sp.path == Path::Unavailable {
+            lines.push(line(
+                what,
+                Status::Partial,
+                format!(
+                    "unavailable{refused}; fix: a kernel that allows fentry or kprobes (not locked down, CONFIG_KPROBES), \
+                     or Linux 6.11+ for the tracepoint path"
+                ),
+            ));
+        } else {
+            lines.push(line(what, Status::Ok, format!("{}: {}{refused}", sp.path.as_str(), sp.hooks.join(", "))));
+        }
+    }
+    let signal_hooks: Vec<&String> = probes.signals.iter().flat_map(|sp| &sp.hooks).collect();
+    for (hook, ok) in probes.hooks.iter().filter(|(h, _)| !signal_hooks.contains(&h)) {
+        lines.push(line(
+            hook.clone(),
+            ok_or(*ok, Status::Partial),
+            if *ok {
+                "attached"
+            } else {
+                "missing: needs tracefs and CONFIG_FTRACE_SYSCALLS (reused_by_connect reads other, connect errors are not counted)"
+            },
+        ));
+    }
+    lines
 }

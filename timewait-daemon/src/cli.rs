@@ -26,8 +26,11 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon (the default).
     Run(RunArgs),
-    /// Probe the kernel and say whether the daemon can run here (exit 0) or not (exit 1).
-    Check,
+    /// Load and attach every program the daemon would use (then detach), and say per signal which path serves it: exit 0 when the daemon can run here, 1 when not.
+    Check {
+        #[command(flatten)]
+        run: RunArgs,
+    },
     /// Live view of the busiest remotes, ports, SYN outcomes and exhaustion ratios, from a running daemon's API.
     Top {
         /// Seconds between refreshes.
@@ -81,6 +84,9 @@ pub struct RunArgs {
     /// Seconds between reconciliations against the kernel's socket list (a sock_diag dump, like ss); 0 turns them off [default: 60].
     #[arg(long, value_name = "SECS")]
     pub reconcile_interval: Option<u64>,
+    /// Way into the kernel: auto (fentry where it attaches, else kprobes, else tracepoints), or only one of them [default: auto].
+    #[arg(long, value_name = "PATH", value_enum)]
+    pub probe_path: Option<crate::loader::paths::ProbePath>,
     /// Log filter (tracing EnvFilter syntax) [default: info].
     #[arg(long = "log.level", value_name = "FILTER")]
     pub log_level: Option<String>,

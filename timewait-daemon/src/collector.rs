@@ -233,8 +233,12 @@ impl Collector {
         Ok(corrected)
     }
 
-    pub fn hooks(&self) -> Vec<(&'static str, bool)> {
+    pub fn hooks(&self) -> Vec<(String, bool)> {
         self.lock().hooks.clone()
+    }
+
+    pub fn signals(&self) -> Vec<crate::loader::paths::SignalPath> {
+        self.lock().signals.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Probes> {

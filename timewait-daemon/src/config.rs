@@ -5,7 +5,7 @@ use std::{fs, net::SocketAddr, path::Path};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::{aggregate::AggOptions, cli::RunArgs};
+use crate::{aggregate::AggOptions, cli::RunArgs, loader::paths::ProbePath};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:19868";
 
@@ -35,6 +35,7 @@ struct FileConfig {
     max_series: Option<u32>,
     remote_port_range_size: Option<u64>,
     reconcile_interval: Option<u64>,
+    probe_path: Option<ProbePath>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +69,8 @@ pub struct Config {
     pub log_level: String,
     /// Seconds between reconciliations; 0 = off.
     pub reconcile_interval: u64,
+    /// Which way into the kernel.
+    pub probe_path: ProbePath,
 }
 
 fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -129,7 +132,9 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     if max_tracked_sockets == Some(0) {
         return Err(ConfigError::Range { key: "max-tracked-sockets", value: "0".into(), range: "at least 1" });
     }
+    let probe_path = args.probe_path.or(file.probe_path).unwrap_or_default();
     Ok(Config {
+        probe_path,
         listen,
         web_config_file: args
             .web_config_file

@@ -76,6 +76,20 @@ fn strip(btf: &Btf, mut ty: Type) -> Option<Type> {
     None
 }
 
+/// Parameter count of kernel function `name` in BTF (None when BTF has no
+/// such function, e.g. it was inlined).
+pub fn param_count(btf: &Btf, name: &str) -> Option<usize> {
+    let types = btf.resolve_types_by_name(name).ok()?;
+    let func = types.into_iter().find_map(|t| match t {
+        Type::Func(f) => Some(f),
+        _ => None,
+    })?;
+    match btf.resolve_chained_type(&func).ok()? {
+        Type::FuncProto(p) => Some(p.parameters.len()),
+        _ => None,
+    }
+}
+
 pub fn load_btf() -> Result<Btf, KernelError> {
     Btf::from_file(VMLINUX_BTF).map_err(|e| KernelError::Btf(e.to_string()))
 }

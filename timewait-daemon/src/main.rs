@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(cli::Command::Check) => check::main(),
+        Some(cli::Command::Check { run }) => check::main(&run),
         Some(cli::Command::Snapshot { json, run }) => snapshot::main(&run, json),
         Some(cli::Command::Top { interval, run }) => top::main(&run, interval),
         Some(cli::Command::Run(args)) => run::main(&args),

@@ -13,7 +13,8 @@ use crate::collector::{REASONS, SEGMENT_KINDS, View};
 pub struct Static<'a> {
     pub version: &'a str,
     pub kernel: &'a str,
-    pub hooks: &'a [(&'static str, bool)],
+    pub hooks: &'a [(String, bool)],
+    pub signals: &'a [crate::loader::paths::SignalPath],
     pub read_errors: u64,
     pub remote_port_range_size: u64,
 }
@@ -217,14 +218,21 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         syn.sample(&labels, s.total as f64);
         rejected.sample(&labels, s.rejected as f64);
     }
-    fams.push(syn);
-    fams.push(rejected);
-
     let mut segments = Family::new("timewait_segments_total", "Segments dropped by a TIME_WAIT minisocket, by kind.", COUNTER);
     for ((kind, _), n) in SEGMENT_KINDS.iter().zip(c.segments) {
         segments.sample(&[("kind", kind)], n as f64);
     }
-    fams.push(segments);
+    // A kernel that cannot show segments gets no such series, not zeros
+    // (timewait_probe_path{signal="segments",path="unavailable"} says why).
+    let segments_seen = !st
+        .signals
+        .iter()
+        .any(|sp| sp.signal == crate::loader::paths::SEGMENTS && sp.path == crate::loader::paths::Path::Unavailable);
+    if segments_seen {
+        fams.push(syn);
+        fams.push(rejected);
+        fams.push(segments);
+    }
 
     let mut lost = Family::new(
         "timewait_events_lost_total",
@@ -296,9 +304,19 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         GAUGE,
     );
     for (hook, ok) in st.hooks {
-        hooks.sample(&[("hook", hook)], if *ok { 1.0 } else { 0.0 });
+        hooks.sample(&[("hook", hook.as_str())], if *ok { 1.0 } else { 0.0 });
     }
     fams.push(hooks);
+
+    let mut paths = Family::new(
+        "timewait_probe_path",
+        "1 for the path that serves each signal: fentry, kprobe, tracepoint, or unavailable (its metrics are then not exported).",
+        GAUGE,
+    );
+    for sp in st.signals {
+        paths.sample(&[("signal", sp.signal), ("path", sp.path.as_str())], 1.0);
+    }
+    fams.push(paths);
 
     let mut errs = Family::new("timewait_map_read_errors_total", "BPF map reads that failed.", COUNTER);
     errs.sample(&[], st.read_errors as f64);

@@ -138,6 +138,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         all_netns: cfg.all_netns,
         max_tracked_sockets: cfg.max_tracked_sockets,
         max_series: cfg.max_series,
+        probe_path: cfg.probe_path,
     };
     let loading = tokio::task::spawn_blocking(move || loader::load(&opts));
     let probes = tokio::select! {

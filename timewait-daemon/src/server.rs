@@ -63,12 +63,14 @@ async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {
         let agg = st2.agg();
         let view = c.read(&agg);
         let hooks = c.hooks();
+        let signals = c.signals();
         metrics::render(
             &view,
             &metrics::Static {
                 version: VERSION,
                 kernel: &st2.kernel_release,
                 hooks: &hooks,
+                signals: &signals,
                 read_errors: c.read_errors.load(std::sync::atomic::Ordering::Relaxed),
                 remote_port_range_size: agg.remote_port_range_size,
             },

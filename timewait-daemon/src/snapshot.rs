@@ -63,6 +63,7 @@ pub fn main(args: &RunArgs, json: bool) -> ExitCode {
                 all_netns: cfg.all_netns,
                 max_tracked_sockets: cfg.max_tracked_sockets,
                 max_series: cfg.max_series,
+                probe_path: cfg.probe_path,
             };
             match loader::load(&opts) {
                 Ok(p) => {

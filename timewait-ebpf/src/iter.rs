@@ -11,9 +11,9 @@ use timewait_common::{TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_TIME_WAIT, counte
 
 use crate::{
     listen::{connection_added, connection_closed, listener_added},
-    maps::{TW_SOCKS, bump, config, read},
+    maps::{bump, config, read},
     sock::{is_listening, listen_key, netns_of, watched},
-    timer::{close, follow},
+    tw::{close_timer, follow},
 };
 
 /// Offset of `sk_common` in `struct bpf_iter__tcp` (a UAPI-stable layout:
@@ -102,11 +102,7 @@ fn try_timewait(tw: u64) -> Result<(), i64> {
     // and the insert, with the cancel seeing no entry: look again and close it
     // ourselves if so.
     if read::<u64>(timer, cfg.offsets.timer_pprev)? == 0 {
-        // SAFETY: read-only copy; `close` claims the entry.
-        if let Some(entry) = unsafe { TW_SOCKS.get(timer) } {
-            let entry = *entry;
-            close(timer, &entry, counter::CLOSED_OTHER);
-        }
+        close_timer(timer, counter::CLOSED_OTHER);
     }
     Ok(())
 }

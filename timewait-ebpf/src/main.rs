@@ -1,11 +1,17 @@
 //! timewait's eBPF programs.
 //!
-//! Only tracepoints are used: on the kernels we target fentry/kprobes may be
-//! locked down or compiled out (see KERNEL-NOTES.md). A TIME_WAIT minisocket
-//! never shows up in `inet_sock_set_state`; it is seen through its timer
-//! (`tw->tw_timer`, function `tw_timer_handler`), and tracked in `TW_SOCKS` by
-//! that timer's address from creation to end. Struct offsets come from the
-//! running kernel's BTF through the `CONFIG` global, never from this build.
+//! Two ways into the kernel, sharing the maps and the key code (`maps`,
+//! `sock`, `tw`):
+//! - `fentry`: programs on the TIME_WAIT functions themselves (fentry/fexit,
+//!   or kprobes on the same functions), wherever the kernel allows them;
+//! - `tracepoint`: a minisocket followed through its timer and the segments it
+//!   drops, for kernels that lock fentry and kprobes away.
+//! The daemon picks one per signal by trying to attach. Either way a
+//! minisocket is tracked in `TW_SOCKS` by the address of its `tw_timer` from
+//! creation to end. Listeners and connections (`listen`), `connect()`
+//! (`connect`) and the start-up snapshot (`iter`) serve both. Struct offsets
+//! come from the running kernel's BTF through the `CONFIG` global, never from
+//! this build.
 #![no_std]
 #![no_main]
 // For `atomic_xadd`: the BPF target has no atomic read-modify-write types.
@@ -13,12 +19,13 @@
 #![expect(internal_features, reason = "core_intrinsics is the only atomic add on the BPF target")]
 
 mod connect;
+mod fentry;
 mod iter;
 mod listen;
 mod maps;
-mod skb;
 mod sock;
-mod timer;
+mod tracepoint;
+mod tw;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use timewait_common::{
-    AggKey, Config, ConnectDst, ErrKey, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, RemoteKey, SynCounts,
-    TwEntry, counter,
+    AggKey, Config, ConnectDst, ErrKey, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, RemoteKey, SegmentSlot,
+    SynCounts, TwEntry, counter,
 };
 
 /// Start-up configuration; the daemon sets it with `EbpfLoader::set_global`.
@@ -54,7 +54,13 @@ pub static SYNS: HashMap<RemoteKey, SynCounts> = HashMap::with_max_entries(1 << 
 pub static LIFETIME: PerCpuArray<[u64; (LIFETIME_REASONS * LIFETIME_SLOTS) as usize]> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// The last minisocket cancelled on this CPU (see `timer::tw_timer_start`).
+/// The segment a minisocket is processing on this CPU (fentry path, see
+/// `fentry::segment`).
+#[map]
+pub static SEGMENT: PerCpuArray<SegmentSlot> = PerCpuArray::with_max_entries(1, 0);
+
+/// The last minisocket cancelled on this CPU (tracepoint path, see
+/// `tracepoint::timer::tw_timer_start`).
 #[map]
 pub static LAST_CANCEL: PerCpuArray<LastCancel> = PerCpuArray::with_max_entries(1, 0);
 
@@ -91,12 +97,23 @@ pub fn read<T>(base: u64, off: u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.map_err(i64::from)
 }
 
+/// `x`, as a value the compiler knows nothing about. An index checked after
+/// this stays checked right where it is used: otherwise LLVM hoists the check
+/// above a stack spill, and the verifiers of 5.10 and 6.1 lose the bound
+/// across the spill ("R0 unbounded memory access").
+#[inline(always)]
+pub fn opaque(x: u32) -> u32 {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&x) }
+}
+
 #[inline(always)]
 pub fn bump(idx: u32) {
+    let idx = opaque(idx) as usize;
     if let Some(p) = COUNTERS.get_ptr_mut(0) {
         // SAFETY: p points to this CPU's entry; tracing programs do not
         // migrate while they run.
-        if let Some(c) = unsafe { (*p).get_mut(idx as usize) } {
+        if let Some(c) = unsafe { (*p).get_mut(idx) } {
             *c += 1;
         }
     }
@@ -186,7 +203,7 @@ pub fn observe_lifetime(reason: u32, ns: u64) {
     };
     for (idx, delta) in [(base + timewait_common::lifetime_slot(ns), 1), (base + LIFETIME_SLOTS - 1, ns)] {
         // SAFETY: this CPU's entry; tracing programs do not migrate.
-        if let Some(c) = unsafe { (*p).get_mut(idx as usize) } {
+        if let Some(c) = unsafe { (*p).get_mut(opaque(idx) as usize) } {
             *c += delta;
         }
     }

@@ -6,7 +6,50 @@ use timewait_common::{
     AF_INET, AF_INET6, AggKey, Config, DIRECTION_INBOUND, DIRECTION_OUTBOUND,
 };
 
+use timewait_common::counter;
+
 use crate::maps::{LISTEN_PORTS, read};
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A segment's TCP flags and payload length (from the IP header's length,
+/// so it does not depend on where `skb->data` points by now).
+#[inline(always)]
+pub fn segment(cfg: &Config, skb: u64, family: u16) -> Result<(u8, u32), i64> {
+    let head: u64 = read(skb, cfg.offsets.skb_head)?;
+    let th = head + read::<u16>(skb, cfg.offsets.skb_transport_header)? as u64;
+    let nh = head + read::<u16>(skb, cfg.offsets.skb_network_header)? as u64;
+    let flags: u8 = read(th, 13)?;
+    let doff = (read::<u8>(th, 12)? >> 4) as u32 * 4;
+    let ip_payload = if family == AF_INET {
+        let ihl = (read::<u8>(nh, 0)? & 0x0f) as u32 * 4;
+        (u16::from_be(read::<u16>(nh, 2)?) as u32).saturating_sub(ihl)
+    } else {
+        // IPv6 payload length; extension headers sit between, but a segment
+        // that reached TCP with them is vanishingly rare for TIME_WAIT.
+        u16::from_be(read::<u16>(nh, 4)?) as u32
+    };
+    Ok((flags, ip_payload.saturating_sub(doff)))
+}
+
+/// `counter::SEG_*` of a segment.
+#[inline(always)]
+pub fn segment_kind(flags: u8, payload: u32) -> u32 {
+    if flags & TCP_RST != 0 {
+        counter::SEG_RST
+    } else if flags & TCP_SYN != 0 {
+        counter::SEG_SYN
+    } else if flags & TCP_FIN != 0 {
+        counter::SEG_FIN
+    } else if payload > 0 {
+        counter::SEG_DATA
+    } else {
+        counter::SEG_ACK
+    }
+}
 
 /// Inode number of the network namespace `sk` belongs to.
 #[inline(always)]

@@ -25,8 +25,7 @@ use crate::support::{Daemon, NetNs, abortive_close, quiet_equal, require_root};
 use crate::support_syn::{
     Segment, TCP_RST, fixed_port_client, in_time_wait, kdelta, kernel_line, nstat, sa4,
     server_closes_first_once, wait_balanced, wait_count, wait_eof, wait_settled_keeping_half_open,
-    wait_tuple_gone,
-};
+    wait_tuple_gone, paws_tw_delta};
 use crate::syn_rejected::rejected_syn;
 use crate::syn_reuse::reconnect_from_fixed_port;
 
@@ -261,7 +260,7 @@ fn mixed() {
         "reused_by_connect == TcpExtTWRecycled"
     );
     assert_eq!(
-        kdelta(&k0, &k1, "TcpExtPAWSTimewait"),
+        paws_tw_delta(&k0, &k1),
         u64::from(OLD_TS),
         "TcpExtPAWSTimewait == old-timestamp SYNs"
     );

@@ -24,8 +24,20 @@ use std::time::{Duration, Instant};
 pub const WEB_ADDR: &str = "127.0.0.1:19868";
 pub const WEB_PORT: u16 = 19868;
 
-/// How long a daemon may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a daemon may take to become ready, on the host. Emulated guests
+/// of the kernel matrix run 10-30x slower: `TIMEWAIT_TEST_READY_SECS` (set by
+/// `cargo xtask test` in each guest) overrides it.
+fn ready_timeout() -> Duration {
+    let secs = std::env::var("TIMEWAIT_TEST_READY_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
+/// The daemon under test: this build's, or `TIMEWAIT_TEST_DAEMON` (the
+/// matrix runs the release build in emulated guests, where start-up in a
+/// debug build takes a minute).
+fn daemon_bin() -> String {
+    std::env::var("TIMEWAIT_TEST_DAEMON").unwrap_or_else(|_| env!("CARGO_BIN_EXE_timewaitd").to_string())
+}
 /// How long the "same quiet moment" comparison keeps retrying.
 pub const QUIET_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the workloads wait for their sockets to finish closing.
@@ -484,6 +496,66 @@ fn log_dir() -> &'static PathBuf {
 
 static DAEMON_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+// ---------------------------------------------------------------------------
+// The kernel matrix: which path each signal must take where the tests run
+
+/// The matrix kernel the tests run on (`cargo xtask test` sets
+/// `TIMEWAIT_TEST_KERNEL` in each guest): `host`, `5.10`, `6.1` or `6.12`.
+pub fn test_kernel() -> String {
+    std::env::var("TIMEWAIT_TEST_KERNEL").unwrap_or_else(|_| "host".into())
+}
+
+/// Whether the tests run in an emulated guest of the kernel matrix (where
+/// time bounds on the kernel's own speed are 10x wider).
+pub fn emulated() -> bool {
+    test_kernel() != "host"
+}
+
+/// The `--probe-path` every daemon under test gets (`TIMEWAIT_TEST_PROBE_PATH`;
+/// the matrix forces the fallbacks on kernels that would not pick them).
+pub fn test_probe_path() -> String {
+    std::env::var("TIMEWAIT_TEST_PROBE_PATH").unwrap_or_else(|_| "auto".into())
+}
+
+/// (lifecycle path, segments path) the daemon must report on this kernel,
+/// so that a silent fallback fails the test. The host of these machines
+/// refuses fentry (lockdown) and has no kprobes; Debian's 5.10, 6.1 and 6.12
+/// allow both; kfree_skb has `rx_sk` (segments on the tracepoint path) from
+/// 6.11. `TIMEWAIT_TEST_EXPECT=LIFECYCLE,SEGMENTS` overrides it for a host
+/// that is not one of these machines.
+pub fn expected_paths() -> (String, String) {
+    if let Ok(v) = std::env::var("TIMEWAIT_TEST_EXPECT")
+        && let Some((l, s)) = v.split_once(',')
+    {
+        return (l.to_string(), s.to_string());
+    }
+    let kernel = test_kernel();
+    let (l, s) = match (kernel.as_str(), test_probe_path().as_str()) {
+        ("host", _) => ("tracepoint", "tracepoint"),
+        ("5.10" | "6.1", "tracepoint") => ("tracepoint", "unavailable"),
+        (_, "tracepoint") => ("tracepoint", "tracepoint"),
+        (_, "kprobe") => ("kprobe", "kprobe"),
+        _ => ("fentry", "fentry"),
+    };
+    (l.to_string(), s.to_string())
+}
+
+/// Whether SYN verdicts, segment kinds and reset reasons are served here.
+/// Tests of them skip, saying why, where the path cannot serve them.
+pub fn segments_available(test: &str) -> bool {
+    let (_, segments) = expected_paths();
+    if segments == "unavailable" {
+        let _ = writeln!(
+            io::stderr(),
+            "SKIPPED {test}: kernel {} on the {} path has no segment hooks (kfree_skb has no rx_sk before 6.11)",
+            test_kernel(),
+            test_probe_path()
+        );
+        return false;
+    }
+    true
+}
+
 /// A `timewaitd run` inside a namespace; SIGTERM on drop.
 pub struct Daemon<'a> {
     ns: &'a NetNs,
@@ -500,13 +572,13 @@ impl<'a> Daemon<'a> {
         let log = log_dir().join(format!("{}-daemon{n}.log", ns.name()));
         let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let err = out.try_clone().expect("dup log file");
-        let bin = env!("CARGO_BIN_EXE_timewaitd");
+        let bin = daemon_bin();
         let mut cmd = Command::new("ip");
         cmd.args([
             "netns",
             "exec",
             ns.name(),
-            bin,
+            bin.as_str(),
             "run",
             "--web.listen-address",
             WEB_ADDR,
@@ -515,6 +587,10 @@ impl<'a> Daemon<'a> {
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
+        let forced = test_probe_path();
+        if forced != "auto" && !extra.contains(&"--probe-path") {
+            cmd.args(["--probe-path", forced.as_str()]);
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -531,7 +607,33 @@ impl<'a> Daemon<'a> {
             log,
         };
         d.wait_ready();
+        if !extra.contains(&"--probe-path") {
+            d.assert_paths();
+        }
         d
+    }
+
+    /// The daemon reports the paths this kernel must get (see `expected_paths`).
+    #[track_caller]
+    pub fn assert_paths(&self) {
+        let (lifecycle, segments) = expected_paths();
+        let m = self.scrape();
+        for (signal, want) in [("lifecycle", lifecycle), ("segments", segments)] {
+            let got: Vec<String> = m
+                .series("timewait_probe_path")
+                .into_iter()
+                .filter(|(l, v)| *v == 1.0 && l.get("signal").map(String::as_str) == Some(signal))
+                .filter_map(|(l, _)| l.get("path").cloned())
+                .collect();
+            assert_eq!(
+                got,
+                vec![want.clone()],
+                "kernel {} (probe path {}): signal {signal} must be served by {want}\n{}",
+                test_kernel(),
+                test_probe_path(),
+                self.log_tail()
+            );
+        }
     }
 
     #[track_caller]
@@ -567,9 +669,10 @@ impl<'a> Daemon<'a> {
                 Ok((code, body)) => last = format!("{code} {}", body.trim()),
                 Err(e) => last = e.to_string(),
             }
-            if start.elapsed() >= READY_TIMEOUT {
+            if start.elapsed() >= ready_timeout() {
                 panic!(
-                    "timewaitd not ready after {READY_TIMEOUT:?}; last /readyz: {last}\n{}",
+                    "timewaitd not ready after {:?}; last /readyz: {last}\n{}",
+                    ready_timeout(),
                     self.log_tail()
                 );
             }

@@ -457,6 +457,14 @@ pub fn kdelta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, key
         .unwrap_or_else(|| panic!("kernel counter {key} went down: {b} -> {a}"))
 }
 
+/// PAWS rejections by minisockets. Which counter the kernel bumps changed:
+/// measured, 6.12 and earlier count them in `TcpExtPAWSEstab`
+/// (LINUX_MIB_PAWSESTABREJECTED), 6.18 in `TcpExtPAWSTimewait`. A test's own
+/// namespace has no other PAWS rejections, so the sum is the oracle.
+pub fn paws_tw_delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> u64 {
+    kdelta(before, after, "TcpExtPAWSTimewait") + kdelta(before, after, "TcpExtPAWSEstab")
+}
+
 /// The kernel counters these tests compare with, as one printable line.
 pub fn kernel_line(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String {
     [

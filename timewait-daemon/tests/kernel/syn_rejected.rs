@@ -20,11 +20,10 @@
 //! `tw_rcv_nxt`, which kills the minisocket (`tcp_rfc1337 = 0`). So every
 //! round is: one SYN, one rejection, one reset, the 4-tuple gone from `ss`.
 
-use crate::support::{Daemon, NetNs, require_root};
+use crate::support::{Daemon, NetNs, require_root, segments_available};
 use crate::support_syn::{
     Segment, ServerTimeWait, TCP_SYN, kdelta, kernel_line, nstat, sa4, server_closes_first_once,
-    ss_tuple, wait_count, wait_tuple_gone,
-};
+    ss_tuple, wait_count, wait_tuple_gone, paws_tw_delta};
 
 /// Rounds with an old sequence number and no timestamp option.
 const OLD_SEQ: u16 = 3;
@@ -57,7 +56,7 @@ pub fn rejected_syn(tw: &ServerTimeWait, old_ts: bool) -> Segment {
 
 #[test]
 fn syn_rejected() {
-    if !require_root("syn_rejected") {
+    if !require_root("syn_rejected") || !segments_available("syn_rejected") {
         return;
     }
     let ns = NetNs::new();
@@ -99,9 +98,9 @@ fn syn_rejected() {
             kernel_line(&ki, &kj),
         );
         assert_eq!(
-            kdelta(&ki, &kj, "TcpExtPAWSTimewait"),
+            paws_tw_delta(&ki, &kj),
             u64::from(old_ts),
-            "TcpExtPAWSTimewait rises by 1 for an old-timestamp SYN, 0 for an old-sequence one"
+            "PAWS rejections (TcpExtPAWSTimewait, or TcpExtPAWSEstab up to 6.12) rise by 1 for an old-timestamp SYN, 0 for an old-sequence one"
         );
         assert_eq!(
             kdelta(&ki, &kj, "TcpExtTCPACKSkippedTimeWait"),
@@ -155,7 +154,7 @@ fn syn_rejected() {
         );
     }
     assert_eq!(
-        kdelta(&k0, &k1, "TcpExtPAWSTimewait"),
+        paws_tw_delta(&k0, &k1),
         u64::from(OLD_TS),
         "TcpExtPAWSTimewait == old-timestamp SYNs sent"
     );

@@ -11,11 +11,10 @@
 
 use std::net::{SocketAddr, SocketAddrV4, TcpListener};
 
-use crate::support::{Daemon, NetNs, require_root};
+use crate::support::{Daemon, NetNs, require_root, segments_available};
 use crate::support_syn::{
     fixed_port_client, kdelta, kernel_line, lifetime_bucket, nstat, sa4, wait_count, wait_eof,
-    wait_only_time_wait,
-};
+    wait_only_time_wait, paws_tw_delta};
 
 const K: u64 = 20;
 
@@ -50,7 +49,7 @@ pub fn reconnect_from_fixed_port(ns: &NetNs, listener: &TcpListener, client: Soc
 
 #[test]
 fn syn_reuse() {
-    if !require_root("syn_reuse") {
+    if !require_root("syn_reuse") || !segments_available("syn_reuse") {
         return;
     }
     let ns = NetNs::new();
@@ -71,7 +70,10 @@ fn syn_reuse() {
         "timewait_lifetime_seconds_count",
         &[("reason", "reused_by_syn")],
     );
-    let le1_0 = lifetime_bucket(&m0, "reused_by_syn", 1.0);
+    // A reuse follows its minisocket's creation within a second on the host;
+    // emulated guests of the kernel matrix run 10-30x slower.
+    let bound = if crate::support::emulated() { 10.0 } else { 1.0 };
+    let le1_0 = lifetime_bucket(&m0, "reused_by_syn", bound);
 
     wait_count(
         &daemon,
@@ -88,7 +90,7 @@ fn syn_reuse() {
         "timewait_lifetime_seconds_count",
         &[("reason", "reused_by_syn")],
     ) - life0;
-    let le1 = lifetime_bucket(&m, "reused_by_syn", 1.0) - le1_0;
+    let le1 = lifetime_bucket(&m, "reused_by_syn", bound) - le1_0;
     let created = m.count("timewait_created_total", &[]) - m0.count("timewait_created_total", &[]);
     eprintln!(
         "syn_reuse: syn_total+{syn} syn_rejected+{rej} reused_by_syn+{reuse} \
@@ -114,7 +116,7 @@ fn syn_reuse() {
         K - 1,
         "lifetime_seconds_count{{reason=reused_by_syn}} rose by K-1"
     );
-    assert_eq!(le1, K - 1, "every reused_by_syn lifetime is <= 1 s");
+    assert_eq!(le1, K - 1, "every reused_by_syn lifetime is <= {bound} s");
     for reason in ["expired", "reused_by_connect", "reset", "other"] {
         assert_eq!(
             m.count("timewait_closed_total", &[("reason", reason)]),
@@ -142,7 +144,7 @@ fn syn_reuse() {
         created,
         "created_total == TcpExtTW + TcpExtTWKilled"
     );
-    assert_eq!(kdelta(&k0, &k1, "TcpExtPAWSTimewait"), 0);
+    assert_eq!(paws_tw_delta(&k0, &k1), 0);
     assert_eq!(kdelta(&k0, &k1, "TcpExtTWRecycled"), 0);
     // The last connection's minisocket is still there.
     assert_eq!(ns.ss_tw_total(), 1, "ss: one TIME_WAIT left");

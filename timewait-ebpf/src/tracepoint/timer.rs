@@ -1,4 +1,6 @@
 //! Following minisockets through their timer (kernel/time/timer.c).
+//! `timer_start` is `(timer, expires, flags)` up to 6.7 and `(timer,
+//! bucket_expiry)` from 6.8; only argument 0 is read, so one program serves both.
 //!
 //! Hooks and the kernel prototypes they rely on (`btf_trace_*` in vmlinux BTF):
 //! - `timer_init(struct timer_list *)`: fires before `timer_setup()` fills the
@@ -13,22 +15,15 @@
 //!   resolved by what follows; until then the minisocket is not counted.
 //! - `timer_expire_entry(struct timer_list *, unsigned long)`: expiry.
 
-use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use timewait_common::{
-    AggKey, Config, DIRECTION_INBOUND, HINT_CONNECT, HINT_NONE, HINT_SYN, LastCancel,
-    RemoteKey, TW_CANCELLED, TW_LIVE, TwEntry, counter,
+    Config, HINT_CONNECT, HINT_NONE, HINT_SYN, LastCancel, TW_CANCELLED, TW_LIVE, TwEntry, counter,
 };
 
 use crate::{
-    maps::{
-        BPF_NOEXIST, COUNTS, LAST_CANCEL, PENDING, TW_SOCKS, add, add_syn, bump, config,
-        is_eexist, observe_lifetime, read,
-    },
+    maps::{COUNTS, LAST_CANCEL, PENDING, TW_SOCKS, add, add_syn, bump, config, read},
     sock::{netns_of, remote_of, tw_key, watched},
+    tw::{bump_created, close, close_timer, follow, rekey, remote_key},
 };
 
 /// Whether `timer` is a minisocket's `tw_timer`.
@@ -37,59 +32,10 @@ fn is_tw_timer(cfg: &Config, timer: u64) -> bool {
     read::<u64>(timer, cfg.offsets.timer_function).is_ok_and(|f| f == cfg.tw_timer_handler)
 }
 
-/// Closes a followed minisocket for `reason` if this call is the one that
-/// removes it from `TW_SOCKS` (removal is the claim: the daemon's sweeper and
-/// the programs can race for the same entry, only one wins).
-#[inline(always)]
-pub fn close(timer: u64, entry: &TwEntry, reason: u32) {
-    if TW_SOCKS.remove(timer).is_err() {
-        return;
-    }
-    if entry.counted == 1 {
-        add(&COUNTS, &entry.key, -1);
-    }
-    bump(reason);
-    if entry.from_snapshot == 0 {
-        // SAFETY: helper without preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
-        observe_lifetime(reason, now.saturating_sub(entry.created_ns));
-    }
-    let _ = PENDING.remove(timer);
-}
-
 /// The reason a kill resolves to, from what the programs saw after the cancel.
 #[inline(always)]
-pub fn kill_reason(entry: &TwEntry) -> u32 {
+fn kill_reason(entry: &TwEntry) -> u32 {
     timewait_common::kill_reason(entry.hint)
-}
-
-/// Starts following minisocket `tw` (timer `timer`). Returns its key, or
-/// None when it was already followed or could not be.
-#[inline(always)]
-pub fn follow(cfg: &Config, tw: u64, timer: u64, netns: u32, from_snapshot: u32) -> Option<AggKey> {
-    let key = tw_key(cfg, tw, netns).ok()?;
-    // Count first, then insert already marked counted (one hash lookup
-    // fewer than insert-then-update); undo the count if it was followed.
-    let counted = add(&COUNTS, &key, 1);
-    let entry = TwEntry {
-        key,
-        // SAFETY: helper without preconditions.
-        created_ns: unsafe { bpf_ktime_get_ns() },
-        state: TW_LIVE,
-        counted: counted as u32,
-        from_snapshot,
-        ..TwEntry::default()
-    };
-    if let Err(e) = TW_SOCKS.insert(timer, entry, BPF_NOEXIST) {
-        if counted {
-            add(&COUNTS, &key, -1);
-        }
-        if !is_eexist(e.into()) {
-            bump(counter::LOST);
-        }
-        return None;
-    }
-    Some(key)
 }
 
 #[btf_tracepoint(function = "timer_init")]
@@ -131,11 +77,7 @@ fn try_timer_start(timer: u64) -> Result<(), i64> {
     }
     let Some(e) = TW_SOCKS.get_ptr_mut(timer) else {
         if let Some(key) = follow(&cfg, tw, timer, netns, 0) {
-            bump(if key.direction == DIRECTION_INBOUND {
-                counter::CREATED_INBOUND
-            } else {
-                counter::CREATED_OUTBOUND
-            });
+            bump_created(&key);
         }
         return Ok(());
     };
@@ -143,18 +85,7 @@ fn try_timer_start(timer: u64) -> Result<(), i64> {
     // SAFETY: e points to this timer's entry; its events are serialised by
     // the timer base lock this tracepoint runs under.
     let entry = unsafe { &mut *e };
-    let key = tw_key(&cfg, tw, netns)?;
-    if entry.counted == 1 && entry.key != key {
-        add(&COUNTS, &entry.key, -1);
-        entry.counted = 0;
-        if entry.key.substate != key.substate {
-            bump(counter::SUBSTATE_CHANGES);
-        }
-    }
-    entry.key = key;
-    if entry.counted == 0 && add(&COUNTS, &key, 1) {
-        entry.counted = 1;
-    }
+    rekey(entry, tw_key(&cfg, tw, netns)?);
     if entry.state == TW_CANCELLED {
         entry.state = TW_LIVE;
         entry.cancel_ns = 0;
@@ -192,10 +123,7 @@ fn request_timer_started(cfg: &Config, timer: u64) -> Result<(), i64> {
         let entry = unsafe { &mut *e };
         if entry.state == TW_CANCELLED && entry.hint == HINT_NONE {
             entry.hint = HINT_SYN;
-            add_syn(
-                &RemoteKey { remote: entry.key.remote, netns: entry.key.netns, family: entry.key.family, _pad: [0; 2] },
-                false,
-            );
+            add_syn(&remote_key(entry), false);
         }
     }
     Ok(())
@@ -256,10 +184,6 @@ pub fn tw_timer_expire(ctx: BtfTracePointContext) -> u32 {
     if !is_tw_timer(&cfg, timer) {
         return 0;
     }
-    // SAFETY: read-only copy; `close` claims the entry.
-    if let Some(entry) = unsafe { TW_SOCKS.get(timer) } {
-        let entry = *entry;
-        close(timer, &entry, counter::CLOSED_EXPIRED);
-    }
+    close_timer(timer, counter::CLOSED_EXPIRED);
     0
 }

@@ -1,12 +1,15 @@
 //! Loads the eBPF object, hands it the running kernel's offsets, attaches the
-//! programs in the order that leaves no gap, and runs the start-up snapshot.
+//! programs in the order that leaves no gap (each signal on the path that
+//! attaches, see `paths`), and runs the start-up snapshot.
+
+pub mod paths;
 
 use std::io::Read as _;
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{BtfTracePoint, Iter, TracePoint},
+    programs::{Iter, TracePoint},
 };
 use thiserror::Error;
 use timewait_common::{AggKey, Config, ErrKey, RemoteKey, SynCounts, TwEntry};
@@ -24,21 +27,13 @@ pub enum LoadError {
     Program { program: &'static str, step: &'static str, err: String },
     #[error("eBPF map {0} missing or of the wrong type: {1}")]
     Map(&'static str, String),
+    #[error("{0}")]
+    Path(String),
 }
 
 /// The object embedded at build time by build.rs (aya-build).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/timewait"));
 
-/// Tracepoint programs: (program name in the object, tracepoint).
-pub const TIMER_PROGRAMS: &[(&str, &str)] = &[
-    // timer_init first: it resolves kills before a reused minisocket starts.
-    ("tw_timer_init", "timer_init"),
-    ("tw_timer_cancel", "timer_cancel"),
-    ("tw_timer_expire", "timer_expire_entry"),
-    ("tw_kfree_skb", "kfree_skb"),
-    // timer_start last: from here on every new minisocket is followed.
-    ("tw_timer_start", "timer_start"),
-];
 pub const LISTEN_PROGRAM: (&str, &str) = ("tw_sock_set_state", "inet_sock_set_state");
 /// Classic syscall tracepoints: (program, category, name).
 pub const SYSCALL_PROGRAMS: &[(&str, &str, &str)] = &[
@@ -56,6 +51,8 @@ pub struct LoadOptions {
     pub max_tracked_sockets: Option<u32>,
     /// Capacity of the per-(direction, remote, port) gauge table.
     pub max_series: u32,
+    /// Which way into the kernel (`--probe-path`).
+    pub probe_path: paths::ProbePath,
 }
 
 /// The loaded programs and the maps the collector reads. Dropping it detaches
@@ -73,7 +70,9 @@ pub struct Probes {
     >,
     pub connect_errors: HashMap<MapData, ErrKey, i64>,
     /// Each hook and whether it is attached.
-    pub hooks: Vec<(&'static str, bool)>,
+    pub hooks: Vec<(String, bool)>,
+    /// Which path serves each signal.
+    pub signals: Vec<paths::SignalPath>,
     /// Our attached programs, to read how often the kernel skipped them.
     pub programs: Vec<(String, std::os::fd::OwnedFd)>,
 }
@@ -135,17 +134,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn attach_tp(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, tp: &'static str) -> Result<(), LoadError> {
-    let prog: &mut BtfTracePoint = ebpf
-        .program_mut(name)
-        .ok_or(LoadError::Program { program: name, step: "be found", err: "not in object".into() })?
-        .try_into()
-        .map_err(prog_err(name, "convert"))?;
-    prog.load(tp, btf).map_err(prog_err(name, "load"))?;
-    prog.attach().map_err(prog_err(name, "attach"))?;
-    debug!(program = name, tracepoint = tp, "attached");
-    Ok(())
-}
 
 /// Attaches a classic tracepoint program; a kernel without it (no tracefs, no
 /// syscall tracepoints) costs only the feature it serves, so it is reported,
@@ -260,7 +248,6 @@ fn default_tracked() -> u32 {
 pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let btf_rs = kernel::load_btf()?;
     let offsets = kernel::offsets(&btf_rs)?;
-    drop(btf_rs);
     let netns = kernel::own_netns()?;
     let functions = kernel::timer_functions()?;
     let config = Config {
@@ -295,19 +282,33 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
                 false
             }
         };
-        hooks.push((*tp, ok));
+        hooks.push((format!("tracepoint/{category}/{tp}"), ok));
     }
     // 1. Listeners: tracepoint first, then the snapshot of existing ones, so
     //    every minisocket followed from step 2 on gets its direction.
-    attach_tp(&mut ebpf, &btf, LISTEN_PROGRAM.0, LISTEN_PROGRAM.1)?;
-    hooks.push((LISTEN_PROGRAM.1, true));
+    let (name, tp) = LISTEN_PROGRAM;
+    paths::tp_btf(&mut ebpf, &btf, name, tp).map_err(|err| LoadError::Program { program: name, step: "attach", err })?;
+    hooks.push((format!("tp_btf/{tp}"), true));
     load_iters(&mut ebpf, &btf)?;
     run_iter(&mut ebpf, "iter_listeners")?;
-    // 2. Minisockets: timer programs, then the snapshot of those that already
-    //    exist. The snapshot inserts with BPF_NOEXIST: no double count.
-    for (name, tp) in TIMER_PROGRAMS {
-        attach_tp(&mut ebpf, &btf, name, tp)?;
-        hooks.push((*tp, true));
+    // 2. Minisockets: their lifecycle and segments, each on the path that
+    //    attaches, then the snapshot of those that already exist. The
+    //    snapshot inserts with BPF_NOEXIST: no double count.
+    let lifecycle = paths::lifecycle(&mut ebpf, &btf, opts.probe_path)?;
+    let segments = paths::segments(
+        &mut ebpf,
+        &btf,
+        lifecycle.path,
+        opts.probe_path,
+        kernel::param_count(&btf_rs, "tcp_timewait_state_process"),
+    )?;
+    drop(btf_rs);
+    for sp in [&lifecycle, &segments] {
+        hooks.extend(sp.hooks.iter().map(|h| (h.clone(), true)));
+        info!(signal = sp.signal, path = sp.path.as_str(), hooks = %sp.hooks.join(", "), "attached");
+        if !sp.refused.is_empty() {
+            debug!(signal = sp.signal, refused = %sp.refused.join("; "), "paths not taken");
+        }
     }
     run_iter(&mut ebpf, "iter_timewait")?;
     if opts.all_netns {
@@ -322,7 +323,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
             }
         }
     }
-    hooks.push(("iter/tcp", true));
+    hooks.push(("iter/tcp".to_string(), true));
 
     let programs = ebpf
         .programs()
@@ -343,6 +344,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         connect_errors: take(&mut ebpf, "CONNECT_ERRORS")?,
         _ebpf: ebpf,
         hooks,
+        signals: vec![lifecycle, segments],
     };
     info!(
         netns = if opts.all_netns { "all".to_string() } else { netns.to_string() },

@@ -1,0 +1,297 @@
+//! Which way into the kernel serves each signal, decided by trying to load and
+//! attach, never by version number. This is the table of the README's
+//! "Kernels" section:
+//!
+//! | signal | fentry path | kprobe fallback | tracepoint path |
+//! | --- | --- | --- | --- |
+//! | lifecycle: creation, re-arm, kill, expiry | fentry on `inet_twsk_deschedule_put`, `tw_timer_handler`, `__inet_twsk_schedule` | kprobes on the same functions | `tp_btf/timer_init`, `timer_cancel`, `timer_expire_entry`, `timer_start` |
+//! | segments: SYN verdicts, segment kinds, reset kills | fentry + fexit on `tcp_timewait_state_process` | kprobe + kretprobe on it | `tp_btf/kfree_skb` with `rx_sk` (6.11+) |
+//!
+//! Per function of the lifecycle, fentry first, then a kprobe. The tracepoint
+//! lifecycle is one state machine over the timer events, so it is taken
+//! whole, when any lifecycle function can be had neither way. Segments follow
+//! the lifecycle's path; where none of their hooks attaches they are
+//! reported unavailable (never as zeros).
+
+use aya::{
+    Btf, Ebpf,
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, Program},
+};
+
+use super::{LoadError, error_chain};
+
+/// What `--probe-path` asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbePath {
+    /// fentry where it attaches, else kprobes, else tracepoints.
+    #[default]
+    Auto,
+    /// fentry/fexit only; fail when they do not attach.
+    Fentry,
+    /// kprobes only; fail when they do not attach.
+    Kprobe,
+    /// tracepoints only (what kernels that lock fentry and kprobes away get).
+    Tracepoint,
+}
+
+impl ProbePath {
+    fn allows(self, p: Path) -> bool {
+        match self {
+            ProbePath::Auto => true,
+            ProbePath::Fentry => p == Path::Fentry,
+            ProbePath::Kprobe => p == Path::Kprobe,
+            ProbePath::Tracepoint => p == Path::Tracepoint,
+        }
+    }
+}
+
+/// The path that serves a signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Path {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+    Unavailable,
+}
+
+impl Path {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Fentry => "fentry",
+            Path::Kprobe => "kprobe",
+            Path::Tracepoint => "tracepoint",
+            Path::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// How one signal is served, and what did not attach on the way there.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SignalPath {
+    pub signal: &'static str,
+    pub path: Path,
+    /// The attached hooks, e.g. `fentry/__inet_twsk_schedule`.
+    pub hooks: Vec<String>,
+    /// Why the preferred paths were not taken (one entry per refusal).
+    pub refused: Vec<String>,
+}
+
+pub const LIFECYCLE: &str = "lifecycle";
+pub const SEGMENTS: &str = "segments";
+
+/// A kernel function of the fast path and its two programs.
+struct Function {
+    kernel: &'static str,
+    fentry: &'static str,
+    kprobe: &'static str,
+}
+
+/// Kill and expiry first, creation last: from then on every new minisocket is
+/// followed to its end.
+const LIFECYCLE_FUNCTIONS: [Function; 3] = [
+    Function { kernel: "inet_twsk_deschedule_put", fentry: "fentry_twsk_deschedule_put", kprobe: "kprobe_twsk_deschedule_put" },
+    Function { kernel: "tw_timer_handler", fentry: "fentry_tw_timer_handler", kprobe: "kprobe_tw_timer_handler" },
+    Function { kernel: "__inet_twsk_schedule", fentry: "fentry_twsk_schedule", kprobe: "kprobe_twsk_schedule" },
+];
+
+/// Tracepoint lifecycle: (program, tracepoint). timer_init first (it resolves
+/// kills before a reused minisocket starts), timer_start last.
+pub const TIMER_PROGRAMS: &[(&str, &str)] = &[
+    ("tw_timer_init", "timer_init"),
+    ("tw_timer_cancel", "timer_cancel"),
+    ("tw_timer_expire", "timer_expire_entry"),
+    ("tw_timer_start", "timer_start"),
+];
+const KFREE_SKB: (&str, &str) = ("tw_kfree_skb", "kfree_skb");
+
+const STATE_PROCESS: &str = "tcp_timewait_state_process";
+
+fn not_found(program: &'static str) -> String {
+    format!("program {program} not in the object")
+}
+
+/// Loads and attaches an fentry (`exit` false) or fexit program; unloads it
+/// again when the attach fails, so nothing is left behind.
+fn fentry(ebpf: &mut Ebpf, btf: &Btf, program: &'static str, function: &str, exit: bool) -> Result<(), String> {
+    let p = ebpf.program_mut(program).ok_or_else(|| not_found(program))?;
+    let r = if exit {
+        let p: &mut FExit = p.try_into().map_err(|e| error_chain(&e))?;
+        p.load(function, btf).and_then(|()| p.attach().map(drop)).inspect_err(|_| {
+            let _ = p.unload();
+        })
+    } else {
+        let p: &mut FEntry = p.try_into().map_err(|e| error_chain(&e))?;
+        p.load(function, btf).and_then(|()| p.attach().map(drop)).inspect_err(|_| {
+            let _ = p.unload();
+        })
+    };
+    r.map_err(|e| error_chain(&e))
+}
+
+fn kprobe(ebpf: &mut Ebpf, program: &'static str, function: &str) -> Result<(), String> {
+    let p: &mut KProbe =
+        ebpf.program_mut(program).ok_or_else(|| not_found(program))?.try_into().map_err(|e| error_chain(&e))?;
+    p.load().and_then(|()| p.attach(function, 0).map(drop)).inspect_err(|_| {
+        let _ = p.unload();
+    }).map_err(|e| error_chain(&e))
+}
+
+pub fn tp_btf(ebpf: &mut Ebpf, btf: &Btf, program: &'static str, tracepoint: &str) -> Result<(), String> {
+    let p: &mut BtfTracePoint =
+        ebpf.program_mut(program).ok_or_else(|| not_found(program))?.try_into().map_err(|e| error_chain(&e))?;
+    p.load(tracepoint, btf).and_then(|()| p.attach().map(drop)).inspect_err(|_| {
+        let _ = p.unload();
+    }).map_err(|e| error_chain(&e))
+}
+
+/// Unloads (and so detaches) a program attached earlier.
+fn unload(ebpf: &mut Ebpf, program: &str) {
+    let r = match ebpf.program_mut(program) {
+        Some(Program::FEntry(p)) => p.unload(),
+        Some(Program::FExit(p)) => p.unload(),
+        Some(Program::KProbe(p)) => p.unload(),
+        Some(Program::BtfTracePoint(p)) => p.unload(),
+        _ => Ok(()),
+    };
+    if let Err(e) = r {
+        tracing::warn!(program, error = %error_chain(&e), "could not unload");
+    }
+}
+
+/// Attaches the lifecycle hooks: per function fentry, then a kprobe; the
+/// tracepoint lifecycle when a function can be had neither way.
+pub fn lifecycle(ebpf: &mut Ebpf, btf: &Btf, want: ProbePath) -> Result<SignalPath, LoadError> {
+    let mut sp = SignalPath { signal: LIFECYCLE, path: Path::Fentry, hooks: Vec::new(), refused: Vec::new() };
+    let mut attached: Vec<&'static str> = Vec::new();
+    let mut complete = want != ProbePath::Tracepoint;
+    for f in LIFECYCLE_FUNCTIONS.iter().filter(|_| want != ProbePath::Tracepoint) {
+        let mut got = None;
+        if want.allows(Path::Fentry) {
+            match fentry(ebpf, btf, f.fentry, f.kernel, false) {
+                Ok(()) => got = Some((Path::Fentry, f.fentry)),
+                Err(e) => sp.refused.push(format!("fentry/{}: {e}", f.kernel)),
+            }
+        }
+        if got.is_none() && want.allows(Path::Kprobe) {
+            match kprobe(ebpf, f.kprobe, f.kernel) {
+                Ok(()) => got = Some((Path::Kprobe, f.kprobe)),
+                Err(e) => sp.refused.push(format!("kprobe/{}: {e}", f.kernel)),
+            }
+        }
+        let Some((path, program)) = got else {
+            complete = false;
+            break;
+        };
+        if path == Path::Kprobe {
+            sp.path = Path::Kprobe;
+        }
+        attached.push(program);
+        sp.hooks.push(format!("{}/{}", path.as_str(), f.kernel));
+    }
+    if complete {
+        return Ok(sp);
+    }
+    for program in attached {
+        unload(ebpf, program);
+    }
+    sp.hooks.clear();
+    if !want.allows(Path::Tracepoint) {
+        return Err(refused(want, &sp));
+    }
+    for (program, tp) in TIMER_PROGRAMS {
+        tp_btf(ebpf, btf, program, tp)
+            .map_err(|err| LoadError::Program { program, step: "attach", err })?;
+        sp.hooks.push(format!("tp_btf/{tp}"));
+    }
+    sp.path = Path::Tracepoint;
+    Ok(sp)
+}
+
+fn refused(want: ProbePath, sp: &SignalPath) -> LoadError {
+    LoadError::Path(format!(
+        "--probe-path {}: {} cannot be served that way here: {}",
+        want.as_str(),
+        sp.signal,
+        sp.refused.join("; ")
+    ))
+}
+
+impl ProbePath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbePath::Auto => "auto",
+            ProbePath::Fentry => "fentry",
+            ProbePath::Kprobe => "kprobe",
+            ProbePath::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+/// Attaches the segment hooks on the lifecycle's path. `params` is the
+/// parameter count of `tcp_timewait_state_process` in the kernel's BTF.
+pub fn segments(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    lifecycle: Path,
+    want: ProbePath,
+    params: Option<usize>,
+) -> Result<SignalPath, LoadError> {
+    let mut sp = SignalPath { signal: SEGMENTS, path: Path::Unavailable, hooks: Vec::new(), refused: Vec::new() };
+    if lifecycle == Path::Tracepoint {
+        let (program, tp) = KFREE_SKB;
+        match tp_btf(ebpf, btf, program, tp) {
+            Ok(()) => {
+                sp.path = Path::Tracepoint;
+                sp.hooks.push(format!("tp_btf/{tp}"));
+            }
+            Err(e) => sp.refused.push(format!(
+                "tp_btf/{tp}: {e} (before 6.11 kfree_skb has no rx_sk: SYN verdicts, segment kinds and reset \
+                 reasons need fentry or kprobes, and a FIN_WAIT2 -> TIME_WAIT change can be missed)"
+            )),
+        }
+    } else {
+        if want.allows(Path::Fentry) {
+            let exit = match params {
+                Some(3) => Ok("fexit_tw_state_process_3"),
+                Some(4) => Ok("fexit_tw_state_process_4"),
+                Some(5) => Ok("fexit_tw_state_process_5"),
+                other => Err(format!("{STATE_PROCESS} has {other:?} parameters in BTF; known: 3, 4, 5")),
+            };
+            let r = exit.and_then(|exit| {
+                fentry(ebpf, btf, "fentry_tw_state_process", STATE_PROCESS, false)?;
+                fentry(ebpf, btf, exit, STATE_PROCESS, true).inspect_err(|_| unload(ebpf, "fentry_tw_state_process"))
+            });
+            match r {
+                Ok(()) => {
+                    sp.path = Path::Fentry;
+                    sp.hooks.push(format!("fentry/{STATE_PROCESS}"));
+                    sp.hooks.push(format!("fexit/{STATE_PROCESS}"));
+                }
+                Err(e) => sp.refused.push(format!("fentry/{STATE_PROCESS}: {e}")),
+            }
+        }
+        if sp.path == Path::Unavailable && want.allows(Path::Kprobe) {
+            let r = kprobe(ebpf, "kprobe_tw_state_process", STATE_PROCESS).and_then(|()| {
+                kprobe(ebpf, "kretprobe_tw_state_process", STATE_PROCESS)
+                    .inspect_err(|_| unload(ebpf, "kprobe_tw_state_process"))
+            });
+            match r {
+                Ok(()) => {
+                    sp.path = Path::Kprobe;
+                    sp.hooks.push(format!("kprobe/{STATE_PROCESS}"));
+                    sp.hooks.push(format!("kretprobe/{STATE_PROCESS}"));
+                }
+                Err(e) => sp.refused.push(format!("kprobe/{STATE_PROCESS}: {e}")),
+            }
+        }
+    }
+    if sp.path == Path::Unavailable && want != ProbePath::Auto && want != ProbePath::Tracepoint {
+        return Err(refused(want, &sp));
+    }
+    if sp.path == Path::Unavailable {
+        tracing::warn!(refused = %sp.refused.join("; "), "segments unavailable: SYN verdicts and segment kinds are not exported");
+    }
+    Ok(sp)
+}

@@ -1,0 +1,17 @@
+//! The fast path: programs on the TIME_WAIT functions themselves
+//! (net/ipv4/inet_timewait_sock.c, net/ipv4/tcp_minisocks.c), so nothing runs
+//! for a timer, a packet or a socket that has nothing to do with TIME_WAIT.
+//! Each hook has an fentry/fexit entry point and a kprobe/kretprobe one on the
+//! same function (for kernels that accept kprobes but not trampolines); both
+//! call the same code. The daemon attaches one of the two per function, by
+//! trying (`timewait-daemon/src/loader.rs`).
+//!
+//! | function | gives |
+//! | --- | --- |
+//! | `__inet_twsk_schedule(tw, timeo, rearm)` | creation (`rearm` 0) and every re-arm, FIN_WAIT2 -> TIME_WAIT included |
+//! | `tcp_timewait_state_process(tw, skb, th, ...)` entry and exit | every segment that meets a minisocket, with the kernel's verdict |
+//! | `inet_twsk_deschedule_put(tw)` | every kill; why, from what ran just before on this CPU |
+//! | `tw_timer_handler(timer)` | expiry |
+
+pub mod lifecycle;
+pub mod segment;
