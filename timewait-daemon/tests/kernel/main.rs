@@ -40,3 +40,6 @@ mod all_netns;
 mod prometheus_server;
 mod reliability;
 mod full_maps;
+
+// Issue 11: the kernel matrix.
+mod check_paths;

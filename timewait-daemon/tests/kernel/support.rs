@@ -35,7 +35,7 @@ fn ready_timeout() -> Duration {
 /// The daemon under test: this build's, or `TIMEWAIT_TEST_DAEMON` (the
 /// matrix runs the release build in emulated guests, where start-up in a
 /// debug build takes a minute).
-fn daemon_bin() -> String {
+pub fn daemon_bin() -> String {
     std::env::var("TIMEWAIT_TEST_DAEMON").unwrap_or_else(|_| env!("CARGO_BIN_EXE_timewaitd").to_string())
 }
 /// How long the "same quiet moment" comparison keeps retrying.
