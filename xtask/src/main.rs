@@ -3,7 +3,9 @@
 //! machine needs nothing but cargo.
 
 mod bench;
+mod matrix;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -31,15 +33,70 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the whole test suite: unit tests and real-kernel integration tests.
+    /// Run the whole test suite: unit tests and real-kernel integration tests, on
+    /// the host and in Debian's 5.10, 6.1 and 6.12 kernels under qemu.
     Test {
-        /// Extra arguments for the test harness (after `--`), e.g. a test name filter.
+        /// Where to run: host, 5.10, 6.1, 6.12 or all; repeatable or comma-separated [default: all].
+        #[arg(long = "kernel", value_name = "K")]
+        kernels: Vec<String>,
+        /// Extra arguments for the test harness (after `--`), e.g. a test name filter;
+        /// in the guests, they replace the filters of GUEST_TESTS.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run a shell command inside a Debian kernel under qemu (host root fs shared read-only, as root), e.g.
+    /// `cargo xtask vm --kernel 6.1 -- bpftool prog`. Fails unless the command exits 0.
+    Vm {
+        /// The guest kernel: 5.10, 6.1 or 6.12.
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        /// Kill the guest after this many seconds [default: the kernel's matrix time limit].
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// The shell command (words are joined with spaces and run by sh).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<String>,
     },
     /// Run the performance scenarios (as root) and write BENCHMARKS.md; `--smoke` for a quick run at small sizes.
     Bench(bench::BenchArgs),
 }
+
+/// The real-kernel tests each guest of the matrix runs: (kernel, the
+/// `--probe-path` every daemon gets there, test-name filters of
+/// timewait-daemon's `kernel` test binary, libtest substring matches). The
+/// host runs every test. Emulation is 10-30x slower, so the guests run what
+/// exercises every hook path and feature (README, "Tests"): the fentry path
+/// on each Debian kernel, the kprobe fallback on one, the tracepoint path
+/// where kfree_skb has no `rx_sk` (5.10) and where it has (6.12). Each test
+/// asserts the path its kernel must report, so a silent fallback fails it.
+pub const GUEST_TESTS: &[matrix::GuestRun] = &[
+    ("5.10", "auto", FENTRY_TESTS),
+    ("6.1", "auto", FENTRY_TESTS),
+    ("6.12", "auto", FENTRY_TESTS),
+    ("6.1", "kprobe", &["check_paths", "server_side_500", "syn_reuse", "syn_rejected", "reset"]),
+    ("5.10", "tracepoint", &["check_paths", "netns_isolation"]),
+    ("6.12", "tracepoint", &["check_paths", "server_side_500", "syn_rejected", "reset"]),
+];
+
+/// Counts vs `ss` per remote, direction, IPv6, FIN_WAIT2, pre-existing and
+/// restart, netns; expiry; SYN accepted and rejected; reset; tcp_tw_reuse;
+/// overflow; port exhaustion; `check`.
+const FENTRY_TESTS: &[&str] = &[
+    "check_paths",
+    "server_side_500",
+    "direction",
+    "ipv6",
+    "fin_wait2_orphans",
+    "preexisting_and_restart",
+    "netns_isolation",
+    "expiry",
+    "syn_reuse",
+    "syn_rejected",
+    "reset",
+    "connect_reuse",
+    "overflow",
+    "exhaustion",
+];
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -65,42 +122,7 @@ pub fn sh(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, passing its output through, and ends with one line
-/// that sums every test binary's result: `N passed, N failed`.
-fn test_summed(cmd: &mut Command) -> Result<()> {
-    use std::io::{BufRead as _, BufReader};
-    eprintln!("xtask: $ {}", render(cmd));
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {}", render(cmd)))?;
-    let (mut passed, mut failed) = (0u64, 0u64);
-    let stdout = child.stdout.take().context("no stdout")?;
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut it = part.split_whitespace().rev();
-                let (Some(what), Some(n)) = (it.next(), it.next()) else { continue };
-                let n: u64 = n.parse().unwrap_or(0);
-                match what {
-                    "passed" => passed += n,
-                    "failed" => failed += n,
-                    _ => {}
-                }
-            }
-        }
-    }
-    let status = child.wait()?;
-    println!("{passed} passed, {failed} failed");
-    if !status.success() {
-        bail!("{} failed ({status})", render(cmd));
-    }
-    Ok(())
-}
-
-fn render(cmd: &Command) -> String {
+pub fn render(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|s| s.to_string_lossy().into_owned())
@@ -108,7 +130,7 @@ fn render(cmd: &Command) -> String {
         .join(" ")
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(workspace_root());
     c
@@ -140,25 +162,7 @@ fn run(cli: Cli) -> Result<()> {
             sh(&mut cmd)
         }
         Task::Bench(args) => bench::run(args),
-        Task::Test { args } => {
-            setup::toolchain()?;
-            setup::test_packages()?;
-            if setup::is_root() {
-                // The benchmark's code paths at small sizes, so that a broken
-                // bench shows up here; it never fails on a missed target.
-                bench::run(bench::BenchArgs::smoke())?;
-            } else {
-                eprintln!("xtask: not root: the real-kernel tests will print SKIPPED and return; bench smoke SKIPPED: needs root");
-            }
-            // Unit tests and the integration binaries. The kernel tests spend
-            // most of their time waiting on the kernel (TIME_WAIT lasts 60 s),
-            // so they run many at once on few cores.
-            test_summed(
-                cargo()
-                    .args(["test", "--workspace", "--exclude", "timewait-ebpf", "--lib", "--bins", "--tests", "--"])
-                    .args(["--test-threads", "16"])
-                    .args(&args),
-            )
-        }
+        Task::Vm { kernel, timeout, cmd } => vm::dev_command(&kernel, timeout, &cmd),
+        Task::Test { kernels, args } => matrix::test(&kernels, &args, GUEST_TESTS),
     }
 }

@@ -1,0 +1,362 @@
+//! `cargo xtask test`: the kernel matrix. The host runs what it always ran
+//! (bench smoke, unit tests, every integration test); Debian's 5.10, 6.1 and
+//! 6.12 under qemu each run the real-kernel test binary (timewait-daemon's
+//! `kernel` integration test, built on the host and read by the guest over
+//! 9p) with their filters from `GUEST_TESTS` in main.rs.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    bench, cargo, render, setup,
+    vm::{self, GUEST_KERNELS, GuestKernel, Kernel, Outcome},
+};
+
+/// libtest threads inside a guest. The tests mostly wait on the kernel
+/// (TIME_WAIT lasts 60 s), but each one starts a daemon whose start-up (BTF,
+/// BPF verification) is slow under emulation on the guest's 2 vCPUs.
+/// `TIMEWAIT_VM_TEST_THREADS` overrides it.
+const GUEST_TEST_THREADS: usize = 4;
+/// Guests boot one after another unless `TIMEWAIT_VM_PARALLEL=1`. Measured
+/// with the placeholder selection (7 tests per kernel, release daemon), on
+/// an otherwise idle machine: in a row 300 s for the three (5.10 124 s, 6.1
+/// 92 s, 6.12 85 s), every test on 6.1 and 6.12 passed; at once 282 s, but
+/// the three guests' 6 vCPUs share the machine's 2 cores, the daemons start
+/// slower, sockets expire before the first scrape and 4 of those 14 tests
+/// failed (with other load on the machine: 567 s in a row, all passed, vs
+/// 386 s at once, 8 of 14 failed). Parallel gains little and breaks timing.
+const PARALLEL_DEFAULT: bool = false;
+/// How long a daemon may take to become ready in a guest (the tests' own
+/// default of 60 s is for the host; emulation is 5-30x slower).
+const GUEST_READY_SECS: u64 = 300;
+
+/// One guest run of the matrix: (kernel, `--probe-path`, test filters).
+pub type GuestRun = (&'static str, &'static str, &'static [&'static str]);
+
+/// One part of the matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Host,
+    Guest(&'static GuestKernel),
+}
+
+/// What one part of the matrix counted.
+#[derive(Debug, Clone)]
+pub struct PartResult {
+    pub name: String,
+    pub passed: u64,
+    pub failed: u64,
+    /// Why the part failed beyond its failed tests (guest killed, no result, ...).
+    pub problem: Option<String>,
+}
+
+impl PartResult {
+    fn broken(name: &str, problem: String) -> Self {
+        Self { name: name.to_string(), passed: 0, failed: 1, problem: Some(problem) }
+    }
+
+    fn ok(&self) -> bool {
+        self.failed == 0 && self.problem.is_none()
+    }
+
+    fn line(&self) -> String {
+        let problem = self.problem.as_ref().map(|p| format!(" ({p})")).unwrap_or_default();
+        format!("kernel {}: {} passed, {} failed{problem}", self.name, self.passed, self.failed)
+    }
+}
+
+/// Runs the parts `kernels` names, prints a line per kernel and, last, the
+/// summed `N passed, N failed`; fails when any part failed.
+pub fn test(kernels: &[String], args: &[String], table: &[GuestRun]) -> Result<()> {
+    let targets = parse_targets(kernels)?;
+    setup::toolchain()?;
+    setup::test_packages()?;
+    let mut parts = Vec::new();
+    if targets.contains(&Target::Host) {
+        parts.push(test_host(args)?);
+    }
+    let guests: Vec<_> = targets.iter().filter_map(|t| if let Target::Guest(k) = t { Some(*k) } else { None }).collect();
+    if !guests.is_empty() {
+        parts.extend(run_guests(&guests, table, args)?);
+    }
+    for p in &parts {
+        println!("{}", p.line());
+    }
+    let passed: u64 = parts.iter().map(|p| p.passed).sum();
+    let failed: u64 = parts.iter().map(|p| p.failed).sum();
+    println!("{passed} passed, {failed} failed");
+    let bad: Vec<&str> = parts.iter().filter(|p| !p.ok()).map(|p| p.name.as_str()).collect();
+    if !bad.is_empty() {
+        bail!("tests failed on kernel {}", bad.join(", "));
+    }
+    Ok(())
+}
+
+/// `--kernel` values: `host`, `5.10`, `6.1`, `6.12` or `all`, repeated or
+/// comma-separated; none means `all`. Order kept, duplicates dropped.
+fn parse_targets(values: &[String]) -> Result<Vec<Target>> {
+    let mut out = Vec::new();
+    let mut add = |t: Target| {
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    };
+    let words: Vec<&str> = values.iter().flat_map(|v| v.split(',')).map(str::trim).filter(|w| !w.is_empty()).collect();
+    for w in if words.is_empty() { vec!["all"] } else { words } {
+        match w {
+            "all" => {
+                add(Target::Host);
+                GUEST_KERNELS.iter().for_each(|k| add(Target::Guest(k)));
+            }
+            "host" => add(Target::Host),
+            name => add(Target::Guest(GuestKernel::by_name(name)?)),
+        }
+    }
+    Ok(out)
+}
+
+/// Adds the counts of a libtest `test result:` line (anywhere in `line`:
+/// a console line may carry kernel output before it); false if it is none.
+fn count_result(line: &str, passed: &mut u64, failed: &mut u64) -> bool {
+    let Some((_, rest)) = line.split_once("test result: ") else { return false };
+    for part in rest.split(';') {
+        let mut it = part.split_whitespace().rev();
+        let (Some(what), Some(n)) = (it.next(), it.next()) else { continue };
+        let n: u64 = n.parse().unwrap_or(0);
+        match what {
+            "passed" => *passed += n,
+            "failed" => *failed += n,
+            _ => {}
+        }
+    }
+    true
+}
+
+/// The host part: the bench smoke run, the unit tests and every integration test.
+fn test_host(args: &[String]) -> Result<PartResult> {
+    if setup::is_root() {
+        // The benchmark's code paths at small sizes, so that a broken
+        // bench shows up here; it never fails on a missed target.
+        bench::run(bench::BenchArgs::smoke())?;
+    } else {
+        eprintln!("xtask: not root: the real-kernel tests will print SKIPPED and return; bench smoke SKIPPED: needs root");
+    }
+    // Unit tests and the integration binaries. The kernel tests spend
+    // most of their time waiting on the kernel (TIME_WAIT lasts 60 s),
+    // so they run many at once on few cores.
+    test_summed(
+        cargo()
+            .args(["test", "--workspace", "--exclude", "timewait-ebpf", "--lib", "--bins", "--tests", "--"])
+            .args(["--test-threads", "16"])
+            .args(args),
+    )
+}
+
+/// Runs `cargo test`, passing its output through, and sums every test
+/// binary's result line.
+fn test_summed(cmd: &mut Command) -> Result<PartResult> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("xtask: $ {}", render(cmd));
+    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("cannot start {}", render(cmd)))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if line.starts_with("test result: ") {
+            count_result(&line, &mut passed, &mut failed);
+        }
+    }
+    let status = child.wait()?;
+    let problem = (!status.success()).then(|| format!("{} failed ({status})", render(cmd)));
+    if problem.is_some() && failed == 0 {
+        failed = 1; // a build error or a crashed harness: never "0 failed"
+    }
+    Ok(PartResult { name: "host".into(), passed, failed, problem })
+}
+
+/// The binaries a guest runs, copied out of target/ so that a rebuild on
+/// the host while a guest reads them over 9p cannot change them under it.
+struct Binaries {
+    dir: PathBuf,
+    tests: PathBuf,
+    daemon: PathBuf,
+}
+
+impl Drop for Binaries {
+    fn drop(&mut self) {
+        fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// The guest parts: installs the VM tools, builds the binaries, then runs
+/// each guest (in a row, or at once with `TIMEWAIT_VM_PARALLEL=1`).
+/// `args`, when given, replace the table's filters (e.g. one test name).
+fn run_guests(guests: &[&'static GuestKernel], table: &[GuestRun], args: &[String]) -> Result<Vec<PartResult>> {
+    let kernels = vm::ensure_tools(guests)?;
+    let bins = build_binaries(&kernels[0].cache)?;
+    let parallel = match std::env::var("TIMEWAIT_VM_PARALLEL").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => PARALLEL_DEFAULT,
+    };
+    // One job per row of the table for the kernels asked for; with filters
+    // given on the command line, one auto run per kernel.
+    let mut jobs: Vec<(Kernel, String, String)> = Vec::new();
+    for k in kernels {
+        let rows: Vec<(&str, Vec<String>)> = if args.is_empty() {
+            table
+                .iter()
+                .filter(|(name, _, _)| *name == k.guest.name)
+                .map(|(_, path, f)| (*path, f.iter().map(|s| (*s).to_string()).collect()))
+                .collect()
+        } else {
+            vec![("auto", args.to_vec())]
+        };
+        for (path, filters) in rows {
+            let label = if path == "auto" { k.guest.name.to_string() } else { format!("{} ({path})", k.guest.name) };
+            jobs.push((k.clone(), label, guest_command(&bins, path, &filters)));
+        }
+    }
+    let start = Instant::now();
+    let results = if parallel {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = jobs.iter().map(|(k, label, cmd)| s.spawn(move || run_part(k, label, cmd))).collect();
+            handles.into_iter().map(|h| h.join().expect("guest thread panicked")).collect()
+        })
+    } else {
+        jobs.iter().map(|(k, label, cmd)| run_part(k, label, cmd)).collect::<Vec<_>>()
+    };
+    let how = if parallel { "at once" } else { "one after another" };
+    eprintln!("xtask: {} guest kernel(s) {how} in {:.0} s", jobs.len(), start.elapsed().as_secs_f64());
+    Ok(results)
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The shell command run in the guest: the test binary from its package
+/// directory (as cargo runs it), with the release daemon and a start-up
+/// deadline for emulation; libtest's output goes to the console.
+fn guest_command(bins: &Binaries, probe_path: &str, filters: &[String]) -> String {
+    let dir = crate::workspace_root().join("timewait-daemon");
+    let threads = std::env::var("TIMEWAIT_VM_TEST_THREADS").unwrap_or_else(|_| GUEST_TEST_THREADS.to_string());
+    let mut words = vec![bins.tests.display().to_string(), "--test-threads".into(), threads];
+    // The guest's console is a terminal: no colour codes in what is parsed.
+    words.extend(["--color".into(), "never".into()]);
+    words.extend(filters.iter().cloned());
+    let words: Vec<String> = words.iter().map(|w| quote(w)).collect();
+    format!(
+        "export TIMEWAIT_TEST_DAEMON={} TIMEWAIT_TEST_READY_SECS={GUEST_READY_SECS} TIMEWAIT_TEST_PROBE_PATH={}; cd {} && {}",
+        quote(&bins.daemon.display().to_string()),
+        quote(probe_path),
+        quote(&dir.display().to_string()),
+        words.join(" ")
+    )
+}
+
+/// One guest: boots it, runs the tests, counts what they said.
+fn run_part(kernel: &Kernel, label: &str, cmd: &str) -> PartResult {
+    let name = label;
+    let limit = match kernel.guest.time_limit() {
+        Ok(l) => l,
+        Err(e) => return PartResult::broken(name, format!("{e:#}")),
+    };
+    let result = match vm::run_in_guest(kernel, cmd, limit) {
+        Ok(r) => r,
+        Err(e) => return PartResult::broken(name, format!("{e:#}")),
+    };
+    let (mut passed, mut failed, mut reported) = (0, 0, false);
+    for line in &result.console {
+        reported |= count_result(line, &mut passed, &mut failed);
+    }
+    let problem = match &result.outcome {
+        Outcome::Exited(_) if !reported => Some("the test binary reported no result".to_string()),
+        Outcome::Exited(0) if passed == 0 && failed == 0 => Some("no test matched the selection".to_string()),
+        Outcome::Exited(0) => None,
+        Outcome::Exited(_) if failed > 0 => None, // the failed tests say it
+        other => Some(format!("guest {other}")),
+    };
+    // A guest that ended without its tests' verdict counts as one failure,
+    // so that the summed line never reads "0 failed" for a broken run.
+    if problem.is_some() && failed == 0 {
+        failed = 1;
+    }
+    PartResult { name: name.to_string(), passed, failed, problem }
+}
+
+/// Builds the test binaries and the release daemon (a debug daemon takes
+/// a minute to start under emulation) and copies the two a guest runs into
+/// the VM cache. `TIMEWAIT_VM_TEST_BIN` names a test binary to use instead
+/// of building one, for trying a given build.
+fn build_binaries(cache: &Path) -> Result<Binaries> {
+    let tests = match std::env::var_os("TIMEWAIT_VM_TEST_BIN").filter(|b| !b.is_empty()) {
+        Some(bin) => {
+            eprintln!("xtask: using TIMEWAIT_VM_TEST_BIN={}", bin.to_string_lossy());
+            PathBuf::from(bin)
+        }
+        None => built_executable(&["test", "--workspace", "--exclude", "timewait-ebpf", "--no-run"], "kernel", "test")?,
+    };
+    let daemon = built_executable(&["build", "--release", "--package", "timewait-daemon"], "timewaitd", "bin")?;
+    let dir = cache.join("run").join(format!("bins-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let bins = Binaries { tests: dir.join("kernel-tests"), daemon: dir.join("timewaitd"), dir };
+    for (from, to) in [(&tests, &bins.tests), (&daemon, &bins.daemon)] {
+        fs::copy(from, to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    }
+    Ok(bins)
+}
+
+/// Runs `cargo ARGS --message-format=json` and returns the executable of
+/// timewait-daemon's target `name` of kind `kind`.
+fn built_executable(args: &[&str], name: &str, kind: &str) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(args).arg("--message-format=json");
+    eprintln!("xtask: $ {}", render(&cmd));
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("cannot start {}", render(&cmd)))?;
+    if !out.status.success() {
+        bail!("{} failed ({})", render(&cmd), out.status);
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let wanted = msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == name
+            && msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == kind))
+            && msg["package_id"].as_str().is_some_and(|p| p.contains("timewait-daemon"));
+        if wanted && let Some(exe) = msg["executable"].as_str() {
+            return Ok(PathBuf::from(exe));
+        }
+    }
+    bail!("{} built no {kind} `{name}` of timewait-daemon", render(&cmd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines_are_summed() {
+        let (mut p, mut f) = (0, 0);
+        assert!(count_result("test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 26 filtered out", &mut p, &mut f));
+        assert!(count_result("[  1.5] junk test result: FAILED. 2 passed; 5 failed; 0 ignored", &mut p, &mut f));
+        assert!(!count_result("running 7 tests", &mut p, &mut f));
+        assert_eq!((p, f), (5, 5));
+    }
+
+    #[test]
+    fn kernel_lists() {
+        let all = parse_targets(&[]).unwrap();
+        assert_eq!(all.len(), 1 + GUEST_KERNELS.len());
+        assert_eq!(all[0], Target::Host);
+        let some = parse_targets(&["6.1,host".into(), "6.1".into()]).unwrap();
+        assert_eq!(some, vec![Target::Guest(GuestKernel::by_name("6.1").unwrap()), Target::Host]);
+        assert!(parse_targets(&["5.15".into()]).is_err());
+    }
+}
