@@ -61,6 +61,7 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
         ("max-series", new.max_series != running.max_series),
         ("log.level", new.log_level != running.log_level),
         ("reconcile-interval", new.reconcile_interval != running.reconcile_interval),
+        ("probe-path", new.probe_path != running.probe_path),
     ];
     for (key, changed) in fixed {
         if changed {
