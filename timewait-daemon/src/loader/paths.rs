@@ -108,6 +108,37 @@ const KFREE_SKB: (&str, &str) = ("tw_kfree_skb", "kfree_skb");
 
 const STATE_PROCESS: &str = "tcp_timewait_state_process";
 
+/// One line of a load error: the syscall's answer and, for a verifier
+/// rejection, the verifier's verdict (the last line of its log that is not a
+/// statistic). The whole log goes to the debug log.
+fn short(err: String) -> String {
+    // What the usual refusals mean, for `check`'s readers.
+    let hint = if err.contains("kprobe/type") {
+        " (this kernel has no kprobes: CONFIG_KPROBES)"
+    } else if err.contains("Operation not permitted") {
+        " (kernel lockdown, or missing CAP_BPF + CAP_PERFMON)"
+    } else {
+        ""
+    };
+    let Some((head, log)) = err.split_once("Verifier output:") else {
+        return format!("{err}{hint}");
+    };
+    tracing::debug!(verifier = %log, "verifier log");
+    let verdict = log
+        .lines()
+        .map(str::trim)
+        .rfind(|l| {
+            !l.is_empty()
+                && !l.starts_with("verification time")
+                && !l.starts_with("stack depth")
+                && !l.starts_with("processed ")
+                && !l.starts_with(':')
+        })
+        .unwrap_or("");
+    let head = head.trim_end().trim_end_matches('.');
+    if verdict.is_empty() { format!("{head}{hint}") } else { format!("{head}: verifier: {verdict}") }
+}
+
 fn not_found(program: &'static str) -> String {
     format!("program {program} not in the object")
 }
@@ -127,7 +158,7 @@ fn fentry(ebpf: &mut Ebpf, btf: &Btf, program: &'static str, function: &str, exi
             let _ = p.unload();
         })
     };
-    r.map_err(|e| error_chain(&e))
+    r.map_err(|e| short(error_chain(&e)))
 }
 
 fn kprobe(ebpf: &mut Ebpf, program: &'static str, function: &str) -> Result<(), String> {
@@ -135,7 +166,7 @@ fn kprobe(ebpf: &mut Ebpf, program: &'static str, function: &str) -> Result<(), 
         ebpf.program_mut(program).ok_or_else(|| not_found(program))?.try_into().map_err(|e| error_chain(&e))?;
     p.load().and_then(|()| p.attach(function, 0).map(drop)).inspect_err(|_| {
         let _ = p.unload();
-    }).map_err(|e| error_chain(&e))
+    }).map_err(|e| short(error_chain(&e)))
 }
 
 pub fn tp_btf(ebpf: &mut Ebpf, btf: &Btf, program: &'static str, tracepoint: &str) -> Result<(), String> {
@@ -143,7 +174,7 @@ pub fn tp_btf(ebpf: &mut Ebpf, btf: &Btf, program: &'static str, tracepoint: &st
         ebpf.program_mut(program).ok_or_else(|| not_found(program))?.try_into().map_err(|e| error_chain(&e))?;
     p.load(tracepoint, btf).and_then(|()| p.attach().map(drop)).inspect_err(|_| {
         let _ = p.unload();
-    }).map_err(|e| error_chain(&e))
+    }).map_err(|e| short(error_chain(&e)))
 }
 
 /// Unloads (and so detaches) a program attached earlier.
@@ -294,4 +325,19 @@ pub fn segments(
         tracing::warn!(refused = %sp.refused.join("; "), "segments unavailable: SYN verdicts and segment kinds are not exported");
     }
     Ok(sp)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_keeps_the_verdict() {
+        let e = "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: reg type \
+                 unsupported for arg#0\n0: R1=ctx\n267: (79) r1 = *(u64 *)(r0 +0)\nR0 unbounded memory access\n\
+                 verification time 27996 usec\nstack depth 120\n: Permission denied (os error 13)";
+        assert_eq!(
+            super::short(e.to_string()),
+            "the BPF_PROG_LOAD syscall returned Permission denied (os error 13): verifier: R0 unbounded memory access"
+        );
+        assert_eq!(super::short("no such file".into()), "no such file");
+    }
 }
