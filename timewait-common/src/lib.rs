@@ -307,7 +307,11 @@ pub struct Config {
     pub reqsk_timer_handler: u64,
     /// Network namespace to watch (inode number); 0 watches all.
     pub netns: u32,
-    pub _pad: u32,
+    /// `net.ipv4.ip_local_port_range` of the daemon's namespace at start-up
+    /// (0, 0 when unknown): the direction of minisockets found by the
+    /// start-up snapshot whose local port has no listener.
+    pub port_lo: u16,
+    pub port_hi: u16,
 }
 
 impl Offsets {
@@ -344,7 +348,8 @@ impl Config {
         tw_timer_handler: 0,
         reqsk_timer_handler: 0,
         netns: 0,
-        _pad: 0,
+        port_lo: 0,
+        port_hi: 0,
     };
 }
 

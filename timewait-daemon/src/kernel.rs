@@ -192,6 +192,14 @@ pub fn ensure_tracefs() -> Result<&'static str, String> {
     Ok(target)
 }
 
+/// `net.ipv4.ip_local_port_range` of this process's namespace: (low, high).
+pub fn local_port_range() -> Option<(u16, u16)> {
+    let s = sysctl("net.ipv4.ip_local_port_range")?;
+    let mut it = s.split_whitespace().map(|v| v.parse::<u16>());
+    let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else { return None };
+    (lo <= hi).then_some((lo, hi))
+}
+
 /// `net.ipv4.ip_local_port_range` as a number of ports (per namespace: read
 /// through this process's /proc/sys/net).
 pub fn local_port_range_size() -> Option<u64> {

@@ -95,8 +95,13 @@ pub fn remote_of(cfg: &Config, sk: u64, family: u16) -> Result<[u8; 16], i64> {
 
 /// Builds the aggregation key of minisocket `tw` in namespace `netns`.
 /// Direction is inbound when the local port has a listener in that namespace.
+/// For a minisocket the daemon did not see created (`unseen`: the start-up
+/// snapshot), whose listener may be gone (a server that stopped), the port
+/// ranges decide when no listener does: a local port inside
+/// `ip_local_port_range` and a remote port outside it is an active open
+/// (outbound), anything else was accepted (inbound, on its local port).
 #[inline(always)]
-pub fn tw_key(cfg: &Config, tw: u64, netns: u32) -> Result<AggKey, i64> {
+pub fn tw_key(cfg: &Config, tw: u64, netns: u32, unseen: bool) -> Result<AggKey, i64> {
     let o = &cfg.offsets;
     let family: u16 = read(tw, o.skc_family)?;
     let substate: u8 = read(tw, o.tw_substate)?;
@@ -109,7 +114,9 @@ pub fn tw_key(cfg: &Config, tw: u64, netns: u32) -> Result<AggKey, i64> {
         ..AggKey::default()
     };
     key.remote = remote_of(cfg, tw, family)?;
-    if is_listening(netns, lport) {
+    let ephemeral = |p: u16| cfg.port_lo != 0 && p >= cfg.port_lo && p <= cfg.port_hi;
+    let inbound = is_listening(netns, lport) || (unseen && cfg.port_lo != 0 && !(ephemeral(lport) && !ephemeral(rport)));
+    if inbound {
         key.direction = DIRECTION_INBOUND;
         key.port = lport;
     } else {

@@ -46,7 +46,7 @@ pub fn close_timer(timer: u64, reason: u32) {
 /// None when it was already followed or could not be.
 #[inline(always)]
 pub fn follow(cfg: &Config, tw: u64, timer: u64, netns: u32, from_snapshot: u32) -> Option<AggKey> {
-    let key = tw_key(cfg, tw, netns).ok()?;
+    let key = tw_key(cfg, tw, netns, from_snapshot == 1).ok()?;
     // Count first, then insert already marked counted (one hash lookup
     // fewer than insert-then-update); undo the count if it was followed.
     let counted = add(&COUNTS, &key, 1);
@@ -79,8 +79,12 @@ pub fn bump_created(key: &AggKey) {
 
 /// Moves a followed minisocket to `key` (its substate changed: FIN_WAIT2 ->
 /// TIME_WAIT), keeping the gauges exact: it is counted under one key at most.
+/// Its direction and port stay what they were when it was first followed
+/// (a listener that comes or goes later does not change its history).
 #[inline(always)]
-pub fn rekey(entry: &mut TwEntry, key: AggKey) {
+pub fn rekey(entry: &mut TwEntry, mut key: AggKey) {
+    key.direction = entry.key.direction;
+    key.port = entry.key.port;
     if entry.counted == 1 && entry.key == key {
         return;
     }

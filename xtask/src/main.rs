@@ -79,7 +79,7 @@ pub const GUEST_TESTS: &[matrix::GuestRun] = &[
 ];
 
 /// Counts vs `ss` per remote, direction, IPv6, FIN_WAIT2, pre-existing and
-/// restart, netns; expiry; SYN accepted and rejected; reset; tcp_tw_reuse;
+/// restart, a stopped server, netns; expiry; SYN accepted and rejected; reset; tcp_tw_reuse;
 /// overflow; port exhaustion; `check`.
 const FENTRY_TESTS: &[&str] = &[
     "check_paths",
@@ -88,6 +88,7 @@ const FENTRY_TESTS: &[&str] = &[
     "ipv6",
     "fin_wait2_orphans",
     "preexisting_and_restart",
+    "dead_listener",
     "netns_isolation",
     "expiry",
     "syn_reuse",

@@ -250,12 +250,14 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let offsets = kernel::offsets(&btf_rs)?;
     let netns = kernel::own_netns()?;
     let functions = kernel::timer_functions()?;
+    let port_range = kernel::local_port_range().unwrap_or((0, 0));
     let config = Config {
         offsets,
         tw_timer_handler: functions.tw_timer_handler,
         reqsk_timer_handler: functions.reqsk_timer_handler,
         netns: if opts.all_netns { 0 } else { netns },
-        _pad: 0,
+        port_lo: port_range.0,
+        port_hi: port_range.1,
     };
     debug!(?config, "kernel configuration");
     let tracked = opts.max_tracked_sockets.unwrap_or_else(default_tracked);

@@ -43,3 +43,6 @@ mod full_maps;
 
 // Issue 11: the kernel matrix.
 mod check_paths;
+
+// Issue 12: untidy hosts.
+mod dead_listener;

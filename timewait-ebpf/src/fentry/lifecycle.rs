@@ -66,7 +66,7 @@ fn on_schedule(tw: u64, rearm: bool) -> Result<(), i64> {
     // SAFETY: e points to this minisocket's entry; a re-arm runs under the
     // minisocket's bucket lock, and a concurrent kill can only remove it.
     let entry = unsafe { &mut *e };
-    rekey(entry, tw_key(&cfg, tw, netns)?);
+    rekey(entry, tw_key(&cfg, tw, netns, false)?);
     Ok(())
 }
 

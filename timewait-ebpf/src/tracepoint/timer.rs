@@ -85,7 +85,7 @@ fn try_timer_start(timer: u64) -> Result<(), i64> {
     // SAFETY: e points to this timer's entry; its events are serialised by
     // the timer base lock this tracepoint runs under.
     let entry = unsafe { &mut *e };
-    rekey(entry, tw_key(&cfg, tw, netns)?);
+    rekey(entry, tw_key(&cfg, tw, netns, false)?);
     if entry.state == TW_CANCELLED {
         entry.state = TW_LIVE;
         entry.cancel_ns = 0;
