@@ -66,9 +66,17 @@ pub fn require_root(test: &str) -> bool {
 // ---------------------------------------------------------------------------
 // Polling
 
+/// A wait bound, 3x wider in an emulated guest of the kernel matrix (TCG
+/// runs the workloads 10-30x slower; seen: 25 loopback connections not in
+/// TIME_WAIT within 10 s on a loaded host).
+pub fn scaled(d: Duration) -> Duration {
+    if emulated() { d * 3 } else { d }
+}
+
 /// Polls `cond` every 50 ms until it holds; panics with `what` after `timeout`.
 #[track_caller]
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let timeout = scaled(timeout);
     let start = Instant::now();
     loop {
         if cond() {
@@ -105,7 +113,7 @@ pub fn quiet_equal<T: PartialEq + Debug>(
             );
             return metric;
         }
-        if start.elapsed() >= QUIET_TIMEOUT {
+        if start.elapsed() >= scaled(QUIET_TIMEOUT) {
             panic!(
                 "{what}: ss and metrics never agreed at a quiet moment in {QUIET_TIMEOUT:?} \
                  ({tries} readings)\n  ss before: {before:?}\n  metrics:   {metric:?}\n  \
@@ -308,7 +316,7 @@ impl NetNs {
             if last.is_empty() {
                 return;
             }
-            if start.elapsed() >= SETTLE_TIMEOUT {
+            if start.elapsed() >= scaled(SETTLE_TIMEOUT) {
                 panic!(
                     "sockets in {} still half-closed after {SETTLE_TIMEOUT:?}: {} left, e.g. {:?}",
                     self.name,
