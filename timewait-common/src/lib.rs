@@ -210,14 +210,37 @@ pub struct TwEntry {
     pub cancel_ns: u64,
     /// `TW_LIVE` or `TW_CANCELLED`.
     pub state: u32,
-    /// 1 while the minisocket is counted in `COUNTS` under `key` (0 when it
-    /// is cancelled, or when `COUNTS` was full).
-    pub counted: u32,
     /// `HINT_*`.
     pub hint: u32,
-    /// 1 when it was found by the start-up snapshot rather than created under watch.
-    pub from_snapshot: u32,
+    /// The reconciliation walk that last found this minisocket in the
+    /// kernel's tables (`EPOCH[EPOCH_WALK]` then), see `iter.rs`.
+    pub seen: u32,
+    /// 1 while the minisocket is counted under `key` in the gauges (0 when
+    /// it is cancelled).
+    pub counted: u16,
+    /// 1 when it was found by a walk (start-up snapshot or reconciliation)
+    /// rather than created under watch.
+    pub from_snapshot: u16,
 }
+
+/// Value of `CONNS`: a full socket of an active open.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct ConnEntry {
+    /// Its key (substate `SUBSTATE_CONNECTION`).
+    pub key: AggKey,
+    /// `bpf_ktime_get_ns()` when it was first seen.
+    pub created_ns: u64,
+    /// As `TwEntry::seen`.
+    pub seen: u32,
+    pub _pad: u32,
+}
+
+/// Indices of the `EPOCH` array: which of the two gauge-delta and SYN
+/// tables the programs write (its low bit), and the number of the
+/// reconciliation walk running.
+pub const EPOCH_TABLES: u32 = 0;
+pub const EPOCH_WALK: u32 = 1;
 
 /// Indices of the `COUNTERS` per-CPU array.
 pub mod counter {
@@ -242,7 +265,14 @@ pub mod counter {
     pub const SEG_RST: u32 = 13;
     pub const SEG_SYN: u32 = 14;
     pub const SEG_DATA: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// Minisockets whose direction the connection's history corrected at
+    /// creation (accepted though the listener is gone, or an active open
+    /// from a listening port).
+    pub const DIRECTION_FROM_HISTORY: u32 = 16;
+    /// Minisockets and active opens a reconciliation walk found unfollowed
+    /// (their creation was lost).
+    pub const RECONCILE_FOUND: u32 = 17;
+    pub const COUNT: u32 = 18;
 }
 
 /// Kernel struct offsets, read from the running kernel's BTF by the daemon and
@@ -359,6 +389,7 @@ const _: () = assert!(core::mem::size_of::<ErrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LastCancel>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectDst>() == 16);
 const _: () = assert!(core::mem::size_of::<SegmentSlot>() == 40);
+const _: () = assert!(core::mem::size_of::<ConnEntry>() == 48);
 const _: () = assert!(core::mem::size_of::<TwEntry>() == 32 + 8 * 2 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 22 * 4);
 const _: () = assert!(core::mem::size_of::<Config>() == 88 + 24);
@@ -380,4 +411,6 @@ mod pod {
     unsafe impl aya::Pod for super::SynCounts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ErrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnEntry {}
 }

@@ -12,6 +12,15 @@ use timewait_common::{AF_INET, AggKey, DIRECTION_INBOUND, RemoteKey, SUBSTATE_CO
 /// The remote label of series folded beyond the top K.
 pub const OTHER: &str = "other";
 
+/// `Series::port` of the ports folded beyond the top K of their remote:
+/// labelled `port="other"` (no TCP service listens on or connects to port 0).
+pub const PORT_OTHER: u16 = 0;
+
+/// The `port` label of a series.
+pub fn port_label(port: u16) -> String {
+    if port == PORT_OTHER { OTHER.to_string() } else { port.to_string() }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
@@ -32,6 +41,9 @@ impl Direction {
 pub struct AggOptions {
     /// Remotes beyond the N busiest are summed into `remote="other"`.
     pub top_remotes: usize,
+    /// Per remote (and direction), ports beyond the N busiest are summed
+    /// into `port="other"`.
+    pub top_ports: usize,
     /// Fold IPv4 remotes into blocks of this prefix length (32: no folding).
     pub ipv4_prefix: u8,
     /// Fold IPv6 remotes into blocks of this prefix length (128: no folding).
@@ -43,11 +55,13 @@ pub struct AggOptions {
 }
 
 pub const DEFAULT_REMOTE_PORT_RANGE_SIZE: u64 = 64_512;
+pub const DEFAULT_TOP_PORTS: usize = 10;
 
 impl Default for AggOptions {
     fn default() -> Self {
         Self {
             top_remotes: 100,
+            top_ports: DEFAULT_TOP_PORTS,
             ipv4_prefix: 32,
             ipv6_prefix: 128,
             remote_port_range_size: DEFAULT_REMOTE_PORT_RANGE_SIZE,
@@ -115,10 +129,13 @@ pub fn remote_label(addr: IpAddr, opts: &AggOptions) -> String {
 
 /// Turns the kernel's per-key gauges into series: fold CIDRs, keep the
 /// `top_remotes` busiest remotes (by all their minisockets; ties broken by
-/// label so the choice is stable) and sum the rest into `remote="other"`.
-/// Sums are preserved exactly. Non-positive values are skipped.
+/// label so the choice is stable) and sum the rest into `remote="other"`,
+/// then per (direction, remote) keep the `top_ports` busiest ports and sum
+/// the rest into `port="other"`. So at most (top_remotes + 1) x (top_ports +
+/// 1) series per direction, whatever the sockets: a port that is a client's
+/// ephemeral port by accident cannot make a series per socket. Sums are
+/// preserved exactly. Non-positive values are skipped.
 pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions) -> Vec<Series> {
-    type SeriesKey = (Option<u32>, Direction, String, u16);
     let mut by_series: BTreeMap<SeriesKey, (u64, u64, u64)> = BTreeMap::new();
     for (key, n) in raw {
         let Ok(n) = u64::try_from(n) else { continue };
@@ -150,6 +167,7 @@ pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions
         slot.1 += fw;
         slot.2 += c;
     }
+    let folded = fold_ports(folded, opts.top_ports);
     folded
         .into_iter()
         .map(|((netns, d, remote, port), (time_wait, fin_wait2, connections))| Series {
@@ -162,6 +180,33 @@ pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions
             connections,
         })
         .collect()
+}
+
+type SeriesKey = (Option<u32>, Direction, String, u16);
+
+/// Per (netns, direction, remote), the `n` busiest ports keep their series
+/// (ties broken by port number), the rest are summed into `PORT_OTHER`.
+fn fold_ports(by_series: BTreeMap<SeriesKey, (u64, u64, u64)>, n: usize) -> BTreeMap<SeriesKey, (u64, u64, u64)> {
+    let mut per_owner: BTreeMap<(Option<u32>, Direction, &str), Vec<(u16, u64)>> = BTreeMap::new();
+    for ((netns, d, remote, port), (tw, fw, c)) in &by_series {
+        per_owner.entry((*netns, *d, remote.as_str())).or_default().push((*port, tw + fw + c));
+    }
+    let mut kept: std::collections::HashSet<(Option<u32>, Direction, String, u16)> = std::collections::HashSet::new();
+    for ((netns, d, remote), mut ports) in per_owner {
+        ports.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (port, _) in ports.into_iter().take(n) {
+            kept.insert((netns, d, remote.to_string(), port));
+        }
+    }
+    let mut out: BTreeMap<SeriesKey, (u64, u64, u64)> = BTreeMap::new();
+    for (key, (tw, fw, c)) in by_series {
+        let key = if kept.contains(&key) { key } else { (key.0, key.1, key.2, PORT_OTHER) };
+        let slot = out.entry(key).or_default();
+        slot.0 += tw;
+        slot.1 += fw;
+        slot.2 += c;
+    }
+    out
 }
 
 /// The `n` busiest remotes (ties broken by label, so the choice is stable).
@@ -186,16 +231,26 @@ pub struct SynSeries {
 }
 
 /// Per-remote SYN counters with the same folding as `aggregate`. Remotes are
-/// ranked by their SYN total.
-pub fn aggregate_syns(raw: impl IntoIterator<Item = (RemoteKey, SynCounts)>, opts: &AggOptions) -> Vec<SynSeries> {
+/// ranked by their SYN total; those in `also_keep` (the remotes the socket
+/// series keep) keep their series too, at 0 until their first SYN. Family 0
+/// is what the daemon already folded (`remote="other"`).
+pub fn aggregate_syns(
+    raw: impl IntoIterator<Item = (RemoteKey, SynCounts)>,
+    opts: &AggOptions,
+    also_keep: &std::collections::HashSet<String>,
+) -> Vec<SynSeries> {
     let mut by_remote: BTreeMap<(Option<u32>, String), (u64, u64)> = BTreeMap::new();
     for (k, v) in raw {
-        let label = remote_label(addr_of(k.family, k.remote), opts);
+        let label = if k.family == 0 { OTHER.to_string() } else { remote_label(addr_of(k.family, k.remote), opts) };
         let slot = by_remote.entry((opts.per_netns.then_some(k.netns), label)).or_default();
         slot.0 += u64::try_from(v.total).unwrap_or(0);
         slot.1 += u64::try_from(v.rejected).unwrap_or(0);
     }
-    let kept = top_remotes(by_remote.iter().map(|((_, r), (t, _))| (r.as_str(), *t)), opts.top_remotes);
+    let mut kept = top_remotes(
+        by_remote.iter().filter(|((_, r), _)| r != OTHER).map(|((_, r), (t, _))| (r.as_str(), *t)),
+        opts.top_remotes,
+    );
+    kept.extend(also_keep.iter().cloned());
     let mut folded: BTreeMap<(Option<u32>, String), (u64, u64)> = BTreeMap::new();
     for ((netns, remote), (t, r)) in by_remote {
         let remote = if kept.contains(&remote) { remote } else { OTHER.to_string() };
@@ -288,10 +343,44 @@ mod tests {
             (k(2), SynCounts { total: 3, rejected: 3 }),
             (k(3), SynCounts { total: 2, rejected: 0 }),
         ];
-        let s = aggregate_syns(raw, &AggOptions { top_remotes: 1, ..Default::default() });
+        let s = aggregate_syns(raw, &AggOptions { top_remotes: 1, ..Default::default() }, &Default::default());
         assert_eq!(s.len(), 2);
         assert_eq!(s.iter().find(|x| x.remote == "10.0.0.1").map(|x| (x.total, x.rejected)), Some((9, 1)));
         assert_eq!(s.iter().find(|x| x.remote == OTHER).map(|x| (x.total, x.rejected)), Some((5, 3)));
+    }
+
+    #[test]
+    fn ports_fold_per_remote_preserving_sum() {
+        // One remote with 300 ephemeral-looking ports (a stopped server's
+        // clients seen as outbound) and a second with two real ones.
+        let mut raw: Vec<_> =
+            (0..300u16).map(|i| (v4([10, 0, 0, 1], 40_000 + i, DIRECTION_OUTBOUND, TCP_TIME_WAIT), 1)).collect();
+        raw.push((v4([10, 0, 0, 1], 443, DIRECTION_OUTBOUND, TCP_TIME_WAIT), 50));
+        raw.push((v4([10, 0, 0, 2], 80, DIRECTION_INBOUND, TCP_TIME_WAIT), 7));
+        raw.push((v4([10, 0, 0, 2], 81, DIRECTION_INBOUND, TCP_TIME_WAIT), 3));
+        let s = aggregate(raw, &AggOptions { top_ports: 3, ..Default::default() });
+        assert_eq!(s.iter().map(|x| x.time_wait).sum::<u64>(), 360);
+        let of = |r: &str| s.iter().filter(|x| x.remote == r).map(|x| (x.port, x.time_wait)).collect::<Vec<_>>();
+        // 443 first, two ephemeral ones (lowest number on ties), the rest in other.
+        assert_eq!(of("10.0.0.1"), [(PORT_OTHER, 298), (443, 50), (40_000, 1), (40_001, 1)]);
+        assert_eq!(of("10.0.0.2"), [(80, 7), (81, 3)]);
+        assert_eq!(port_label(PORT_OTHER), "other");
+    }
+
+    #[test]
+    fn syns_keep_the_remotes_the_sockets_keep() {
+        let k = |last: u8| {
+            let mut r = RemoteKey { family: AF_INET, ..Default::default() };
+            r.remote[..4].copy_from_slice(&[10, 0, 0, last]);
+            r
+        };
+        let raw = [(k(1), SynCounts { total: 9, rejected: 1 }), (k(2), SynCounts::default())];
+        let opts = AggOptions { top_remotes: 1, ..Default::default() };
+        let s = aggregate_syns(raw, &opts, &["10.0.0.2".to_string()].into());
+        assert_eq!(s.iter().map(|x| (x.remote.as_str(), x.total)).collect::<Vec<_>>(), [("10.0.0.1", 9), ("10.0.0.2", 0)]);
+        let folded = [(RemoteKey::default(), SynCounts { total: 4, rejected: 2 })];
+        let s = aggregate_syns(folded, &opts, &Default::default());
+        assert_eq!(s.iter().map(|x| (x.remote.as_str(), x.total)).collect::<Vec<_>>(), [(OTHER, 4)]);
     }
 
     #[test]

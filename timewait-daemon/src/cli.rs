@@ -63,6 +63,9 @@ pub struct RunArgs {
     /// Remotes beyond the N busiest are summed into remote="other" [default: 100].
     #[arg(long, value_name = "N")]
     pub top_remotes: Option<usize>,
+    /// Per remote and direction, ports beyond the N busiest are summed into port="other" [default: 10].
+    #[arg(long, value_name = "N")]
+    pub top_ports: Option<usize>,
     /// Fold IPv4 remotes into /P blocks before ranking [default: 32, no folding].
     #[arg(long, value_name = "P")]
     pub aggregate_ipv4_prefix: Option<u8>,
@@ -78,10 +81,10 @@ pub struct RunArgs {
     /// Capacity of the kernel's minisocket table [default: tcp_max_tw_buckets + 16384].
     #[arg(long, value_name = "N")]
     pub max_tracked_sockets: Option<u32>,
-    /// Capacity of the kernel's per-(direction, remote, port) table [default: 65536].
+    /// Keys (direction, remote, port) whose count may change within one second: capacity of the kernel's two gauge-delta tables, drained every second; the per-remote SYN tables get half, and beyond that many remotes the smallest SYN totals fold into remote="other" [default: 32768].
     #[arg(long, value_name = "N")]
     pub max_series: Option<u32>,
-    /// Seconds between reconciliations against the kernel's socket list (a sock_diag dump, like ss); 0 turns them off [default: 60].
+    /// Seconds between reconciliations with the kernel's socket tables (a walk of them, socket by socket); a lost event triggers one at once anyway; 0 turns the periodic ones off [default: 10].
     #[arg(long, value_name = "SECS")]
     pub reconcile_interval: Option<u64>,
     /// Way into the kernel: auto (fentry where it attaches, else kprobes, else tracepoints), or only one of them [default: auto].

@@ -12,7 +12,7 @@ use std::{
 
 use serde::Serialize;
 use timewait_common::{
-    AggKey, EADDRINUSE, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, TW_CANCELLED,
+    AggKey, EADDRINUSE, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, RemoteKey, SynCounts, TW_CANCELLED,
     TwEntry, counter, lifetime_slot,
 };
 use tracing::warn;
@@ -48,6 +48,8 @@ pub struct Counters {
     pub snapshot: u64,
     pub snapshot_listeners: u64,
     pub substate_changes: u64,
+    /// Minisockets whose direction the connection's history corrected.
+    pub direction_from_history: u64,
     /// Segments dropped by minisockets, as in `SEGMENT_KINDS`.
     pub segments: [u64; 5],
     pub reconcile_runs: u64,
@@ -118,20 +120,42 @@ pub struct Collector {
     /// Map reads that failed (a kernel error, not a lost event).
     pub read_errors: AtomicU64,
     reconcile: Mutex<Reconcile>,
+    /// Gauges and per-remote SYN totals drained from the kernel's tables.
+    /// Locked after `probes`, never before.
+    totals: Mutex<Totals>,
+    /// Waits for running programs before a SYN table is drained (None when
+    /// the kernel refused the map-in-map: SYN tables are then read in place
+    /// and never drained).
+    grace: Option<crate::rcu::GracePeriod>,
+    /// Bound of `syns` (`--max-series`).
+    max_series: usize,
 }
 
-/// State of the reconciliation against the kernel's socket list.
+/// State of the reconciliation against the kernel's socket tables.
 #[derive(Default)]
 struct Reconcile {
-    /// Added to the kernel's count of each key at read time.
-    offsets: HashMap<AggKey, i64>,
-    /// The difference seen in the previous round, per key.
-    last_diff: HashMap<AggKey, i64>,
     runs: u64,
     errors: u64,
     corrections: u64,
     last_micros: u64,
+    /// `counter::LOST` and the programs' recursion misses at the last look:
+    /// when either grows, an event was lost and a reconciliation runs at once.
+    last_lost: u64,
+    last_misses: u64,
 }
+
+/// What the drains moved out of the kernel: the gauges (keys at 0 are
+/// dropped) and the per-remote SYN counters (beyond the bound, the smallest
+/// fold into `other`).
+#[derive(Default)]
+struct Totals {
+    gauges: HashMap<AggKey, i64>,
+    syns: HashMap<RemoteKey, SynCounts>,
+    drains: u64,
+}
+
+/// The remote key of folded SYN counters (`remote="other"`): family 0.
+pub const OTHER_FAMILY: u16 = 0;
 
 fn clock_monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -141,96 +165,259 @@ fn clock_monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Every entry of a hash map: batched where the kernel can (5.6+), else two
+/// syscalls per entry.
+fn read_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    errors: &AtomicU64,
+) -> Vec<(K, V)> {
+    use aya::maps::IterableMap as _;
+    if let Ok(all) = crate::batch::lookup_all::<K, V>(map.map()) {
+        return all;
+    }
+    let mut out = Vec::new();
+    for item in map.iter() {
+        match item {
+            Ok(kv) => out.push(kv),
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    out
+}
+
+/// What a reconciliation walk left unmarked: entries older than the walk.
+struct Unseen {
+    tw: HashSet<u64>,
+    conns: HashSet<u64>,
+}
+
 impl Collector {
-    pub fn new(probes: Probes) -> Self {
+    pub fn new(probes: Probes, max_series: u32) -> Self {
+        let grace = match crate::rcu::GracePeriod::new() {
+            Ok(g) => Some(g),
+            Err(e) => {
+                warn!(error = %e, "no map-in-map: the kernel's gauge and SYN tables are not drained and can fill");
+                None
+            }
+        };
         Self {
             probes: Mutex::new(probes),
             swept: std::array::from_fn(|_| AtomicU64::new(0)),
             swept_lifetime: (0..LIFETIME_REASONS * LIFETIME_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             read_errors: AtomicU64::new(0),
             reconcile: Mutex::new(Reconcile::default()),
+            totals: Mutex::new(Totals::default()),
+            grace,
+            max_series: max_series as usize,
         }
     }
 
-    fn raw_counts(&self) -> HashMap<AggKey, i64> {
-        use aya::maps::IterableMap as _;
-        let probes = self.lock();
-        if let Ok(all) = crate::batch::lookup_all::<AggKey, i64>(probes.counts.map()) {
-            return all.into_iter().collect();
-        }
-        // Kernels before 5.6: two syscalls per entry.
-        let mut raw = HashMap::new();
-        for item in probes.counts.iter() {
-            match item {
-                Ok((k, v)) => {
-                    raw.insert(k, v);
-                }
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(_) => {
-                    self.read_errors.fetch_add(1, Ordering::Relaxed);
-                }
+    /// The gauges: what the drains moved out plus what both delta tables
+    /// hold now. Called with the probes lock held, which a drain holds
+    /// throughout: each change is seen exactly once.
+    fn raw_counts(&self, probes: &Probes) -> HashMap<AggKey, i64> {
+        let mut raw = self.totals.lock().unwrap_or_else(|e| e.into_inner()).gauges.clone();
+        for table in &probes.counts {
+            for (k, d) in read_all(table, &self.read_errors) {
+                *raw.entry(k).or_default() += d;
             }
         }
         raw
     }
 
-    /// Compares the counts with the kernel's own socket list (a sock_diag
-    /// dump, as `ss` does) and corrects what the programs could not count
-    /// (full maps, lost events). A key's correction changes only when its
-    /// kernel count held still across the dump and the difference was the
-    /// same in two rounds in a row, so churn during a dump is never "fixed".
-    /// Cost: one dump of the namespace's TCP sockets per call.
-    pub fn reconcile(&self, netns: u32) -> Result<u64, crate::diag::DiagError> {
-        let start = std::time::Instant::now();
-        let before = self.raw_counts();
-        let socks = match crate::diag::dump() {
-            Ok(s) => s,
-            Err(e) => {
-                self.reconcile.lock().unwrap_or_else(|e| e.into_inner()).errors += 1;
-                return Err(e);
-            }
-        };
-        let after = self.raw_counts();
-        let was_listening: HashSet<u16> = after
-            .keys()
-            .filter(|k| k.netns == netns && k.direction == timewait_common::DIRECTION_INBOUND)
-            .map(|k| k.port)
-            .collect();
-        let expected = crate::diag::expected(&socks, netns, &was_listening);
-        let mut r = self.reconcile.lock().unwrap_or_else(|e| e.into_inner());
-        let keys: HashSet<AggKey> = after
-            .keys()
-            .filter(|k| k.netns == netns)
-            .chain(expected.keys())
-            .chain(r.offsets.keys())
-            .copied()
-            .collect();
-        let mut diffs = HashMap::new();
-        let mut corrected = 0;
-        for key in keys {
-            let (k1, k2) = (before.get(&key).copied().unwrap_or(0), after.get(&key).copied().unwrap_or(0));
-            if k1 != k2 {
-                continue;
-            }
-            let diff = expected.get(&key).copied().unwrap_or(0) - k2;
-            let old = r.offsets.get(&key).copied().unwrap_or(0);
-            if r.last_diff.get(&key).copied().unwrap_or(0) == diff && diff != old {
-                corrected += diff.abs_diff(old);
-                if diff == 0 {
-                    r.offsets.remove(&key);
-                } else {
-                    r.offsets.insert(key, diff);
-                }
-            }
-            if diff != 0 {
-                diffs.insert(key, diff);
+    /// One walk of the kernel's socket tables (`iter.rs`): follows what the
+    /// programs missed and marks what they follow; returns the entries it
+    /// did not find that are older than the walk.
+    fn walk(&self, probes: &mut Probes) -> Result<Unseen, crate::loader::LoadError> {
+        let walk = probes.epoch.get(&timewait_common::EPOCH_WALK, 0).unwrap_or(0).wrapping_add(1);
+        probes
+            .epoch
+            .set(timewait_common::EPOCH_WALK, walk, 0)
+            .map_err(|e| crate::loader::LoadError::Map("EPOCH", e.to_string()))?;
+        let began = clock_monotonic_ns();
+        crate::loader::run_iter(&mut probes.ebpf, "iter_listeners")?;
+        crate::loader::run_iter(&mut probes.ebpf, "iter_timewait")?;
+        if let Some(own) = probes.all_netns {
+            for ns in crate::loader::other_namespaces(own) {
+                // A namespace gone meanwhile has no sockets left to find.
+                let _ = crate::loader::in_netns(&ns, || {
+                    crate::loader::run_iter(&mut probes.ebpf, "iter_listeners")?;
+                    crate::loader::run_iter(&mut probes.ebpf, "iter_timewait")
+                });
             }
         }
-        r.last_diff = diffs;
+        let tw = read_all(&probes.tw_socks, &self.read_errors)
+            .into_iter()
+            .filter(|(_, e)| e.state == timewait_common::TW_LIVE && e.seen != walk && e.created_ns < began)
+            .map(|(t, _)| t)
+            .collect();
+        let conns = read_all(&probes.conns, &self.read_errors)
+            .into_iter()
+            .filter(|(_, c)| c.seen != walk && c.created_ns < began)
+            .map(|(sk, _)| sk)
+            .collect();
+        Ok(Unseen { tw, conns })
+    }
+
+    /// Reconciles the per-socket tables with the kernel's own socket tables,
+    /// socket by socket: a walk follows every minisocket and active open the
+    /// programs missed (a lost creation: counted at once), and an entry that
+    /// neither that walk nor a second one right after it found, though it
+    /// existed before both began, is one whose end was lost: it is removed
+    /// (closed as `other`). Churn cannot fool it: a socket created or gone
+    /// during a walk is left alone. Cost: two walks of the namespace's TCP
+    /// sockets when something is unseen, one otherwise (BENCHMARKS.md).
+    pub fn reconcile(&self) -> Result<u64, crate::loader::LoadError> {
+        let start = std::time::Instant::now();
+        let mut probes = self.lock();
+        let found_before = self.kernel_counter(&probes, counter::RECONCILE_FOUND);
+        let result = (|| {
+            let first = self.walk(&mut probes)?;
+            if first.tw.is_empty() && first.conns.is_empty() {
+                return Ok(0);
+            }
+            let second = self.walk(&mut probes)?;
+            let mut removed = 0;
+            let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+            // Removal is the claim (as in the programs' `close`): what we
+            // removed, we uncount, directly in the drained gauges.
+            for timer in first.tw.intersection(&second.tw) {
+                if let Ok(e) = probes.tw_socks.get(timer, 0)
+                    && e.state == timewait_common::TW_LIVE
+                    && probes.tw_socks.remove(timer).is_ok()
+                {
+                    if e.counted == 1 {
+                        uncount(&mut t.gauges, e.key);
+                    }
+                    self.swept[counter::CLOSED_OTHER as usize].fetch_add(1, Ordering::Relaxed);
+                    removed += 1;
+                }
+            }
+            for sk in first.conns.intersection(&second.conns) {
+                if let Ok(c) = probes.conns.get(sk, 0)
+                    && probes.conns.remove(sk).is_ok()
+                {
+                    uncount(&mut t.gauges, c.key);
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })();
+        let found = self.kernel_counter(&probes, counter::RECONCILE_FOUND).saturating_sub(found_before);
+        drop(probes);
+        let mut r = self.reconcile.lock().unwrap_or_else(|e| e.into_inner());
         r.runs += 1;
-        r.corrections += corrected;
         r.last_micros = start.elapsed().as_micros() as u64;
-        Ok(corrected)
+        match result {
+            Ok(removed) => {
+                r.corrections += removed + found;
+                Ok(removed + found)
+            }
+            Err(e) => {
+                r.errors += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether an event was lost since the last look (a full table, or a
+    /// program run the kernel skipped): then reconcile at once.
+    pub fn lost_since_last_look(&self) -> bool {
+        let probes = self.lock();
+        let lost = self.kernel_counter(&probes, counter::LOST);
+        let misses: u64 = probes
+            .programs
+            .iter()
+            .filter_map(|(_, fd)| {
+                use std::os::fd::AsFd as _;
+                crate::loader::recursion_misses(fd.as_fd())
+            })
+            .sum();
+        drop(probes);
+        let mut r = self.reconcile.lock().unwrap_or_else(|e| e.into_inner());
+        let grew = lost > r.last_lost || misses > r.last_misses;
+        if grew {
+            tracing::debug!(lost, misses, was_lost = r.last_lost, was_missed = r.last_misses, "events lost: reconciling");
+        }
+        (r.last_lost, r.last_misses) = (lost, misses);
+        grew
+    }
+
+    fn kernel_counter(&self, probes: &Probes, idx: u32) -> u64 {
+        match probes.counters.get(&0, 0) {
+            Ok(per_cpu) => per_cpu.iter().map(|c| c[idx as usize]).sum(),
+            Err(_) => {
+                self.read_errors.fetch_add(1, Ordering::Relaxed);
+                0
+            }
+        }
+    }
+
+    /// Moves the gauge changes and per-remote SYN counts out of the kernel:
+    /// flip the pair of tables the programs write, wait until none still
+    /// writes the old pair (an RCU grace period, `rcu.rs`), then read the old
+    /// tables and delete their keys. Nothing writes them any more, so the
+    /// deletes lose no increment, and a key stays in the kernel about a
+    /// second at most. Beyond `--max-series` / 2 remotes, the smallest SYN
+    /// totals fold into `other`.
+    pub fn drain(&self) {
+        let Some(grace) = &self.grace else { return };
+        let mut probes = self.lock();
+        let epoch = probes.epoch.get(&timewait_common::EPOCH_TABLES, 0).unwrap_or(0);
+        let current = (epoch & 1) as usize;
+        // Nothing written since the last drain: nothing to do.
+        if probes.counts[current].keys().next().is_none() && probes.syns[current].keys().next().is_none() {
+            return;
+        }
+        if let Err(e) = probes.epoch.set(timewait_common::EPOCH_TABLES, epoch.wrapping_add(1), 0) {
+            warn!(error = %e, "flipping the kernel's tables failed");
+            return;
+        }
+        if let Err(e) = grace.wait() {
+            // Not drained this time; the other pair gets drained next time
+            // only once this wait has succeeded: flip back.
+            warn!(error = %e, "waiting for running programs failed; the tables are drained at the next tick");
+            let _ = probes.epoch.set(timewait_common::EPOCH_TABLES, epoch, 0);
+            return;
+        }
+        let counts = read_all(&probes.counts[current], &self.read_errors);
+        let syns = read_all(&probes.syns[current], &self.read_errors);
+        let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, d) in &counts {
+            let slot = t.gauges.entry(*k).or_default();
+            *slot += d;
+            if *slot == 0 {
+                t.gauges.remove(k);
+            }
+        }
+        for (k, v) in &syns {
+            let slot = t.syns.entry(*k).or_default();
+            slot.total += v.total;
+            slot.rejected += v.rejected;
+        }
+        // Only now that they are counted: the kernel's copies go.
+        for (k, _) in &counts {
+            if let Err(e) = probes.counts[current].remove(k)
+                && !matches!(e, aya::maps::MapError::KeyNotFound)
+            {
+                self.read_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        for (k, _) in &syns {
+            if let Err(e) = probes.syns[current].remove(k)
+                && !matches!(e, aya::maps::MapError::KeyNotFound)
+            {
+                self.read_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        t.drains += 1;
+        let bound = crate::loader::syn_capacity(self.max_series as u32) as usize;
+        if t.syns.len() > bound {
+            fold_smallest(&mut t.syns, bound * 3 / 4);
+        }
     }
 
     pub fn hooks(&self) -> Vec<(String, bool)> {
@@ -248,16 +435,12 @@ impl Collector {
 
     /// One consistent read of everything the metrics show.
     pub fn read(&self, opts: &AggOptions) -> View {
-        let mut counts = self.raw_counts();
         let rec = {
             let r = self.reconcile.lock().unwrap_or_else(|e| e.into_inner());
-            for (k, off) in &r.offsets {
-                *counts.entry(*k).or_insert(0) += off;
-            }
             (r.runs, r.errors, r.corrections, r.last_micros)
         };
-        let raw: Vec<(AggKey, i64)> = counts.into_iter().collect();
         let probes = self.lock();
+        let counts = self.raw_counts(&probes);
         // One per-CPU entry holds every counter: sum the CPUs' copies.
         let kernel: Vec<u64> = match probes.counters.get(&0, 0) {
             Ok(per_cpu) => (0..counter::COUNT as usize).map(|i| per_cpu.iter().map(|c| c[i]).sum()).collect(),
@@ -283,6 +466,7 @@ impl Collector {
             snapshot: sum(counter::SNAPSHOT),
             snapshot_listeners: sum(counter::SNAPSHOT_LISTENERS),
             substate_changes: sum(counter::SUBSTATE_CHANGES),
+            direction_from_history: sum(counter::DIRECTION_FROM_HISTORY),
             segments: SEGMENT_KINDS.map(|(_, idx)| sum(idx)),
             reconcile_runs: rec.0,
             reconcile_errors: rec.1,
@@ -290,11 +474,22 @@ impl Collector {
             reconcile_last_micros: rec.3,
             recursion_misses,
         };
-        let syns: Vec<_> = {
-            use aya::maps::IterableMap as _;
-            crate::batch::lookup_all(probes.syns.map())
-                .unwrap_or_else(|_| probes.syns.iter().filter_map(Result::ok).collect())
-        };
+        // Drained totals plus what both tables hold now, under the probes
+        // lock a drain holds throughout: each SYN is seen exactly once.
+        let mut syns: HashMap<RemoteKey, SynCounts> =
+            self.totals.lock().unwrap_or_else(|e| e.into_inner()).syns.clone();
+        for table in &probes.syns {
+            for (k, v) in read_all(table, &self.read_errors) {
+                let slot = syns.entry(k).or_default();
+                slot.total += v.total;
+                slot.rejected += v.rejected;
+            }
+        }
+        // A remote that holds minisockets has its SYN series from then on
+        // (at 0), so `increase()` sees its first SYN.
+        for k in counts.keys().filter(|k| k.substate != timewait_common::SUBSTATE_CONNECTION) {
+            syns.entry(RemoteKey { remote: k.remote, netns: k.netns, family: k.family, _pad: [0; 2] }).or_default();
+        }
         let mut connect_errors: Vec<ConnectErrors> = probes
             .connect_errors
             .iter()
@@ -348,9 +543,12 @@ impl Collector {
             local_port_range_size: kernel::local_port_range_size(),
             overflow: kernel::netstat("TcpExt", "TCPTimeWaitOverflow"),
         };
+        let series = aggregate(counts, opts);
+        let kept: HashSet<String> =
+            series.iter().filter(|s| s.remote != crate::aggregate::OTHER).map(|s| s.remote.clone()).collect();
         View {
-            series: aggregate(raw, opts),
-            syns: aggregate_syns(syns, opts),
+            syns: aggregate_syns(syns, opts, &kept),
+            series,
             counters,
             lifetimes,
             connect_errors,
@@ -401,5 +599,54 @@ impl Collector {
             }
         }
         resolved
+    }
+}
+
+/// Takes one away from the drained gauge of `key`.
+fn uncount(gauges: &mut HashMap<AggKey, i64>, key: AggKey) {
+    let slot = gauges.entry(key).or_default();
+    *slot -= 1;
+    if *slot == 0 {
+        gauges.remove(&key);
+    }
+}
+
+/// Folds the smallest per-remote SYN totals into one `other` entry per
+/// namespace until `keep` remotes are left; sums are preserved.
+fn fold_smallest(totals: &mut HashMap<RemoteKey, SynCounts>, keep: usize) {
+    let mut ranked: Vec<(RemoteKey, SynCounts)> =
+        totals.iter().filter(|(k, _)| k.family != OTHER_FAMILY).map(|(k, v)| (*k, *v)).collect();
+    if ranked.len() <= keep {
+        return;
+    }
+    ranked.sort_by(|a, b| b.1.total.cmp(&a.1.total).then(a.0.cmp(&b.0)));
+    for (k, v) in ranked.into_iter().skip(keep) {
+        totals.remove(&k);
+        let other = totals.entry(RemoteKey { netns: k.netns, family: OTHER_FAMILY, ..RemoteKey::default() }).or_default();
+        other.total += v.total;
+        other.rejected += v.rejected;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use timewait_common::AF_INET;
+
+    use super::*;
+
+    #[test]
+    fn folding_keeps_the_busiest_and_the_sums() {
+        let mut t = HashMap::new();
+        for i in 1..=10u8 {
+            let mut k = RemoteKey { family: AF_INET, ..Default::default() };
+            k.remote[0] = i;
+            t.insert(k, SynCounts { total: i64::from(i), rejected: 1 });
+        }
+        fold_smallest(&mut t, 4);
+        assert_eq!(t.len(), 5);
+        assert_eq!(t.values().map(|v| v.total).sum::<i64>(), 55);
+        assert_eq!(t.values().map(|v| v.rejected).sum::<i64>(), 10);
+        let other = t.iter().find(|(k, _)| k.family == OTHER_FAMILY).map(|(_, v)| *v).unwrap();
+        assert_eq!((other.total, other.rejected), (21, 6));
     }
 }

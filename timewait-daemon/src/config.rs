@@ -8,6 +8,13 @@ use thiserror::Error;
 use crate::{aggregate::AggOptions, cli::RunArgs, loader::paths::ProbePath};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:19868";
+/// Capacity of each gauge-delta table (see `--max-series`).
+pub const DEFAULT_MAX_SERIES: u32 = 32_768;
+/// Seconds between reconciliation walks: one walk of 100,000 TIME_WAIT
+/// sockets costs about ~ms (BENCHMARKS.md, "reconcile"), so every 10 s is
+/// well under 1% of a core, and a lost end heals within 10 s even when
+/// nothing says it was lost.
+pub const DEFAULT_RECONCILE_INTERVAL: u64 = 10;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -28,6 +35,7 @@ struct FileConfig {
     web: Option<WebFile>,
     log: Option<LogFile>,
     top_remotes: Option<usize>,
+    top_ports: Option<usize>,
     aggregate_ipv4_prefix: Option<u8>,
     aggregate_ipv6_prefix: Option<u8>,
     all_netns: Option<bool>,
@@ -108,6 +116,10 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     if top_remotes == 0 {
         return Err(ConfigError::Range { key: "top-remotes", value: "0".into(), range: "at least 1" });
     }
+    let top_ports = args.top_ports.or(file.top_ports).unwrap_or(crate::aggregate::DEFAULT_TOP_PORTS);
+    if top_ports == 0 {
+        return Err(ConfigError::Range { key: "top-ports", value: "0".into(), range: "at least 1" });
+    }
     let v4 = args.aggregate_ipv4_prefix.or(file.aggregate_ipv4_prefix).unwrap_or(32);
     if v4 > 32 {
         return Err(ConfigError::Range { key: "aggregate-ipv4-prefix", value: v4.to_string(), range: "0..=32" });
@@ -116,7 +128,7 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     if v6 > 128 {
         return Err(ConfigError::Range { key: "aggregate-ipv6-prefix", value: v6.to_string(), range: "0..=128" });
     }
-    let max_series = args.max_series.or(file.max_series).unwrap_or(65_536);
+    let max_series = args.max_series.or(file.max_series).unwrap_or(DEFAULT_MAX_SERIES);
     if max_series == 0 {
         return Err(ConfigError::Range { key: "max-series", value: "0".into(), range: "at least 1" });
     }
@@ -142,6 +154,7 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
             .or_else(|| file.web.as_ref().and_then(|w| w.config.as_ref()).and_then(|c| c.file.clone())),
         agg: AggOptions {
             top_remotes,
+            top_ports,
             ipv4_prefix: v4,
             ipv6_prefix: v6,
             remote_port_range_size: remote_ports,
@@ -150,7 +163,7 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
         all_netns,
         max_tracked_sockets,
         max_series,
-        reconcile_interval: args.reconcile_interval.or(file.reconcile_interval).unwrap_or(60),
+        reconcile_interval: args.reconcile_interval.or(file.reconcile_interval).unwrap_or(DEFAULT_RECONCILE_INTERVAL),
         log_level: args
             .log_level
             .clone()

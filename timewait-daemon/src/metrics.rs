@@ -110,7 +110,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         GAUGE,
     );
     for s in &view.series {
-        let port = s.port.to_string();
+        let port = crate::aggregate::port_label(s.port);
         let dir = s.direction.map_or("unknown", |d| d.as_str());
         let netns = s.netns.map(|n| n.to_string());
         let labels = with_netns(&[("direction", dir), ("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
@@ -140,7 +140,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         let netns = s.netns.map(|n| n.to_string());
         match s.direction {
             Some(crate::aggregate::Direction::Outbound) if s.ports_in_use() > 0 => {
-                let port = s.port.to_string();
+                let port = crate::aggregate::port_label(s.port);
                 let labels = with_netns(&[("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
                 in_use.sample(&labels, s.ports_in_use() as f64);
                 // The port range is this namespace's: other namespaces (with
@@ -276,6 +276,14 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     );
     snap.sample(&[], c.snapshot as f64);
     fams.push(snap);
+
+    let mut hist = Family::new(
+        "timewait_direction_from_history_total",
+        "Minisockets whose direction came from the connection's own history, not the listener table (a listener gone, or an active open from a listening port).",
+        COUNTER,
+    );
+    hist.sample(&[], c.direction_from_history as f64);
+    fams.push(hist);
 
     let sys = &view.sysctls;
     if let Some(max) = sys.max_buckets {

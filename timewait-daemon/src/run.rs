@@ -21,6 +21,8 @@ use crate::{
 
 /// How often unresolved cancels are looked at (see collector::KILL_GRACE).
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// How often the SYN tables are drained and lost events looked for.
+const TICK: Duration = Duration::from_secs(1);
 
 use crate::cli::fail;
 
@@ -152,7 +154,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         }
     };
     let collector = match probes {
-        Ok(Ok(p)) => Arc::new(Collector::new(p)),
+        Ok(Ok(p)) => Arc::new(Collector::new(p, cfg.max_series)),
         Ok(Err(e)) => {
             let _ = stop_tx.send(true);
             return fail(e);
@@ -168,15 +170,28 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
             c.sweep();
         }
     });
-    let reconciler = (cfg.reconcile_interval > 0).then(|| {
+    // Every second: drain the kernel's gauge and SYN tables; reconcile at once when an event
+    // was lost, and every --reconcile-interval seconds anyway.
+    let reconciler = {
         let c = collector.clone();
-        let netns = kernel::own_netns().unwrap_or(0);
-        every(Duration::from_secs(cfg.reconcile_interval), stop_rx.clone(), move || match c.reconcile(netns) {
-            Ok(n) if n > 0 => info!(corrected = n, "reconciliation corrected the counts"),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "reconciliation failed"),
+        let interval = cfg.reconcile_interval;
+        let ticks = std::sync::atomic::AtomicU64::new(0);
+        let ticks = Arc::new(ticks);
+        every(TICK, stop_rx.clone(), move || {
+            c.drain();
+            let n = ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let lost = c.lost_since_last_look();
+            let due = interval > 0 && n % interval == 0;
+            if !(lost || due) {
+                return;
+            }
+            match c.reconcile() {
+                Ok(n) if n > 0 => info!(corrected = n, after_loss = lost, "reconciliation corrected the counts"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "reconciliation failed"),
+            }
         })
-    });
+    };
     loop {
         tokio::select! {
             _ = sighup.recv() => reload(&args, &cfg, &state),
@@ -186,9 +201,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     info!("stopping: detaching probes");
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
-    if let Some(r) = reconciler {
-        let _ = r.await;
-    }
+    let _ = reconciler.await;
     // serve() itself gives requests in flight 2 s.
     if tokio::time::timeout(Duration::from_secs(3), server).await.is_err() {
         error!("server did not stop within 3 s");

@@ -67,7 +67,7 @@ pub fn main(args: &RunArgs, json: bool) -> ExitCode {
             };
             match loader::load(&opts) {
                 Ok(p) => {
-                    let v = Collector::new(p).read(&cfg.agg);
+                    let v = Collector::new(p, cfg.max_series).read(&cfg.agg);
                     (serde_json::to_value(&v).unwrap_or(Value::Null), "kernel (no daemon answered)".into())
                 }
                 Err(e) => return fail(format!("no daemon at {} and reading the kernel failed: {e}", cfg.listen)),
@@ -118,7 +118,7 @@ fn render_table(view: &Value, source: &str) -> String {
             "{:<9} {:<40} {:>5} {:>10} {:>10} {:>12}\n",
             s(x, "direction"),
             s(x, "remote"),
-            n(x, "port"),
+            crate::aggregate::port_label(n(x, "port") as u16),
             n(x, "time_wait"),
             n(x, "fin_wait2"),
             in_use

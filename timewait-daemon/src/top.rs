@@ -232,6 +232,7 @@ pub fn exhaustion_rows(s: &Snapshot) -> Vec<ExhaustionRow> {
 
 /// `remote:port`, with IPv6 addresses (and blocks) in brackets.
 pub fn endpoint(remote: &str, port: u16) -> String {
+    let port = crate::aggregate::port_label(port);
     if remote.contains(':') { format!("[{remote}]:{port}") } else { format!("{remote}:{port}") }
 }
 
@@ -515,7 +516,7 @@ fn ports_table(s: &Snapshot) -> Table<'static> {
     let body = rows.into_iter().map(|r| {
         Row::new(vec![
             Cell::from(r.direction.clone()),
-            num(r.port),
+            Cell::from(crate::aggregate::port_label(r.port)),
             num(r.time_wait),
             num(r.fin_wait2),
             num(r.remotes),

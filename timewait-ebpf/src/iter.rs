@@ -1,9 +1,15 @@
-//! Start-up snapshot: BPF socket iterators over the daemon's network namespace
-//! (`iter/tcp`, ctx `struct bpf_iter__tcp { meta; sk_common; uid }`), which
-//! walk TIME_WAIT minisockets too. The daemon runs `iter_listeners` before the
-//! timer programs are attached (so every minisocket created from then on gets
-//! its direction right) and `iter_timewait` after (so nothing is missed);
-//! `follow` inserts with BPF_NOEXIST, so nothing is counted twice.
+//! Start-up snapshot and reconciliation: BPF socket iterators over the
+//! daemon's network namespace (`iter/tcp`, ctx `struct bpf_iter__tcp { meta;
+//! sk_common; uid }`), which walk TIME_WAIT minisockets too. The daemon runs
+//! `iter_listeners` before the timer programs are attached (so every
+//! minisocket created from then on gets its direction right) and
+//! `iter_timewait` after (so nothing is missed); `follow` inserts with
+//! BPF_NOEXIST, so nothing is counted twice.
+//!
+//! The same walks reconcile later: each marks the entries it finds with the
+//! walk's number (`EPOCH[EPOCH_WALK]`) and follows what it finds unfollowed
+//! (a lost creation). An entry no walk found, twice in a row, that existed
+//! before both began, is one whose end was lost: the daemon removes it.
 
 use core::ffi::c_void;
 
@@ -11,9 +17,9 @@ use timewait_common::{TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_TIME_WAIT, counte
 
 use crate::{
     listen::{connection_added, connection_closed, listener_added},
-    maps::{bump, config, read},
-    sock::{is_listening, listen_key, netns_of, watched},
-    tw::{close_timer, follow},
+    maps::{CONNS, TW_SOCKS, bump, config, read, walk},
+    sock::{is_listening, listen_key, netns_of, unseen_inbound, watched},
+    tw::{close_timer, follow, resubstate},
 };
 
 /// Offset of `sk_common` in `struct bpf_iter__tcp` (a UAPI-stable layout:
@@ -53,15 +59,26 @@ fn try_listeners(sk: u64) -> Result<(), i64> {
     let port: u16 = read(sk, cfg.offsets.skc_num)?;
     if state == TCP_LISTEN {
         listener_added(sk, listen_key(netns, port));
-        bump(counter::SNAPSHOT_LISTENERS);
+        if walk() == 0 {
+            bump(counter::SNAPSHOT_LISTENERS);
+        }
+        return Ok(());
+    }
+    if let Some(e) = CONNS.get_ptr_mut(sk) {
+        // SAFETY: the entry's `seen` is written only by walks, one at a time.
+        unsafe { (*e).seen = walk() };
         return Ok(());
     }
     // Listeners come first in the walk (listening hash, then established), so
-    // a connection whose local port has no listener is one we opened.
-    if !is_listening(netns, port) && connection_added(&cfg, sk, netns)? {
+    // a connection whose local port has no listener is one we opened, unless
+    // the port ranges say it was accepted (a server that stopped).
+    let rport = u16::from_be(read::<u16>(sk, cfg.offsets.skc_dport)?);
+    if !is_listening(netns, port) && !unseen_inbound(&cfg, port, rport) && connection_added(&cfg, sk, netns)? {
         // It may have closed between the state read and the insert.
         if read::<u8>(sk, cfg.offsets.skc_state)? == TCP_CLOSE {
             connection_closed(sk);
+        } else if walk() != 0 {
+            bump(counter::RECONCILE_FOUND);
         }
     }
     Ok(())
@@ -94,10 +111,22 @@ fn try_timewait(tw: u64) -> Result<(), i64> {
     if read::<u64>(timer, cfg.offsets.timer_pprev)? == 0 {
         return Ok(());
     }
+    if let Some(e) = TW_SOCKS.get_ptr_mut(timer) {
+        // SAFETY: the entry's `seen` is written only by walks, one at a time;
+        // its key, as by the programs (a concurrent segment may re-read the
+        // substate too: both read the same minisocket).
+        let entry = unsafe { &mut *e };
+        entry.seen = walk();
+        // A FIN_WAIT2 -> TIME_WAIT change no event showed (tracepoint path
+        // without `rx_sk`) is caught here.
+        let _ = resubstate(&cfg, entry, tw);
+        return Ok(());
+    }
     if follow(&cfg, tw, timer, netns, 1).is_none() {
         return Ok(());
     }
-    bump(counter::SNAPSHOT);
+    // Walk 0 is the start-up snapshot; later ones reconcile.
+    bump(if walk() == 0 { counter::SNAPSHOT } else { counter::RECONCILE_FOUND });
     // Its timer may have been detached (expiry or kill) between the check above
     // and the insert, with the cancel seeing no entry: look again and close it
     // ourselves if so.

@@ -4,16 +4,18 @@
 //! - active opens (CLOSE -> SYN_SENT in `tcp_v4_connect`/`tcp_v6_connect`,
 //!   after the destination is set) until CLOSE: the local ports held toward
 //!   each destination. A socket that turns into a minisocket goes to CLOSE
-//!   right after the minisocket is created, which then holds the port.
+//!   right after the minisocket is created, which then holds the port;
+//! - that CLOSE also gives the new minisocket its direction from the
+//!   connection's own history (`direction_from_history`).
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use timewait_common::{
-    AggKey, Config, DIRECTION_OUTBOUND, IPPROTO_TCP, SUBSTATE_CONNECTION, TCP_CLOSE, TCP_LISTEN,
-    TCP_SYN_SENT,
+    AggKey, Config, ConnEntry, DIRECTION_INBOUND, DIRECTION_OUTBOUND, IPPROTO_TCP, SUBSTATE_CONNECTION, TCP_CLOSE,
+    TCP_LISTEN, TCP_SYN_SENT, counter,
 };
 
 use crate::{
-    maps::{BPF_NOEXIST, CONNS, COUNTS, LISTEN_PORTS, LISTENERS, add, config, read},
+    maps::{BPF_NOEXIST, CONNS, LAST_FOLLOW, LISTEN_PORTS, LISTENERS, TW_SOCKS, add, bump, config, count, read, walk},
     sock::{listen_key, netns_of, remote_of, watched},
 };
 
@@ -27,7 +29,8 @@ pub fn tw_sock_set_state(ctx: BtfTracePointContext) -> u32 {
 fn try_set_state(sk: u64, old: i32, new: i32) -> Result<(), i64> {
     let (listen, close) = (TCP_LISTEN as i32, TCP_CLOSE as i32);
     if new == close {
-        connection_closed(sk);
+        let active = connection_closed(sk);
+        direction_from_history(sk, active);
     }
     if new != listen && old != listen && new != TCP_SYN_SENT as i32 {
         return Ok(());
@@ -79,23 +82,88 @@ pub fn connection_added(cfg: &Config, sk: u64, netns: u32) -> Result<bool, i64> 
         substate: SUBSTATE_CONNECTION,
         _pad: [0; 6],
     };
-    if CONNS.insert(sk, key, BPF_NOEXIST).is_err() {
+    // SAFETY: helper without preconditions.
+    let created_ns = unsafe { bpf_ktime_get_ns() };
+    let entry = ConnEntry { key, created_ns, seen: walk(), _pad: 0 };
+    if let Err(e) = CONNS.insert(sk, entry, BPF_NOEXIST) {
+        if !crate::maps::is_eexist(e.into()) {
+            bump(counter::LOST);
+        }
         return Ok(false);
     }
-    if !add(&COUNTS, &key, 1) {
+    if !count(&key, 1) {
         let _ = CONNS.remove(sk);
         return Ok(false);
     }
     Ok(true)
 }
 
-/// Undoes `connection_added` for a socket the snapshot saw closing.
+/// Stops counting full socket `sk` (it went to CLOSE). Returns whether it
+/// was an active open we followed.
 #[inline(always)]
-pub fn connection_closed(sk: u64) {
-    // SAFETY: read-only copy of the key.
-    if let Some(key) = unsafe { CONNS.get(sk) }.copied()
-        && CONNS.remove(sk).is_ok()
-    {
-        add(&COUNTS, &key, -1);
+pub fn connection_closed(sk: u64) -> bool {
+    // SAFETY: read-only copy of the entry; removal is the claim.
+    let Some(entry) = (unsafe { CONNS.get(sk) }).copied() else {
+        return false;
+    };
+    if CONNS.remove(sk).is_err() {
+        return false;
+    }
+    if !count(&entry.key, -1) {
+        // As in `tw::close`: kept, counted, until the reconciliation removes it.
+        let _ = CONNS.insert(sk, entry, BPF_NOEXIST);
+    }
+    true
+}
+
+/// The full socket `sk` that went to CLOSE may be the one the minisocket
+/// followed last on this CPU came from (`tcp_time_wait`: the minisocket is
+/// scheduled, then `tcp_done` closes the socket; no other socket changes
+/// state in between on this CPU). If its 4-tuple matches, the minisocket's
+/// direction is the connection's own: outbound when we opened it (`active`),
+/// inbound when a listener accepted it, whatever the listener table said at
+/// the moment (a server that stopped, or an active open from a port that
+/// also listens). The slot is cleared either way: only the next CLOSE can
+/// be that socket's.
+#[inline(always)]
+fn direction_from_history(sk: u64, active: bool) {
+    let Some(slot) = LAST_FOLLOW.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; tracing programs do not migrate.
+    let slot = unsafe { &mut *slot };
+    if slot.timer == 0 {
+        return;
+    }
+    let timer = slot.timer;
+    slot.timer = 0;
+    let cfg = config();
+    let (Ok(lport), Ok(rport_be), Ok(family)) = (
+        read::<u16>(sk, cfg.offsets.skc_num),
+        read::<u16>(sk, cfg.offsets.skc_dport),
+        read::<u16>(sk, cfg.offsets.skc_family),
+    ) else {
+        return;
+    };
+    if lport != slot.lport || rport_be != slot.rport {
+        return;
+    }
+    if remote_of(&cfg, sk, family).ok() != Some(slot.remote) {
+        return;
+    }
+    let Some(e) = TW_SOCKS.get_ptr_mut(timer) else {
+        return;
+    };
+    // SAFETY: the entry of the minisocket just created from `sk`; nothing
+    // else writes its key now (its first segment is yet to come).
+    let entry = unsafe { &mut *e };
+    let (direction, port) =
+        if active { (DIRECTION_OUTBOUND, u16::from_be(rport_be)) } else { (DIRECTION_INBOUND, lport) };
+    if entry.key.direction != direction || entry.key.port != port {
+        let mut key = entry.key;
+        key.direction = direction;
+        key.port = port;
+        crate::tw::move_to(entry, key);
+        bump(counter::DIRECTION_FROM_HISTORY);
     }
 }

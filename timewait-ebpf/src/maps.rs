@@ -5,11 +5,11 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use timewait_common::{
-    AggKey, Config, ConnectDst, ErrKey, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, RemoteKey, SegmentSlot,
-    SynCounts, TwEntry, counter,
+    AggKey, Config, ConnEntry, ConnectDst, EPOCH_TABLES, EPOCH_WALK, ErrKey, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel,
+    RemoteKey, SegmentSlot, SynCounts, TwEntry, counter,
 };
 
 /// Start-up configuration; the daemon sets it with `EbpfLoader::set_global`.
@@ -20,10 +20,6 @@ static CONFIG: Config = Config::ZERO;
 /// Sized by the daemon from `tcp_max_tw_buckets` at load.
 #[map]
 pub static TW_SOCKS: HashMap<u64, TwEntry> = HashMap::with_max_entries(1 << 18, 0);
-
-/// Gauges: minisockets now, per aggregation key. Updated with atomic adds.
-#[map]
-pub static COUNTS: HashMap<AggKey, i64> = HashMap::with_max_entries(1 << 16, 0);
 
 /// Minisockets whose timer was cancelled and nothing has said why yet (a
 /// kill). The daemon resolves what is still here after a grace period.
@@ -44,9 +40,37 @@ pub static LISTEN_PORTS: HashMap<u64, i64> = HashMap::with_max_entries(1 << 14, 
 #[map]
 pub static COUNTERS: PerCpuArray<[u64; counter::COUNT as usize]> = PerCpuArray::with_max_entries(1, 0);
 
-/// SYNs that hit a minisocket, per remote.
+/// The gauges' changes per aggregation key (+1 a minisocket or active open
+/// counted under it, -1 one gone), and the SYNs that hit a minisocket, per
+/// remote. Two tables of each: the programs write the pair `EPOCH[EPOCH_TABLES]`
+/// names, the daemon drains the other pair into its own totals every second:
+/// it flips the epoch, waits for an RCU grace period (every program that
+/// read the old epoch has returned by then: tracing programs run inside an
+/// RCU read-side section; `timewait-daemon/src/rcu.rs`), then reads the old
+/// tables and deletes their keys. No program holds a pointer into them at
+/// that point, so the delete loses no concurrent atomic add; and a key lives
+/// in the kernel only until the next drain, so the tables never fill with
+/// the keys of sockets long gone. Sized by the daemon (`--max-series`).
 #[map]
-pub static SYNS: HashMap<RemoteKey, SynCounts> = HashMap::with_max_entries(1 << 14, 0);
+pub static COUNTS_0: HashMap<AggKey, i64> = HashMap::with_max_entries(1 << 15, 0);
+#[map]
+pub static COUNTS_1: HashMap<AggKey, i64> = HashMap::with_max_entries(1 << 15, 0);
+#[map]
+pub static SYNS_0: HashMap<RemoteKey, SynCounts> = HashMap::with_max_entries(1 << 14, 0);
+#[map]
+pub static SYNS_1: HashMap<RemoteKey, SynCounts> = HashMap::with_max_entries(1 << 14, 0);
+
+/// `EPOCH_TABLES`: which pair of tables is written; `EPOCH_WALK`: the number of
+/// the reconciliation walk in progress. Written only by the daemon.
+#[map]
+pub static EPOCH: Array<u32> = Array::with_max_entries(2, 0);
+
+/// The minisocket followed last on this CPU at its creation, until the
+/// full socket it came from goes to CLOSE (right after, in `tcp_time_wait`
+/// -> `tcp_done`, same CPU): then the connection's own history (active open
+/// or accepted) gives its direction. See `listen::direction_from_history`.
+#[map]
+pub static LAST_FOLLOW: PerCpuArray<LastCancel> = PerCpuArray::with_max_entries(1, 0);
 
 /// Lifetime histogram by close reason; layout in `timewait_common::LIFETIME_SLOTS`
 /// (one per-CPU entry holding every slot).
@@ -70,10 +94,10 @@ pub static LAST_CANCEL: PerCpuArray<LastCancel> = PerCpuArray::with_max_entries(
 #[map]
 pub static CONNECTING: PerCpuArray<ConnectDst> = PerCpuArray::with_max_entries(1, 0);
 
-/// Full sockets of active opens, keyed by `struct sock *`: their key in
-/// `COUNTS` (substate `SUBSTATE_CONNECTION`).
+/// Full sockets of active opens, keyed by `struct sock *`: their key
+/// (substate `SUBSTATE_CONNECTION`). Counted by the daemon at read time.
 #[map]
-pub static CONNS: HashMap<u64, AggKey> = HashMap::with_max_entries(1 << 18, 0);
+pub static CONNS: HashMap<u64, ConnEntry> = HashMap::with_max_entries(1 << 18, 0);
 
 /// Failed connect()/bind() calls that mean port exhaustion, by process name.
 /// Bounded: names beyond it are counted as lost.
@@ -128,6 +152,53 @@ fn atomic_add(p: *mut i64, delta: i64) {
     let _ = unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(p, delta) };
 }
 
+/// Adds `delta` (either sign) to the gauge of `key`, in this epoch's table.
+/// Returns false (and counts the loss) when the table is full.
+#[inline(always)]
+pub fn count(key: &AggKey, delta: i64) -> bool {
+    if epoch(EPOCH_TABLES) & 1 == 0 { add_delta(&COUNTS_0, key, delta) } else { add_delta(&COUNTS_1, key, delta) }
+}
+
+/// Moves one count from `from` to `to`. Either both happen or neither.
+#[inline(always)]
+pub fn move_count(from: &AggKey, to: &AggKey) -> bool {
+    if !count(to, 1) {
+        return false;
+    }
+    if !count(from, -1) {
+        count(to, -1);
+        return false;
+    }
+    true
+}
+
+/// Adds `delta` to the i64 under `key`, creating it at 0 when absent.
+#[inline(always)]
+fn add_delta<K>(m: &HashMap<K, i64>, key: &K, delta: i64) -> bool {
+    if let Some(p) = m.get_ptr_mut(key) {
+        atomic_add(p, delta);
+        return true;
+    }
+    match m.insert(key, 0, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(e) if is_eexist(e.into()) => {}
+        Err(_) => {
+            bump(counter::LOST);
+            return false;
+        }
+    }
+    match m.get_ptr_mut(key) {
+        Some(p) => {
+            atomic_add(p, delta);
+            true
+        }
+        None => {
+            bump(counter::LOST);
+            false
+        }
+    }
+}
+
 /// Adds `delta` to the i64 counted under `key`, creating it at 0 when absent.
 /// Returns false (and counts the loss) when the map is full.
 #[inline(always)]
@@ -160,12 +231,33 @@ pub fn add<K>(m: &HashMap<K, i64>, key: &K, delta: i64) -> bool {
     }
 }
 
-/// Adds to the SYN counters of a remote.
+/// `EPOCH[idx]`.
+#[inline(always)]
+pub fn epoch(idx: u32) -> u32 {
+    EPOCH.get(idx).copied().unwrap_or(0)
+}
+
+/// The reconciliation walk in progress (see `iter.rs`).
+#[inline(always)]
+pub fn walk() -> u32 {
+    epoch(EPOCH_WALK)
+}
+
+/// Adds to the SYN counters of a remote, in the table of this epoch.
 #[inline(always)]
 pub fn add_syn(key: &RemoteKey, rejected: bool) {
-    let mut p = SYNS.get_ptr_mut(key);
+    if epoch(EPOCH_TABLES) & 1 == 0 {
+        add_syn_in(&SYNS_0, key, rejected);
+    } else {
+        add_syn_in(&SYNS_1, key, rejected);
+    }
+}
+
+#[inline(always)]
+fn add_syn_in(syns: &HashMap<RemoteKey, SynCounts>, key: &RemoteKey, rejected: bool) {
+    let mut p = syns.get_ptr_mut(key);
     if p.is_none() {
-        match SYNS.insert(key, SynCounts::default(), BPF_NOEXIST) {
+        match syns.insert(key, SynCounts::default(), BPF_NOEXIST) {
             Ok(()) => {}
             Err(e) if is_eexist(e.into()) => {}
             Err(_) => {
@@ -173,7 +265,7 @@ pub fn add_syn(key: &RemoteKey, rejected: bool) {
                 return;
             }
         }
-        p = SYNS.get_ptr_mut(key);
+        p = syns.get_ptr_mut(key);
     }
     let Some(p) = p else {
         bump(counter::LOST);

@@ -93,6 +93,16 @@ pub fn remote_of(cfg: &Config, sk: u64, family: u16) -> Result<[u8; 16], i64> {
     Ok(remote)
 }
 
+/// The port-range rule for a socket the daemon did not see open and whose
+/// local port has no listener: a local port inside `ip_local_port_range`
+/// and a remote port outside it is an active open; anything else was
+/// accepted (by a listener since gone). False when the range is unknown.
+#[inline(always)]
+pub fn unseen_inbound(cfg: &Config, lport: u16, rport: u16) -> bool {
+    let ephemeral = |p: u16| p >= cfg.port_lo && p <= cfg.port_hi;
+    cfg.port_lo != 0 && !(ephemeral(lport) && !ephemeral(rport))
+}
+
 /// Builds the aggregation key of minisocket `tw` in namespace `netns`.
 /// Direction is inbound when the local port has a listener in that namespace.
 /// For a minisocket the daemon did not see created (`unseen`: the start-up
@@ -114,8 +124,7 @@ pub fn tw_key(cfg: &Config, tw: u64, netns: u32, unseen: bool) -> Result<AggKey,
         ..AggKey::default()
     };
     key.remote = remote_of(cfg, tw, family)?;
-    let ephemeral = |p: u16| cfg.port_lo != 0 && p >= cfg.port_lo && p <= cfg.port_hi;
-    let inbound = is_listening(netns, lport) || (unseen && cfg.port_lo != 0 && !(ephemeral(lport) && !ephemeral(rport)));
+    let inbound = is_listening(netns, lport) || (unseen && unseen_inbound(cfg, lport, rport));
     if inbound {
         key.direction = DIRECTION_INBOUND;
         key.port = lport;

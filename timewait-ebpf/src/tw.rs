@@ -3,12 +3,18 @@
 //! reason. `TW_SOCKS` is keyed by the address of `tw->tw_timer` on both
 //! paths, so the start-up snapshot (`iter.rs`) and the daemon's sweeper need
 //! not know which path is attached.
+//!
+//! Every change of what an entry counts goes with a +1/-1 in the gauges'
+//! delta tables (`maps::count`), in the same program run: the entries and
+//! the gauges agree. When a delta cannot be recorded (a full table) the
+//! entry change is undone too, so they still agree, and the loss (counted)
+//! makes the daemon reconcile with the kernel's socket tables at once.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use timewait_common::{AggKey, Config, DIRECTION_INBOUND, RemoteKey, TW_LIVE, TwEntry, counter};
+use timewait_common::{AggKey, Config, DIRECTION_INBOUND, LastCancel, RemoteKey, TW_LIVE, TwEntry, counter};
 
 use crate::{
-    maps::{BPF_NOEXIST, COUNTS, PENDING, TW_SOCKS, add, bump, is_eexist, observe_lifetime},
+    maps::{BPF_NOEXIST, LAST_FOLLOW, PENDING, TW_SOCKS, bump, count, is_eexist, move_count, observe_lifetime, walk},
     sock::tw_key,
 };
 
@@ -20,8 +26,12 @@ pub fn close(timer: u64, entry: &TwEntry, reason: u32) {
     if TW_SOCKS.remove(timer).is_err() {
         return;
     }
-    if entry.counted == 1 {
-        add(&COUNTS, &entry.key, -1);
+    if entry.counted == 1 && !count(&entry.key, -1) {
+        // The gauge cannot go down now: keep the entry (still counted). The
+        // reconciliation finds it gone from the kernel and removes it, gauge
+        // and all; its end is then counted as `other`.
+        let _ = TW_SOCKS.insert(timer, entry, BPF_NOEXIST);
+        return;
     }
     bump(reason);
     if entry.from_snapshot == 0 {
@@ -43,30 +53,40 @@ pub fn close_timer(timer: u64, reason: u32) {
 }
 
 /// Starts following minisocket `tw` (timer `timer`). Returns its key, or
-/// None when it was already followed or could not be.
+/// None when it was already followed or could not be. One created under
+/// watch (`from_snapshot` 0) is remembered on this CPU until its full socket
+/// closes, which tells its direction from history.
 #[inline(always)]
 pub fn follow(cfg: &Config, tw: u64, timer: u64, netns: u32, from_snapshot: u32) -> Option<AggKey> {
     let key = tw_key(cfg, tw, netns, from_snapshot == 1).ok()?;
-    // Count first, then insert already marked counted (one hash lookup
-    // fewer than insert-then-update); undo the count if it was followed.
-    let counted = add(&COUNTS, &key, 1);
     let entry = TwEntry {
         key,
         // SAFETY: helper without preconditions.
         created_ns: unsafe { bpf_ktime_get_ns() },
         state: TW_LIVE,
-        counted: counted as u32,
-        from_snapshot,
+        seen: walk(),
+        counted: 1,
+        from_snapshot: from_snapshot as u16,
         ..TwEntry::default()
     };
     if let Err(e) = TW_SOCKS.insert(timer, entry, BPF_NOEXIST) {
-        if counted {
-            add(&COUNTS, &key, -1);
-        }
         if !is_eexist(e.into()) {
             bump(counter::LOST);
         }
         return None;
+    }
+    if !count(&key, 1) {
+        // Not counted, so not followed either: the next walk follows it.
+        let _ = TW_SOCKS.remove(timer);
+        return None;
+    }
+    if from_snapshot == 0
+        && let Some(slot) = LAST_FOLLOW.get_ptr_mut(0)
+    {
+        let lport: u16 = crate::maps::read(tw, cfg.offsets.skc_num).unwrap_or(0);
+        let rport: u16 = crate::maps::read(tw, cfg.offsets.skc_dport).unwrap_or(0);
+        // SAFETY: this CPU's slot; tracing programs do not migrate.
+        unsafe { *slot = LastCancel { timer, remote: key.remote, lport, rport, _pad: 0 } };
     }
     Some(key)
 }
@@ -77,28 +97,30 @@ pub fn bump_created(key: &AggKey) {
     bump(if key.direction == DIRECTION_INBOUND { counter::CREATED_INBOUND } else { counter::CREATED_OUTBOUND });
 }
 
-/// Moves a followed minisocket to `key` (its substate changed: FIN_WAIT2 ->
-/// TIME_WAIT), keeping the gauges exact: it is counted under one key at most.
-/// Its direction and port stay what they were when it was first followed
-/// (a listener that comes or goes later does not change its history).
+/// Re-reads a followed minisocket's substate (FIN_WAIT2 -> TIME_WAIT when
+/// the peer's FIN comes in). Its direction, remote and port stay what they
+/// were when it was first followed (a listener that comes or goes later does
+/// not change its history).
 #[inline(always)]
-pub fn rekey(entry: &mut TwEntry, mut key: AggKey) {
-    key.direction = entry.key.direction;
-    key.port = entry.key.port;
-    if entry.counted == 1 && entry.key == key {
+pub fn resubstate(cfg: &Config, entry: &mut TwEntry, tw: u64) -> Result<(), i64> {
+    let substate: u8 = crate::maps::read(tw, cfg.offsets.tw_substate)?;
+    if entry.key.substate != substate {
+        let mut key = entry.key;
+        key.substate = substate;
+        bump(counter::SUBSTATE_CHANGES);
+        move_to(entry, key);
+    }
+    Ok(())
+}
+
+/// Moves a followed minisocket's count to `key` (when it is counted; when
+/// the move cannot be recorded it stays where it was).
+#[inline(always)]
+pub fn move_to(entry: &mut TwEntry, key: AggKey) {
+    if entry.counted == 1 && !move_count(&entry.key, &key) {
         return;
     }
-    if entry.counted == 1 {
-        add(&COUNTS, &entry.key, -1);
-        entry.counted = 0;
-    }
-    if entry.key.substate != key.substate {
-        bump(counter::SUBSTATE_CHANGES);
-    }
     entry.key = key;
-    if add(&COUNTS, &key, 1) {
-        entry.counted = 1;
-    }
 }
 
 /// The per-remote key of `entry` (SYN counters).

@@ -8,11 +8,11 @@ use std::io::Read as _;
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{Iter, TracePoint},
 };
 use thiserror::Error;
-use timewait_common::{AggKey, Config, ErrKey, RemoteKey, SynCounts, TwEntry};
+use timewait_common::{AggKey, Config, ConnEntry, ErrKey, RemoteKey, SynCounts, TwEntry};
 use tracing::{debug, info};
 
 use crate::kernel::{self, KernelError};
@@ -49,7 +49,10 @@ pub struct LoadOptions {
     pub all_netns: bool,
     /// Capacity of the minisocket table; None sizes it from tcp_max_tw_buckets.
     pub max_tracked_sockets: Option<u32>,
-    /// Capacity of the per-(direction, remote, port) gauge table.
+    /// Capacity of each of the two gauge-delta tables (keys whose count
+    /// changed between two drains, about a second); the per-remote SYN
+    /// tables get half of it, and the daemon keeps that many remotes' SYN
+    /// totals apart.
     pub max_series: u32,
     /// Which way into the kernel (`--probe-path`).
     pub probe_path: paths::ProbePath,
@@ -58,12 +61,20 @@ pub struct LoadOptions {
 /// The loaded programs and the maps the collector reads. Dropping it detaches
 /// every program (links are owned by `ebpf`).
 pub struct Probes {
-    _ebpf: Ebpf,
+    /// The object: its iterator programs run again for each reconciliation.
+    pub ebpf: Ebpf,
     pub tw_socks: HashMap<MapData, u64, TwEntry>,
-    pub counts: HashMap<MapData, AggKey, i64>,
+    pub conns: HashMap<MapData, u64, ConnEntry>,
     pub pending: HashMap<MapData, u64, u64>,
     pub counters: PerCpuArray<MapData, [u64; timewait_common::counter::COUNT as usize]>,
-    pub syns: HashMap<MapData, RemoteKey, SynCounts>,
+    /// The two gauge-delta and two SYN tables, by epoch (see `COUNTS_0` in
+    /// the eBPF crate).
+    pub counts: [HashMap<MapData, AggKey, i64>; 2],
+    pub syns: [HashMap<MapData, RemoteKey, SynCounts>; 2],
+    pub epoch: Array<MapData, u32>,
+    /// Namespaces whose sockets the reconciliation walks (None: our own;
+    /// with `--all-netns`, the others too, found at each walk).
+    pub all_netns: Option<u32>,
     pub lifetime: PerCpuArray<
         MapData,
         [u64; (timewait_common::LIFETIME_REASONS * timewait_common::LIFETIME_SLOTS) as usize],
@@ -166,7 +177,7 @@ fn load_iters(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), LoadError> {
 
 /// Runs iterator program `name` over the TCP sockets of the namespace this
 /// thread is in.
-fn run_iter(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
+pub fn run_iter(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
     let prog = iter_prog(ebpf, name)?;
     let link = prog.attach().map_err(prog_err(name, "attach"))?;
     let link = prog.take_link(link).map_err(prog_err(name, "take link"))?;
@@ -194,7 +205,7 @@ where
 
 /// One path per network namespace other than `own` (by inode), from
 /// processes' `/proc/PID/ns/net` and the named ones in /var/run/netns.
-fn other_namespaces(own: u32) -> Vec<std::path::PathBuf> {
+pub fn other_namespaces(own: u32) -> Vec<std::path::PathBuf> {
     use std::os::unix::fs::MetadataExt as _;
     let mut seen = std::collections::BTreeSet::from([u64::from(own)]);
     let mut out = Vec::new();
@@ -217,7 +228,7 @@ fn other_namespaces(own: u32) -> Vec<std::path::PathBuf> {
 
 /// Runs `f` with this thread in the network namespace at `path`, then
 /// returns the thread to the namespace it was in.
-fn in_netns<T>(path: &std::path::Path, f: impl FnOnce() -> Result<T, LoadError>) -> Result<T, LoadError> {
+pub fn in_netns<T>(path: &std::path::Path, f: impl FnOnce() -> Result<T, LoadError>) -> Result<T, LoadError> {
     use std::os::fd::AsRawFd as _;
     let io = |e: std::io::Error| LoadError::Program { program: "iter_timewait", step: "enter namespace", err: e.to_string() };
     let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(io)?;
@@ -245,6 +256,11 @@ fn default_tracked() -> u32 {
     buckets.saturating_add(16_384).clamp(1024, 1 << 22)
 }
 
+/// Remotes per SYN table: half the gauge tables' (SYNs come from fewer keys).
+pub fn syn_capacity(max_series: u32) -> u32 {
+    (max_series / 2).max(1024)
+}
+
 pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let btf_rs = kernel::load_btf()?;
     let offsets = kernel::offsets(&btf_rs)?;
@@ -266,7 +282,10 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         .btf(Some(&btf))
         .override_global("CONFIG", &config, true)
         .map_max_entries("TW_SOCKS", tracked)
-        .map_max_entries("COUNTS", opts.max_series)
+        .map_max_entries("COUNTS_0", opts.max_series)
+        .map_max_entries("COUNTS_1", opts.max_series)
+        .map_max_entries("SYNS_0", syn_capacity(opts.max_series))
+        .map_max_entries("SYNS_1", syn_capacity(opts.max_series))
         .load(OBJECT)
         .map_err(|e| LoadError::Load(error_chain(&e)))?;
 
@@ -338,13 +357,16 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let probes = Probes {
         programs,
         tw_socks: take(&mut ebpf, "TW_SOCKS")?,
-        counts: take(&mut ebpf, "COUNTS")?,
+        conns: take(&mut ebpf, "CONNS")?,
         pending: take(&mut ebpf, "PENDING")?,
         counters: take(&mut ebpf, "COUNTERS")?,
-        syns: take(&mut ebpf, "SYNS")?,
+        counts: [take(&mut ebpf, "COUNTS_0")?, take(&mut ebpf, "COUNTS_1")?],
+        syns: [take(&mut ebpf, "SYNS_0")?, take(&mut ebpf, "SYNS_1")?],
+        epoch: take(&mut ebpf, "EPOCH")?,
+        all_netns: opts.all_netns.then_some(netns),
         lifetime: take(&mut ebpf, "LIFETIME")?,
         connect_errors: take(&mut ebpf, "CONNECT_ERRORS")?,
-        _ebpf: ebpf,
+        ebpf,
         hooks,
         signals: vec![lifecycle, segments],
     };

@@ -1087,9 +1087,11 @@ impl Metrics {
                     .unwrap_or_else(|| panic!("{name} series {labels:?} has no {k} label"))
                     .clone()
             };
-            let port: u16 = get("port")
-                .parse()
-                .unwrap_or_else(|e| panic!("{name} {labels:?}: port: {e}"));
+            // port="other" (ports folded beyond --top-ports) reads as 0.
+            let port: u16 = match get("port").as_str() {
+                "other" => 0,
+                p => p.parse().unwrap_or_else(|e| panic!("{name} {labels:?}: port: {e}")),
+            };
             let key = (get("direction"), get("remote"), port);
             if out.insert(key.clone(), n).is_some() {
                 panic!("{name}: two series for {key:?}");

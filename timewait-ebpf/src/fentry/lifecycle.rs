@@ -22,8 +22,8 @@ use timewait_common::{TCP_TW_RST, TCP_TW_SYN, VERDICT_PENDING, counter};
 use crate::{
     connect::connecting_to,
     maps::{SEGMENT, TW_SOCKS, config, read},
-    sock::{TCP_RST, netns_of, tw_key, watched},
-    tw::{bump_created, close, close_timer, follow, rekey},
+    sock::{TCP_RST, netns_of, watched},
+    tw::{bump_created, close, close_timer, follow, resubstate},
 };
 
 #[fentry(function = "__inet_twsk_schedule")]
@@ -66,7 +66,7 @@ fn on_schedule(tw: u64, rearm: bool) -> Result<(), i64> {
     // SAFETY: e points to this minisocket's entry; a re-arm runs under the
     // minisocket's bucket lock, and a concurrent kill can only remove it.
     let entry = unsafe { &mut *e };
-    rekey(entry, tw_key(&cfg, tw, netns, false)?);
+    resubstate(&cfg, entry, tw)?;
     Ok(())
 }
 

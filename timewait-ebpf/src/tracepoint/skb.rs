@@ -18,8 +18,8 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use timewait_common::{HINT_RESET, TW_CANCELLED, TW_LIVE, counter};
 
 use crate::{
-    maps::{TW_SOCKS, add_syn, bump, config, read},
-    tw::{rekey, remote_key},
+    maps::{TW_SOCKS, add_syn, bump, config},
+    tw::{remote_key, resubstate},
 };
 
 use crate::sock::{TCP_ACK, segment, segment_kind};
@@ -54,12 +54,7 @@ fn try_kfree_skb(skb: u64, rx_sk: u64) -> Result<(), i64> {
     }
     if entry.state == TW_LIVE {
         // Only read the minisocket while its timer holds a reference.
-        let substate: u8 = read(rx_sk, cfg.offsets.tw_substate)?;
-        if substate != entry.key.substate {
-            let mut key = entry.key;
-            key.substate = substate;
-            rekey(entry, key);
-        }
+        resubstate(&cfg, entry, rx_sk)?;
     } else if entry.state == TW_CANCELLED && (kind == counter::SEG_RST || kind == counter::SEG_SYN) {
         entry.hint = HINT_RESET;
     }

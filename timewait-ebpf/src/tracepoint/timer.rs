@@ -21,9 +21,9 @@ use timewait_common::{
 };
 
 use crate::{
-    maps::{COUNTS, LAST_CANCEL, PENDING, TW_SOCKS, add, add_syn, bump, config, read},
-    sock::{netns_of, remote_of, tw_key, watched},
-    tw::{bump_created, close, close_timer, follow, rekey, remote_key},
+    maps::{LAST_CANCEL, PENDING, TW_SOCKS, add_syn, bump, config, count, read},
+    sock::{netns_of, remote_of, watched},
+    tw::{bump_created, close, close_timer, follow, resubstate, remote_key},
 };
 
 /// Whether `timer` is a minisocket's `tw_timer`.
@@ -85,12 +85,15 @@ fn try_timer_start(timer: u64) -> Result<(), i64> {
     // SAFETY: e points to this timer's entry; its events are serialised by
     // the timer base lock this tracepoint runs under.
     let entry = unsafe { &mut *e };
-    rekey(entry, tw_key(&cfg, tw, netns, false)?);
     if entry.state == TW_CANCELLED {
         entry.state = TW_LIVE;
         entry.cancel_ns = 0;
         let _ = PENDING.remove(timer);
+        if entry.counted == 0 && count(&entry.key, 1) {
+            entry.counted = 1;
+        }
     }
+    resubstate(&cfg, entry, tw)?;
     Ok(())
 }
 
@@ -144,8 +147,9 @@ pub fn tw_timer_cancel(ctx: BtfTracePointContext) -> u32 {
     if entry.state != TW_LIVE {
         return 0;
     }
-    if entry.counted == 1 {
-        add(&COUNTS, &entry.key, -1);
+    // Not counted while cancelled: a re-arm counts it again, a kill or an
+    // expiry (which follow within microseconds) leave it uncounted.
+    if entry.counted == 1 && count(&entry.key, -1) {
         entry.counted = 0;
     }
     entry.state = TW_CANCELLED;

@@ -10,7 +10,10 @@
 //! 3. the daemon's CPU and RSS at steady state (N TIME_WAIT, a churn, a scrape
 //!    every second);
 //! 4. start-up with N TIME_WAIT already there: exec to `/readyz` 200;
-//! 5. node_exporter's sockstat collector, scraped the same way, for reference.
+//! 5. node_exporter's sockstat collector, scraped the same way, for reference;
+//! 6. what the per-socket reconciliation walk and a scrape cost at N and 10 x N
+//!    TIME_WAIT sockets (`reconcile.rs`), from which the default
+//!    `--reconcile-interval` is chosen.
 //!
 //! `--smoke` runs the same code at small sizes, prints the table and leaves
 //! BENCHMARKS.md alone; it fails only on errors, never on a missed target.
@@ -33,6 +36,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{setup, sh, workspace_root};
+
+mod reconcile;
 
 /// Where the daemon listens inside each namespace.
 const DAEMON: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 19868);
@@ -72,7 +77,7 @@ pub struct BenchArgs {
     /// Client threads of the socket generator [default: 2 x CPUs].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Run only these scenarios (comma-separated, 1-5; 5 runs inside 1).
+    /// Run only these scenarios (comma-separated, 1-6; 5 runs inside 1).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub only: Vec<u8>,
     /// Do not write BENCHMARKS.md (smoke never writes it).
@@ -201,6 +206,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if want(2) {
         overhead(&ctx, &mut rep).context("scenario 2 (kernel overhead)")?;
+    }
+    if want(6) {
+        reconcile::reconcile(&ctx, &mut rep).context("scenario 6 (reconciliation and read cost)")?;
     }
     let table = render_table(&rep);
     println!("{table}");
@@ -565,8 +573,12 @@ fn metric_sum(body: &[u8], name: &str, filter: &str) -> f64 {
 
 /// Starts timewaitd in `ns` and waits for /readyz 200; returns it and the time that took.
 fn start_daemon(ctx: &Ctx, ns: &Netns, tag: &str) -> Result<(Proc, Duration)> {
+    start_daemon_with(ctx, ns, tag, &[])
+}
+
+fn start_daemon_with(ctx: &Ctx, ns: &Netns, tag: &str, extra: &[&str]) -> Result<(Proc, Duration)> {
     let mut cmd = ns.command(&ctx.bin);
-    cmd.args(["run", "--web.listen-address", &DAEMON.to_string()]);
+    cmd.args(["run", "--web.listen-address", &DAEMON.to_string()]).args(extra);
     let t0 = Instant::now();
     let mut p = Proc::spawn("timewaitd", cmd, ctx.logs.join(format!("timewaitd-{tag}.log")))?;
     let deadline = t0 + Duration::from_secs(60);
