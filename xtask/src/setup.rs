@@ -27,6 +27,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // `timewaitd top` is driven in a real terminal.
     ("tmux", "tmux"),
     ("script", "bsdutils"),
+    // The NAT lab (nat_lab): a router, a real web server, a capture.
+    ("iptables", "iptables"),
+    ("nginx", "nginx-light"),
+    ("tshark", "tshark"),
 ];
 
 pub fn is_root() -> bool {
