@@ -46,3 +46,5 @@ mod check_paths;
 
 // Issue 12: untidy hosts.
 mod dead_listener;
+mod support_nat;
+mod nat_lab;
