@@ -231,10 +231,38 @@ fn nat_lab() {
     for e in &truth.examples {
         eprintln!("nat_lab:   {e}");
     }
+    for e in &truth.retransmitted {
+        eprintln!("nat_lab:   retransmitted hit: {e}");
+    }
     let d = |m: &Metrics, name: &str| m.count(name, &[("remote", &remote)]);
     let syn_total = d(&m1, "timewait_syn_total") - d(&m0, "timewait_syn_total");
     let syn_rejected = d(&m1, "timewait_syn_rejected_total") - d(&m0, "timewait_syn_rejected_total");
     let paws = paws_tw_delta(&k0, &k1);
+    let closed: Vec<String> = ["reused_by_syn", "reset", "expired", "reused_by_connect", "other"]
+        .iter()
+        .map(|r| {
+            let c = |m: &Metrics| m.count("timewait_closed_total", &[("reason", r)]);
+            format!("{r}+{}", c(&m1) - c(&m0))
+        })
+        .collect();
+    let extra: Vec<String> = [
+        "TcpExtSyncookiesSent",
+        "TcpExtListenOverflows",
+        "TcpExtListenDrops",
+        "TcpExtTWKilled",
+    ]
+    .iter()
+    .map(|k| format!("{k}+{}", crate::support_syn::kdelta(&k0, &k1, k)))
+    .collect();
+    eprintln!(
+        "nat_lab: daemon closed_total {}; created+{}; kernel {}; capture: TIME_WAITs created {}, reset {}, taken by SYN {}",
+        closed.join(" "),
+        m1.count("timewait_created_total", &[]) - m0.count("timewait_created_total", &[]),
+        extra.join(" "),
+        truth.server_first,
+        truth.tw_reset,
+        truth.accepted
+    );
     eprintln!(
         "nat_lab: FIGURES: SYNs hitting TIME_WAIT {} (accepted {}, rejected {}); PAWS delta {paws}; \
          daemon syn_total {syn_total}, syn_rejected_total {syn_rejected}; kernel: {}; \
@@ -278,6 +306,13 @@ fn nat_lab() {
         truth_line(&truth)
     );
     assert_eq!(truth.accepted + truth.rejected, truth.hits);
+    assert_eq!(
+        truth.accepted_isn_from_tw,
+        truth.accepted,
+        "every accepted hit's SYN-ACK must carry the ISN the kernel derives from the minisocket \
+         (tw_snd_nxt + 65537), else the rule misread the capture: {}",
+        truth_line(&truth)
+    );
 
     // The kernel's own count bounds the rejections.
     assert!(

@@ -578,6 +578,9 @@ struct Pending {
     t: f64,
     seq: u32,
     answered_ack: bool,
+    /// The minisocket's `tw_snd_nxt` (the server's FIN + 1): a SYN it lets
+    /// through gets the ISN `tw_snd_nxt + 65535 + 2` (`tcp_tw_isn`).
+    tw_snd_nxt: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -588,6 +591,10 @@ pub struct SynTruth {
     pub hits: u64,
     /// Hits answered with a SYN-ACK for that very SYN.
     pub accepted: u64,
+    /// Of those, the ones whose SYN-ACK carries the ISN the kernel derives
+    /// from the minisocket (`tw_snd_nxt + 65537`): proof on the wire that the
+    /// SYN went through the TIME_WAIT and was let through by it.
+    pub accepted_isn_from_tw: u64,
     /// Hits not accepted.
     pub rejected: u64,
     /// Rejected hits the server answered with a bare ACK.
@@ -614,6 +621,8 @@ pub struct SynTruth {
     pub ports: u64,
     /// A few rejected and accepted hits, for the report.
     pub examples: Vec<String>,
+    /// Every hit that was a retransmission, for the report.
+    pub retransmitted: Vec<String>,
 }
 
 /// The ground-truth rule (see `nat_lab`'s doc comment), over every segment
@@ -622,6 +631,7 @@ pub fn syn_truth(packets: &[Packet], remote: Ipv4Addr, server: SocketAddrV4) -> 
     let mut tuples: BTreeMap<u16, Tuple> = BTreeMap::new();
     let mut pending: BTreeMap<u16, Pending> = BTreeMap::new();
     let mut syn_seqs: BTreeMap<u16, Vec<u32>> = BTreeMap::new();
+    let mut server_nxt: BTreeMap<u16, u32> = BTreeMap::new();
     let mut out = SynTruth::default();
     let (mut first, mut last) = (None, 0.0f64);
     let reject = |out: &mut SynTruth, port: u16, p: Pending, why: &str| {
@@ -670,6 +680,10 @@ pub fn syn_truth(packets: &[Packet], remote: Ipv4Addr, server: SocketAddrV4) -> 
                         out.hits += 1;
                         if retransmitted {
                             out.hits_retransmitted += 1;
+                            out.retransmitted.push(format!(
+                                "SYN {remote}:{port} seq {} at {:.6} (TIME_WAIT since {since:.6})",
+                                p.seq, p.t
+                            ));
                         }
                         pending.insert(
                             port,
@@ -677,6 +691,7 @@ pub fn syn_truth(packets: &[Packet], remote: Ipv4Addr, server: SocketAddrV4) -> 
                                 t: p.t,
                                 seq: p.seq,
                                 answered_ack: false,
+                                tw_snd_nxt: server_nxt.get(&port).copied(),
                             },
                         );
                     }
@@ -715,6 +730,9 @@ pub fn syn_truth(packets: &[Packet], remote: Ipv4Addr, server: SocketAddrV4) -> 
             if let Some(pend) = pending.remove(&port) {
                 if p.ack == pend.seq.wrapping_add(1) {
                     out.accepted += 1;
+                    if pend.tw_snd_nxt.map(|n| n.wrapping_add(65537)) == Some(p.seq) {
+                        out.accepted_isn_from_tw += 1;
+                    }
                     if out.examples.len() < 6 {
                         out.examples.push(format!(
                             "accepted: SYN {remote}:{port} seq {} at {:.6}, SYN-ACK at {:.6}",
@@ -732,6 +750,7 @@ pub fn syn_truth(packets: &[Packet], remote: Ipv4Addr, server: SocketAddrV4) -> 
         } else if p.has(RST) {
             *state = Tuple::Free;
         } else if p.has(FIN) {
+            server_nxt.insert(port, p.seq.wrapping_add(p.len).wrapping_add(1));
             if let Tuple::Open { client_fin, .. } = *state {
                 if client_fin {
                     out.client_first += 1;
@@ -762,7 +781,7 @@ pub fn truth_line(t: &SynTruth) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "SYNs {} (SYN-ACKs {}), hitting TIME_WAIT {} (retransmissions {}): accepted {}, rejected {} \
+        "SYNs {} (SYN-ACKs {}), hitting TIME_WAIT {} (retransmissions {}): accepted {} (ISN from the TIME_WAIT {}), rejected {} \
          ({} answered with an ACK, {} silent); server closed first {}, client first {}; \
          TIME_WAIT reset by the client {}; SYNs in FIN_WAIT2 {}; {} remote ports; span {:.1} s",
         t.syns,
@@ -770,6 +789,7 @@ pub fn truth_line(t: &SynTruth) -> String {
         t.hits,
         t.hits_retransmitted,
         t.accepted,
+        t.accepted_isn_from_tw,
         t.rejected,
         t.rejected_acked,
         t.rejected_silent,
@@ -838,12 +858,12 @@ fn syn_truth_rule() {
     // Rejected silently, retransmitted 1 s later, accepted then.
     push(1.0, true, 40000, SYN, 10, 0);
     push(1.0, true, 40000, SYN, 10, 0);
-    push(0.001, false, 40000, SYN | ACK, 7000, 11);
-    push(0.001, true, 40000, ACK, 11, 7001);
+    push(0.001, false, 40000, SYN | ACK, 5002 + 65537, 11);
+    push(0.001, true, 40000, ACK, 11, 5002 + 65538);
     // Closed by the client first: no TIME_WAIT on the server.
-    push(0.001, true, 40000, FIN | ACK, 11, 7001);
-    push(0.001, false, 40000, FIN | ACK, 7001, 12);
-    push(0.001, true, 40000, ACK, 12, 7002);
+    push(0.001, true, 40000, FIN | ACK, 11, 5002 + 65538);
+    push(0.001, false, 40000, FIN | ACK, 5002 + 65538, 12);
+    push(0.001, true, 40000, ACK, 12, 5002 + 65539);
     conn(&mut push, 40000, 900, true);
     // Another port: its TIME_WAIT expires before the next SYN.
     conn(&mut push, 40001, 100, true);
@@ -858,4 +878,5 @@ fn syn_truth_rule() {
     );
     assert_eq!((truth.rejected_acked, truth.rejected_silent, truth.tw_reset), (1, 1, 1));
     assert_eq!((truth.server_first, truth.client_first), (4, 1));
+    assert_eq!(truth.accepted_isn_from_tw, 1);
 }
