@@ -58,8 +58,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, Metrics, NetNs, abortive_close, require_root, scaled, segments_available};
 use crate::support_nat::{
-    Capture, LoadStats, Nginx, ScratchDir, TIME_WAIT_LEN, have, http_close_load, iptables_usable, read_capture, route,
-    syn_truth, truth_line, veth,
+    Capture, LoadStats, Nginx, ScratchDir, TIME_WAIT_LEN, bpf_recursion_misses, have, http_close_load, iptables_usable,
+    read_capture, route, syn_truth, truth_line, veth,
 };
 use crate::support_syn::{kernel_line, nstat, paws_tw_delta, tsval};
 
@@ -214,6 +214,7 @@ fn nat_lab() {
     s.wait_settled();
     let m1 = wait_counters_quiet(&daemon, &remote);
     let k1 = nstat(&s);
+    let misses = bpf_recursion_misses(daemon.pid());
     let summary = cap.stop();
     eprintln!(
         "nat_lab: tshark: captured {:?}, dropped {}",
@@ -255,7 +256,8 @@ fn nat_lab() {
     .map(|k| format!("{k}+{}", crate::support_syn::kdelta(&k0, &k1, k)))
     .collect();
     eprintln!(
-        "nat_lab: daemon closed_total {}; created+{}; kernel {}; capture: TIME_WAITs created {}, reset {}, taken by SYN {}",
+        "nat_lab: daemon closed_total {}; created+{}; kernel {}; capture: TIME_WAITs created {}, reset {}, taken by SYN {}; \
+         the daemon's BPF programs skipped by the kernel (recursion_misses): {misses:?}",
         closed.join(" "),
         m1.count("timewait_created_total", &[]) - m0.count("timewait_created_total", &[]),
         extra.join(" "),

@@ -880,3 +880,66 @@ fn syn_truth_rule() {
     assert_eq!((truth.server_first, truth.client_first), (4, 1));
     assert_eq!(truth.accepted_isn_from_tw, 1);
 }
+
+/// `recursion_misses` of the BPF programs process `pid` holds (`bpftool -j
+/// prog show`): times the kernel skipped a program because it was already
+/// running on that CPU (a softirq interrupting it), so an event was lost.
+/// Only the non-zero ones, by program name.
+pub fn bpf_recursion_misses(pid: u32) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(o) = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .stdin(Stdio::null())
+        .output()
+    else {
+        return out;
+    };
+    let text = String::from_utf8_lossy(&o.stdout);
+    // Split the top-level array into its objects by brace depth.
+    let (mut depth, mut start) = (0usize, None);
+    let mut objects = Vec::new();
+    for (i, c) in text.char_indices() {
+        match c {
+            '{' => {
+                if depth == 0 {
+                    start = Some(i);
+                }
+                depth += 1;
+            }
+            '}' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0
+                    && let Some(s) = start.take()
+                {
+                    objects.push(&text[s..=i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    let number_after = |obj: &str, key: &str| -> Option<u64> {
+        let rest = &obj[obj.find(key)? + key.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .find(|t| !t.is_empty())?
+            .parse()
+            .ok()
+    };
+    for obj in objects {
+        if !obj.contains(&format!("\"pid\":{pid},")) {
+            continue;
+        }
+        let Some(misses) = number_after(obj, "\"recursion_misses\":") else {
+            continue;
+        };
+        let name = obj
+            .find("\"name\":\"")
+            .map(|p| &obj[p + 8..])
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?")
+            .to_string();
+        if misses > 0 {
+            *out.entry(name).or_insert(0) += misses;
+        }
+    }
+    out
+}
