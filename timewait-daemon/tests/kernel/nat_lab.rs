@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, Metrics, NetNs, abortive_close, require_root, scaled, segments_available};
 use crate::support_nat::{
-    Capture, LoadStats, Nginx, ScratchDir, TIME_WAIT_LEN, bpf_recursion_misses, have, http_close_load, iptables_usable,
+    Capture, LoadStats, Nginx, ScratchDir, TIME_WAIT_LEN, have, http_close_load, iptables_usable,
     read_capture, route, syn_truth, truth_line, veth,
 };
 use crate::support_syn::{kernel_line, nstat, paws_tw_delta, tsval};
@@ -214,7 +214,9 @@ fn nat_lab() {
     s.wait_settled();
     let m1 = wait_counters_quiet(&daemon, &remote);
     let k1 = nstat(&s);
-    let misses = bpf_recursion_misses(daemon.pid());
+    // Program runs the kernel skipped during the load (the daemon's own count).
+    let missed = |m: &Metrics| m.count("timewait_program_recursion_misses_total", &[]);
+    let misses = missed(&m1) - missed(&m0);
     let summary = cap.stop();
     eprintln!(
         "nat_lab: tshark: captured {:?}, dropped {}",
@@ -257,7 +259,7 @@ fn nat_lab() {
     .collect();
     eprintln!(
         "nat_lab: daemon closed_total {}; created+{}; kernel {}; capture: TIME_WAITs created {}, reset {}, taken by SYN {}; \
-         the daemon's BPF programs skipped by the kernel (recursion_misses): {misses:?}",
+         program runs the kernel skipped during the load (recursion misses): {misses}",
         closed.join(" "),
         m1.count("timewait_created_total", &[]) - m0.count("timewait_created_total", &[]),
         extra.join(" "),
@@ -328,14 +330,29 @@ fn nat_lab() {
         "daemon: {syn_rejected} rejected SYNs, but the server's PAWS counters rose by only {paws}"
     );
 
-    // The daemon agrees with the wire.
-    assert_eq!(
-        (syn_total, syn_rejected),
-        (truth.hits, truth.rejected),
-        "timewait_syn_total / timewait_syn_rejected_total {{remote={remote}}} vs the capture ({})\n{}",
-        truth_line(&truth),
-        daemon.log_tail()
-    );
+    // The daemon agrees with the wire: exactly, unless the kernel skipped
+    // some of its program runs (a program already running on that CPU when
+    // an interrupt brought another event; busy hosts), which the daemon
+    // reports. Then it may read short by at most that many, never over.
+    if misses == 0 {
+        assert_eq!(
+            (syn_total, syn_rejected),
+            (truth.hits, truth.rejected),
+            "timewait_syn_total / timewait_syn_rejected_total {{remote={remote}}} vs the capture ({})\n{}",
+            truth_line(&truth),
+            daemon.log_tail()
+        );
+    } else {
+        eprintln!("nat_lab: {misses} program runs skipped by the kernel: the daemon may read short by that many");
+        for (what, got, want) in [("syn_total", syn_total, truth.hits), ("syn_rejected_total", syn_rejected, truth.rejected)] {
+            assert!(
+                got <= want && want - got <= misses,
+                "timewait_{what} {{remote={remote}}} {got} vs the capture's {want}, with {misses} skipped runs ({})\n{}",
+                truth_line(&truth),
+                daemon.log_tail()
+            );
+        }
+    }
 
     drop(daemon);
     drop(nginx);
