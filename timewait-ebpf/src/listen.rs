@@ -138,19 +138,19 @@ fn direction_from_history(sk: u64, active: bool) {
     let timer = slot.timer;
     slot.timer = 0;
     let cfg = config();
-    let (Ok(lport), Ok(rport_be), Ok(family)) = (
-        read::<u16>(sk, cfg.offsets.skc_num),
-        read::<u16>(sk, cfg.offsets.skc_dport),
-        read::<u16>(sk, cfg.offsets.skc_family),
-    ) else {
+    // Not the local port: by this tracepoint `tcp_set_state` has already
+    // released the socket's bind bucket (`inet_put_port` zeroes
+    // `inet_num`). The remote address and port, on this CPU right after the
+    // follow, are the socket's.
+    let (Ok(rport_be), Ok(family)) =
+        (read::<u16>(sk, cfg.offsets.skc_dport), read::<u16>(sk, cfg.offsets.skc_family))
+    else {
         return;
     };
-    if lport != slot.lport || rport_be != slot.rport {
+    if rport_be != slot.rport || remote_of(&cfg, sk, family).ok() != Some(slot.remote) {
         return;
     }
-    if remote_of(&cfg, sk, family).ok() != Some(slot.remote) {
-        return;
-    }
+    let lport = slot.lport;
     let Some(e) = TW_SOCKS.get_ptr_mut(timer) else {
         return;
     };
@@ -165,5 +165,13 @@ fn direction_from_history(sk: u64, active: bool) {
         key.port = port;
         crate::tw::move_to(entry, key);
         bump(counter::DIRECTION_FROM_HISTORY);
+        // Created a moment ago on this CPU, counted under the other direction.
+        let (was, is) = if active {
+            (counter::CREATED_INBOUND, counter::CREATED_OUTBOUND)
+        } else {
+            (counter::CREATED_OUTBOUND, counter::CREATED_INBOUND)
+        };
+        crate::maps::unbump(was);
+        bump(is);
     }
 }

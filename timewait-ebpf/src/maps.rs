@@ -143,6 +143,19 @@ pub fn bump(idx: u32) {
     }
 }
 
+/// Takes back a `bump` of `idx` made on this CPU in the same event (the
+/// per-CPU copy cannot go below what that bump added).
+#[inline(always)]
+pub fn unbump(idx: u32) {
+    let idx = opaque(idx) as usize;
+    if let Some(p) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: as in `bump`.
+        if let Some(c) = unsafe { (*p).get_mut(idx) } {
+            *c = c.wrapping_sub(1);
+        }
+    }
+}
+
 #[inline(always)]
 fn atomic_add(p: *mut i64, delta: i64) {
     // The BPF target offers no `AtomicI64::fetch_add`; with its result unused

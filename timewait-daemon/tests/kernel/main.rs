@@ -45,6 +45,7 @@ mod full_maps;
 mod check_paths;
 
 // Issue 12: untidy hosts.
+mod direction_history;
 mod dead_listener;
 mod support_nat;
 mod nat_lab;
