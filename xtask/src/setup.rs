@@ -27,11 +27,19 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // `timewaitd top` is driven in a real terminal.
     ("tmux", "tmux"),
     ("script", "bsdutils"),
-    // The NAT lab (nat_lab): a router, a real web server, a capture.
-    ("iptables", "iptables"),
+    // Untidy hosts (issue 12): real servers that close first, under real
+    // load, and the NAT lab (a router, a capture). The tests run their own
+    // nginx in their own namespace; the package's system service must not
+    // start (see `test_packages`).
     ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
+    ("iptables", "iptables"),
     ("tshark", "tshark"),
 ];
+
+/// Debian's hook that tells maintainer scripts whether they may start a
+/// service; exit 101 means "no".
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 pub fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
@@ -86,5 +94,26 @@ pub fn test_packages() -> Result<()> {
     }
     eprintln!("xtask: installing Debian packages {missing:?}");
     sh(Command::new("apt-get").args(["update", "-qq"]))?;
-    sh(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    // Installing nginx-light starts the system nginx on port 80 of the host
+    // (and enables it at boot): the tests need only its binary, and a stray
+    // web server on a CI machine is not ours to leave. A policy-rc.d that
+    // exits 101 makes the maintainer scripts skip the start; it is removed
+    // afterwards unless the machine had one of its own (a container's,
+    // which then already did this).
+    let own_policy = !std::path::Path::new(POLICY_RC_D).exists();
+    if own_policy {
+        std::fs::write(POLICY_RC_D, "#!/bin/sh\n# cargo xtask: no services started while it installs test packages\nexit 101\n")
+            .and_then(|()| std::fs::set_permissions(POLICY_RC_D, std::os::unix::fs::PermissionsExt::from_mode(0o755)))
+            .with_context(|| format!("write {POLICY_RC_D}"))?;
+    }
+    let installed =
+        sh(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"));
+    if own_policy {
+        let _ = std::fs::remove_file(POLICY_RC_D);
+        if missing.contains(&"nginx-light") && have("systemctl") {
+            // Not started, but enabled for the next boot: undo that too.
+            let _ = Command::new("systemctl").args(["disable", "--quiet", "nginx"]).status();
+        }
+    }
+    installed
 }
