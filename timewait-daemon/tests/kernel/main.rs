@@ -49,3 +49,5 @@ mod direction_history;
 mod dead_listener;
 mod support_nat;
 mod nat_lab;
+mod support_untidy;
+mod nginx_wrk;
