@@ -51,3 +51,4 @@ mod support_nat;
 mod nat_lab;
 mod support_untidy;
 mod nginx_wrk;
+mod dead_listener_70k;
