@@ -80,6 +80,7 @@ const NAT: [u8; 4] = [10, 77, 3, 1];
 const SERVER: [u8; 4] = [10, 77, 3, 2];
 
 #[test]
+#[ignore = "heavy, host only: `cargo xtask test` runs it alone after the parallel suite (--ignored); exact SYN counts need a machine not saturated by the other tests"]
 fn nat_lab() {
     if !require_root("nat_lab") || !segments_available("nat_lab") {
         return;
