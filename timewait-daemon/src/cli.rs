@@ -84,7 +84,7 @@ pub struct RunArgs {
     /// Keys (direction, remote, port) whose count may change within one second: capacity of the kernel's two gauge-delta tables, drained every second; the per-remote SYN tables get half, and beyond that many remotes the smallest SYN totals fold into remote="other" [default: 32768].
     #[arg(long, value_name = "N")]
     pub max_series: Option<u32>,
-    /// Seconds between reconciliations with the kernel's socket tables (a walk of them, socket by socket); a lost event triggers one at once anyway; 0 turns the periodic ones off [default: 10].
+    /// Seconds between reconciliations with the kernel's socket tables (a walk of them, socket by socket); a lost event triggers one at once anyway; 0 turns the periodic ones off [default: 60].
     #[arg(long, value_name = "SECS")]
     pub reconcile_interval: Option<u64>,
     /// Way into the kernel: auto (fentry where it attaches, else kprobes, else tracepoints), or only one of them [default: auto].

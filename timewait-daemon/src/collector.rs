@@ -113,6 +113,9 @@ pub struct View {
 
 pub struct Collector {
     probes: Mutex<Probes>,
+    /// The object, whose iterator programs the reconciliation runs (None:
+    /// no walks). Locked alone, never with `probes` held.
+    walker: Mutex<Walker>,
     /// Closes the sweeper resolved, by `counter::CLOSED_*` index.
     swept: [AtomicU64; counter::COUNT as usize],
     /// Lifetimes of the closes the sweeper resolved (layout of `LIFETIME`).
@@ -188,6 +191,25 @@ fn read_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
     out
 }
 
+/// What the reconciliation walks use, apart from the probes: the object
+/// (its iterator programs) and handles of their own on the per-socket tables.
+struct Walker {
+    ebpf: Option<aya::Ebpf>,
+    tw_socks: Option<aya::maps::HashMap<aya::maps::MapData, u64, TwEntry>>,
+    conns: Option<aya::maps::HashMap<aya::maps::MapData, u64, timewait_common::ConnEntry>>,
+}
+
+/// A second handle on the same kernel map (a duplicated file descriptor).
+fn second_handle<K: aya::Pod, V: aya::Pod>(
+    m: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+) -> Option<aya::maps::HashMap<aya::maps::MapData, K, V>> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+    let fd = m.map().fd().as_fd().try_clone_to_owned().ok()?;
+    let data = aya::maps::MapData::from_fd(fd).ok()?;
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).ok()
+}
+
 /// What a reconciliation walk left unmarked: entries older than the walk.
 struct Unseen {
     tw: HashSet<u64>,
@@ -195,7 +217,12 @@ struct Unseen {
 }
 
 impl Collector {
-    pub fn new(probes: Probes, max_series: u32) -> Self {
+    pub fn new(mut probes: Probes, max_series: u32) -> Self {
+        let walker = Mutex::new(Walker {
+            ebpf: probes.ebpf.take(),
+            tw_socks: second_handle(&probes.tw_socks),
+            conns: second_handle(&probes.conns),
+        });
         let grace = match crate::rcu::GracePeriod::new() {
             Ok(g) => Some(g),
             Err(e) => {
@@ -205,6 +232,7 @@ impl Collector {
         };
         Self {
             probes: Mutex::new(probes),
+            walker,
             swept: std::array::from_fn(|_| AtomicU64::new(0)),
             swept_lifetime: (0..LIFETIME_REASONS * LIFETIME_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             read_errors: AtomicU64::new(0),
@@ -231,30 +259,46 @@ impl Collector {
     /// One walk of the kernel's socket tables (`iter.rs`): follows what the
     /// programs missed and marks what they follow; returns the entries it
     /// did not find that are older than the walk.
-    fn walk(&self, probes: &mut Probes) -> Result<Unseen, crate::loader::LoadError> {
-        let walk = probes.epoch.get(&timewait_common::EPOCH_WALK, 0).unwrap_or(0).wrapping_add(1);
-        probes
-            .epoch
-            .set(timewait_common::EPOCH_WALK, walk, 0)
-            .map_err(|e| crate::loader::LoadError::Map("EPOCH", e.to_string()))?;
+    /// The walk itself holds only the walker's lock: scrapes and drains go
+    /// on meanwhile.
+    fn walk(&self) -> Result<Unseen, crate::loader::LoadError> {
+        let mut walker = self.walker.lock().unwrap_or_else(|e| e.into_inner());
+        let (walk, all_netns) = {
+            let mut probes = self.lock();
+            let walk = probes.epoch.get(&timewait_common::EPOCH_WALK, 0).unwrap_or(0).wrapping_add(1);
+            probes
+                .epoch
+                .set(timewait_common::EPOCH_WALK, walk, 0)
+                .map_err(|e| crate::loader::LoadError::Map("EPOCH", e.to_string()))?;
+            (walk, probes.all_netns)
+        };
         let began = clock_monotonic_ns();
-        crate::loader::run_iter(&mut probes.ebpf, "iter_listeners")?;
-        crate::loader::run_iter(&mut probes.ebpf, "iter_timewait")?;
-        if let Some(own) = probes.all_netns {
+        let Some(ebpf) = walker.ebpf.as_mut() else {
+            return Ok(Unseen { tw: HashSet::new(), conns: HashSet::new() });
+        };
+        crate::loader::run_iter(ebpf, "iter_reconcile")?;
+        if let Some(own) = all_netns {
             for ns in crate::loader::other_namespaces(own) {
                 // A namespace gone meanwhile has no sockets left to find.
-                let _ = crate::loader::in_netns(&ns, || {
-                    crate::loader::run_iter(&mut probes.ebpf, "iter_listeners")?;
-                    crate::loader::run_iter(&mut probes.ebpf, "iter_timewait")
-                });
+                let _ = crate::loader::in_netns(&ns, || crate::loader::run_iter(ebpf, "iter_reconcile"));
             }
         }
-        let tw = read_all(&probes.tw_socks, &self.read_errors)
+        // Read through the walker's own handles where it has them: reading a
+        // million entries takes a while, and scrapes need the probes lock.
+        let (tw, conns) = match (&walker.tw_socks, &walker.conns) {
+            (Some(t), Some(c)) => (read_all(t, &self.read_errors), read_all(c, &self.read_errors)),
+            _ => {
+                let probes = self.lock();
+                (read_all(&probes.tw_socks, &self.read_errors), read_all(&probes.conns, &self.read_errors))
+            }
+        };
+        drop(walker);
+        let tw = tw
             .into_iter()
             .filter(|(_, e)| e.state == timewait_common::TW_LIVE && e.seen != walk && e.created_ns < began)
             .map(|(t, _)| t)
             .collect();
-        let conns = read_all(&probes.conns, &self.read_errors)
+        let conns = conns
             .into_iter()
             .filter(|(_, c)| c.seen != walk && c.created_ns < began)
             .map(|(sk, _)| sk)
@@ -272,14 +316,14 @@ impl Collector {
     /// sockets when something is unseen, one otherwise (BENCHMARKS.md).
     pub fn reconcile(&self) -> Result<u64, crate::loader::LoadError> {
         let start = std::time::Instant::now();
-        let mut probes = self.lock();
-        let found_before = self.kernel_counter(&probes, counter::RECONCILE_FOUND);
+        let found_before = self.kernel_counter(&self.lock(), counter::RECONCILE_FOUND);
         let result = (|| {
-            let first = self.walk(&mut probes)?;
+            let first = self.walk()?;
             if first.tw.is_empty() && first.conns.is_empty() {
                 return Ok(0);
             }
-            let second = self.walk(&mut probes)?;
+            let second = self.walk()?;
+            let mut probes = self.lock();
             let mut removed = 0;
             let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
             // Removal is the claim (as in the programs' `close`): what we
@@ -306,8 +350,7 @@ impl Collector {
             }
             Ok(removed)
         })();
-        let found = self.kernel_counter(&probes, counter::RECONCILE_FOUND).saturating_sub(found_before);
-        drop(probes);
+        let found = self.kernel_counter(&self.lock(), counter::RECONCILE_FOUND).saturating_sub(found_before);
         let mut r = self.reconcile.lock().unwrap_or_else(|e| e.into_inner());
         r.runs += 1;
         r.last_micros = start.elapsed().as_micros() as u64;

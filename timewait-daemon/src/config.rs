@@ -10,11 +10,11 @@ use crate::{aggregate::AggOptions, cli::RunArgs, loader::paths::ProbePath};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:19868";
 /// Capacity of each gauge-delta table (see `--max-series`).
 pub const DEFAULT_MAX_SERIES: u32 = 32_768;
-/// Seconds between reconciliation walks: one walk of 100,000 TIME_WAIT
-/// sockets costs about ~ms (BENCHMARKS.md, "reconcile"), so every 10 s is
-/// well under 1% of a core, and a lost end heals within 10 s even when
-/// nothing says it was lost.
-pub const DEFAULT_RECONCILE_INTERVAL: u64 = 10;
+/// Seconds between reconciliation walks when nothing was lost: one walk of
+/// 100,000 TIME_WAIT sockets takes about 0.2 s of one core (BENCHMARKS.md,
+/// scenario 6), so every 60 s is about 0.3 %, and a churning population is
+/// corrected within one TIME_WAIT lifetime. A lost event triggers one at once.
+pub const DEFAULT_RECONCILE_INTERVAL: u64 = 60;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -181,6 +181,8 @@ mod tests {
         let c = resolve(&RunArgs::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.agg.top_remotes, 100);
+        assert_eq!(c.agg.top_ports, crate::aggregate::DEFAULT_TOP_PORTS);
+        assert_eq!((c.reconcile_interval, c.max_series), (DEFAULT_RECONCILE_INTERVAL, DEFAULT_MAX_SERIES));
         assert_eq!((c.agg.ipv4_prefix, c.agg.ipv6_prefix), (32, 128));
     }
 
@@ -191,12 +193,12 @@ mod tests {
         let path = dir.join("c.toml");
         fs::write(
             &path,
-            "top-remotes = 7\naggregate-ipv4-prefix = 24\n[web]\nlisten-address = \"127.0.0.1:1\"\nconfig.file = \"/etc/w.yml\"\n",
+            "top-remotes = 7\ntop-ports = 3\naggregate-ipv4-prefix = 24\n[web]\nlisten-address = \"127.0.0.1:1\"\nconfig.file = \"/etc/w.yml\"\n",
         )
         .unwrap();
         let mut args = RunArgs { config: Some(path.clone()), ..Default::default() };
         let c = resolve(&args).unwrap();
-        assert_eq!((c.agg.top_remotes, c.agg.ipv4_prefix, c.listen.port()), (7, 24, 1));
+        assert_eq!((c.agg.top_remotes, c.agg.top_ports, c.agg.ipv4_prefix, c.listen.port()), (7, 3, 24, 1));
         assert_eq!(c.web_config_file.as_deref(), Some(Path::new("/etc/w.yml")), "web.config.file, as the flag");
         args.top_remotes = Some(9);
         assert_eq!(resolve(&args).unwrap().agg.top_remotes, 9);
@@ -233,7 +235,7 @@ mod proptests {
         /// Structured near-misses of real keys and values.
         #[test]
         fn config_values_never_panic(
-            key in "(top-remotes|aggregate-ipv4-prefix|aggregate-ipv6-prefix|max-series|reconcile-interval|all-netns|nope)",
+            key in "(top-remotes|top-ports|aggregate-ipv4-prefix|aggregate-ipv6-prefix|max-series|reconcile-interval|all-netns|nope)",
             value in "(-?[0-9]{1,25}|\"[a-z:.0-9]{0,20}\"|true|\\[\\]|\\{\\})",
         ) {
             let _ = parse_toml(&format!("{key} = {value}\n"));

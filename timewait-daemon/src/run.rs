@@ -23,6 +23,18 @@ use crate::{
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// How often the SYN tables are drained and lost events looked for.
 const TICK: Duration = Duration::from_secs(1);
+/// At most this share of the time goes to walks triggered by lost events
+/// (a walk of 100,000 TIME_WAIT takes about 0.2 s: then at most one per 10 s).
+const LOSS_WALK_SHARE: f64 = 0.02;
+
+/// When the last reconciliation walk ran, what it took, and whether a lost
+/// event still waits for one.
+#[derive(Default)]
+struct WalkState {
+    last: Option<std::time::Instant>,
+    cost: Duration,
+    owed: bool,
+}
 
 use crate::cli::fail;
 
@@ -73,6 +85,7 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
     *state.agg.write().unwrap_or_else(|e| e.into_inner()) = new.agg.clone();
     info!(
         top_remotes = new.agg.top_remotes,
+        top_ports = new.agg.top_ports,
         aggregate_ipv4_prefix = new.agg.ipv4_prefix,
         aggregate_ipv6_prefix = new.agg.ipv6_prefix,
         remote_port_range_size = new.agg.remote_port_range_size,
@@ -170,23 +183,32 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
             c.sweep();
         }
     });
-    // Every second: drain the kernel's gauge and SYN tables; reconcile at once when an event
-    // was lost, and every --reconcile-interval seconds anyway.
+    // Every second: drain the kernel's gauge and SYN tables; reconcile
+    // when an event was lost (at once, unless the walks would then take
+    // more than LOSS_WALK_SHARE of the time: a host whose kernel keeps
+    // skipping program runs would otherwise walk every second), and every
+    // --reconcile-interval seconds anyway.
     let reconciler = {
         let c = collector.clone();
-        let interval = cfg.reconcile_interval;
-        let ticks = std::sync::atomic::AtomicU64::new(0);
-        let ticks = Arc::new(ticks);
+        let interval = Duration::from_secs(cfg.reconcile_interval);
+        let state = Arc::new(std::sync::Mutex::new(WalkState::default()));
         every(TICK, stop_rx.clone(), move || {
             c.drain();
-            let n = ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            let lost = c.lost_since_last_look();
-            let due = interval > 0 && n % interval == 0;
-            if !(lost || due) {
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            s.owed |= c.lost_since_last_look();
+            let since = s.last.map_or(Duration::MAX, |t| t.elapsed());
+            let due = !interval.is_zero() && since >= interval;
+            let spacing = s.cost.mul_f64(1.0 / LOSS_WALK_SHARE).max(TICK);
+            let after_loss = s.owed && since >= spacing;
+            if !(due || after_loss) {
                 return;
             }
-            match c.reconcile() {
-                Ok(n) if n > 0 => info!(corrected = n, after_loss = lost, "reconciliation corrected the counts"),
+            let started = std::time::Instant::now();
+            let result = c.reconcile();
+            (s.last, s.cost, s.owed) = (Some(started), started.elapsed(), false);
+            drop(s);
+            match result {
+                Ok(n) if n > 0 => info!(corrected = n, after_loss, "reconciliation corrected the counts"),
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "reconciliation failed"),
             }

@@ -84,6 +84,24 @@ fn try_listeners(sk: u64) -> Result<(), i64> {
     Ok(())
 }
 
+/// Both in one walk, for reconciliation (the walk visits the listening
+/// hash before the established one, so listeners still come first).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub extern "C" fn iter_reconcile(ctx: *mut c_void) -> i32 {
+    let sk = sk_of(ctx);
+    if sk == 0 {
+        return 0;
+    }
+    let cfg = config();
+    if read::<u8>(sk, cfg.offsets.skc_state).is_ok_and(|s| s == TCP_TIME_WAIT) {
+        let _ = try_timewait(sk);
+    } else {
+        let _ = try_listeners(sk);
+    }
+    0
+}
+
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub extern "C" fn iter_timewait(ctx: *mut c_void) -> i32 {

@@ -61,8 +61,9 @@ pub struct LoadOptions {
 /// The loaded programs and the maps the collector reads. Dropping it detaches
 /// every program (links are owned by `ebpf`).
 pub struct Probes {
-    /// The object: its iterator programs run again for each reconciliation.
-    pub ebpf: Ebpf,
+    /// The object: its iterator programs run again for each reconciliation
+    /// (the collector takes it).
+    pub ebpf: Option<Ebpf>,
     pub tw_socks: HashMap<MapData, u64, TwEntry>,
     pub conns: HashMap<MapData, u64, ConnEntry>,
     pub pending: HashMap<MapData, u64, u64>,
@@ -169,7 +170,7 @@ fn iter_prog<'e>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut Iter,
 
 /// Loads the iterator programs (once; they run once per namespace).
 fn load_iters(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), LoadError> {
-    for name in ["iter_listeners", "iter_timewait"] {
+    for name in ["iter_listeners", "iter_timewait", "iter_reconcile"] {
         iter_prog(ebpf, name)?.load("tcp", btf).map_err(prog_err(name, "load"))?;
     }
     Ok(())
@@ -366,7 +367,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         all_netns: opts.all_netns.then_some(netns),
         lifetime: take(&mut ebpf, "LIFETIME")?,
         connect_errors: take(&mut ebpf, "CONNECT_ERRORS")?,
-        ebpf,
+        ebpf: Some(ebpf),
         hooks,
         signals: vec![lifecycle, segments],
     };

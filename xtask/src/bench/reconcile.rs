@@ -16,7 +16,7 @@ use super::{
 };
 
 /// The daemon's default `--reconcile-interval` (timewait-daemon/src/config.rs).
-const DEFAULT_INTERVAL_S: f64 = 10.0;
+const DEFAULT_INTERVAL_S: f64 = 60.0;
 
 pub(super) fn reconcile(ctx: &Ctx, rep: &mut Report) -> Result<()> {
     const S: &str = "6 reconcile";
