@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::support::{Daemon, NetNs, assert_maps_equal, require_root, scaled, v4};
+use crate::support::{Daemon, NetNs, assert_maps_equal, quiet_equal_within, require_root, scaled, v4};
 use crate::support_untidy::{
     host_only,
-    DirPortKey, ephemeral_range, metrics_remote_and_dir_port, quiet_equal_within, series_shape,
+    DirPortKey, ephemeral_range, metrics_remote_and_dir_port, series_shape,
     server_closes_first_fast, ss_tw_remote_and_dir_port, ss_tw_timed,
 };
 

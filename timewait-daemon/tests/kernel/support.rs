@@ -96,9 +96,22 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
 #[track_caller]
 pub fn quiet_equal<T: PartialEq + Debug>(
     what: &str,
+    from_ss: impl FnMut() -> T,
+    from_metrics: impl FnMut() -> T,
+) -> T {
+    quiet_equal_within(what, scaled(QUIET_TIMEOUT), from_ss, from_metrics).0
+}
+
+/// [`quiet_equal`] with its own time bound; also returns how long it took.
+/// A failure message shows each map cut to 3,000 characters (a daemon that
+/// made one series per socket would print tens of thousands).
+#[track_caller]
+pub fn quiet_equal_within<T: PartialEq + Debug>(
+    what: &str,
+    timeout: Duration,
     mut from_ss: impl FnMut() -> T,
     mut from_metrics: impl FnMut() -> T,
-) -> T {
+) -> (T, Duration) {
     let start = Instant::now();
     let mut tries = 0u32;
     loop {
@@ -108,29 +121,29 @@ pub fn quiet_equal<T: PartialEq + Debug>(
         let after = from_ss();
         if before == after && before == metric {
             eprintln!(
-                "quiet_equal {what}: agreed after {tries} reading(s): {}",
-                short(&metric)
+                "quiet_equal {what}: agreed after {tries} reading(s), {:?}: {}",
+                start.elapsed(),
+                cut(&metric, 400)
             );
-            return metric;
+            return (metric, start.elapsed());
         }
-        if start.elapsed() >= scaled(QUIET_TIMEOUT) {
+        if start.elapsed() >= timeout {
             panic!(
-                "{what}: ss and metrics never agreed at a quiet moment in {QUIET_TIMEOUT:?} \
-                 ({tries} readings)\n  ss before: {before:?}\n  metrics:   {metric:?}\n  \
-                 ss after:  {after:?}"
+                "{what}: ss and metrics never agreed at a quiet moment in {timeout:?} \
+                 ({tries} readings)\n  ss before: {}\n  metrics:   {}\n  \
+                 ss after:  {}",
+                cut(&before, 3000),
+                cut(&metric, 3000),
+                cut(&after, 3000)
             );
         }
         thread::sleep(Duration::from_millis(200));
     }
 }
 
-fn short<T: Debug>(v: &T) -> String {
+fn cut<T: Debug>(v: &T, at: usize) -> String {
     let s = format!("{v:?}");
-    if s.len() > 400 {
-        format!("{}... ({} chars)", &s[..400], s.len())
-    } else {
-        s
-    }
+    if s.len() > at { format!("{}... ({} chars)", &s[..at], s.len()) } else { s }
 }
 
 /// Panics listing exactly which keys differ between two count maps.

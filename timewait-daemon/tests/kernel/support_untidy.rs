@@ -438,44 +438,6 @@ pub fn series_shape(m: &Metrics, eph: (u16, u16)) -> SeriesShape {
     SeriesShape { series: all.len(), ephemeral_port_series: eph_series.len(), examples: eph_series.into_iter().take(3).collect() }
 }
 
-/// [`crate::support::quiet_equal`] with its own time bound (from the call)
-/// and a failure message cut to a readable size.
-#[track_caller]
-pub fn quiet_equal_within<T: PartialEq + Debug>(
-    what: &str,
-    timeout: Duration,
-    mut from_ss: impl FnMut() -> T,
-    mut from_metrics: impl FnMut() -> T,
-) -> (T, Duration) {
-    let start = Instant::now();
-    let mut tries = 0u32;
-    loop {
-        tries += 1;
-        let before = from_ss();
-        let metric = from_metrics();
-        let after = from_ss();
-        if before == after && before == metric {
-            eprintln!("quiet_equal_within {what}: agreed after {tries} reading(s), {:?}", start.elapsed());
-            return (metric, start.elapsed());
-        }
-        if start.elapsed() >= timeout {
-            panic!(
-                "{what}: ss and metrics never agreed at a quiet moment within {timeout:?} ({tries} readings)\n  \
-                 ss before: {}\n  metrics:   {}\n  ss after:  {}",
-                cut(&before),
-                cut(&metric),
-                cut(&after)
-            );
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn cut<T: Debug>(v: &T) -> String {
-    let s = format!("{v:?}");
-    if s.len() > 3000 { format!("{}... ({} chars)", &s[..3000], s.len()) } else { s }
-}
-
 // ---------------------------------------------------------------------------
 // Many server-side TIME_WAIT, fast
 
