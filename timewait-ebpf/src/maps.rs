@@ -192,24 +192,7 @@ fn add_delta<K>(m: &HashMap<K, i64>, key: &K, delta: i64) -> bool {
         atomic_add(p, delta);
         return true;
     }
-    match m.insert(key, 0, BPF_NOEXIST) {
-        Ok(()) => {}
-        Err(e) if is_eexist(e.into()) => {}
-        Err(_) => {
-            bump(counter::LOST);
-            return false;
-        }
-    }
-    match m.get_ptr_mut(key) {
-        Some(p) => {
-            atomic_add(p, delta);
-            true
-        }
-        None => {
-            bump(counter::LOST);
-            false
-        }
-    }
+    insert_and_add(m, key, delta)
 }
 
 /// Adds `delta` to the i64 counted under `key`, creating it at 0 when absent.
@@ -224,6 +207,14 @@ pub fn add<K>(m: &HashMap<K, i64>, key: &K, delta: i64) -> bool {
         // Nothing to take from: never let a gauge go negative.
         return false;
     }
+    insert_and_add(m, key, delta)
+}
+
+/// The absent-key half of `add` and `add_delta`: inserts 0 (another CPU
+/// may have just done so), then adds. False, and the loss counted, when the
+/// map is full.
+#[inline(always)]
+fn insert_and_add<K>(m: &HashMap<K, i64>, key: &K, delta: i64) -> bool {
     match m.insert(key, 0, BPF_NOEXIST) {
         Ok(()) => {}
         Err(e) if is_eexist(e.into()) => {}
