@@ -10,7 +10,7 @@ use crate::{
     config, kernel,
     loader::{
         self, LoadOptions,
-        paths::{LIFECYCLE, Path, SEGMENTS},
+        paths::{LIFECYCLE, Path, SEGMENTS, SOCKETS},
     },
 };
 
@@ -42,6 +42,7 @@ fn feature(signal: &str) -> &'static str {
     match signal {
         LIFECYCLE => "lifecycle (TIME_WAIT gauges, created, closed, lifetimes)",
         SEGMENTS => "segments (SYN accepted/rejected, segment kinds, reset reasons)",
+        SOCKETS => "sockets (listeners for direction, active opens for ports in use, connect errors)",
         _ => "",
     }
 }

@@ -50,14 +50,20 @@ fn try_set_state(sk: u64, old: i32, new: i32) -> Result<(), i64> {
         let port: u16 = read(sk, cfg.offsets.skc_num)?;
         listener_added(sk, listen_key(netns, port));
     } else {
-        // SAFETY: read-only copy of a u64.
-        if let Some(key) = unsafe { LISTENERS.get(sk) }.copied()
-            && LISTENERS.remove(sk).is_ok()
-        {
-            add(&LISTEN_PORTS, &key, -1);
-        }
+        listener_removed(sk);
     }
     Ok(())
+}
+
+/// Forgets listener `sk`, if it was one.
+#[inline(always)]
+pub fn listener_removed(sk: u64) {
+    // SAFETY: read-only copy of a u64.
+    if let Some(key) = unsafe { LISTENERS.get(sk) }.copied()
+        && LISTENERS.remove(sk).is_ok()
+    {
+        add(&LISTEN_PORTS, &key, -1);
+    }
 }
 
 /// Records listener `sk` once (the snapshot and the tracepoint may both see it).
@@ -126,7 +132,7 @@ pub fn connection_closed(sk: u64) -> bool {
 /// also listens). The slot is cleared either way: only the next CLOSE can
 /// be that socket's.
 #[inline(always)]
-fn direction_from_history(sk: u64, active: bool) {
+pub fn direction_from_history(sk: u64, active: bool) {
     let Some(slot) = LAST_FOLLOW.get_ptr_mut(0) else {
         return;
     };

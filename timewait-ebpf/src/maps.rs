@@ -94,6 +94,11 @@ pub static LAST_CANCEL: PerCpuArray<LastCancel> = PerCpuArray::with_max_entries(
 #[map]
 pub static CONNECTING: PerCpuArray<ConnectDst> = PerCpuArray::with_max_entries(1, 0);
 
+/// The same on the fentry path (`fentry::sockets`): the socket whose port
+/// `inet_hash_connect` is choosing on this CPU (in `uaddr`), and who called.
+#[map]
+pub static CONNECTING_SK: PerCpuArray<ConnectDst> = PerCpuArray::with_max_entries(1, 0);
+
 /// Full sockets of active opens, keyed by `struct sock *`: their key
 /// (substate `SUBSTATE_CONNECTION`). Counted by the daemon at read time.
 #[map]

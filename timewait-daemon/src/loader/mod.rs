@@ -291,12 +291,20 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         .map_err(|e| LoadError::Load(error_chain(&e)))?;
 
     let mut hooks = Vec::new();
-    // 0. connect() destinations, to tell a tcp_tw_reuse takeover.
+    // 0. Full sockets: listeners (so every minisocket followed from step 2
+    //    on gets its direction), active opens, closes; then the snapshot of
+    //    existing ones.
+    let sockets = paths::sockets(&mut ebpf, &btf, opts.probe_path)?;
+    // The syscall tracepoints: bind() errors always; connect() destinations
+    // and errors only where the fentry hooks on inet_hash_connect do not
+    // give them.
     let tracefs = kernel::ensure_tracefs();
     if let Err(e) = &tracefs {
         tracing::warn!(error = %e, "reused_by_connect will read as other");
     }
-    for (name, category, tp) in SYSCALL_PROGRAMS {
+    for (name, category, tp) in
+        SYSCALL_PROGRAMS.iter().filter(|(name, ..)| sockets.path == paths::Path::Tracepoint || *name == "tw_exit_bind")
+    {
         let ok = tracefs.is_ok() && match attach_classic(&mut ebpf, name, category, tp) {
             Ok(()) => true,
             Err(e) => {
@@ -306,11 +314,6 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         };
         hooks.push((format!("tracepoint/{category}/{tp}"), ok));
     }
-    // 1. Listeners: tracepoint first, then the snapshot of existing ones, so
-    //    every minisocket followed from step 2 on gets its direction.
-    let (name, tp) = LISTEN_PROGRAM;
-    paths::tp_btf(&mut ebpf, &btf, name, tp).map_err(|err| LoadError::Program { program: name, step: "attach", err })?;
-    hooks.push((format!("tp_btf/{tp}"), true));
     load_iters(&mut ebpf, &btf)?;
     run_iter(&mut ebpf, "iter_listeners")?;
     // 2. Minisockets: their lifecycle and segments, each on the path that
@@ -325,7 +328,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         kernel::param_count(&btf_rs, "tcp_timewait_state_process"),
     )?;
     drop(btf_rs);
-    for sp in [&lifecycle, &segments] {
+    for sp in [&sockets, &lifecycle, &segments] {
         hooks.extend(sp.hooks.iter().map(|h| (h.clone(), true)));
         info!(signal = sp.signal, path = sp.path.as_str(), hooks = %sp.hooks.join(", "), "attached");
         if !sp.refused.is_empty() {
@@ -369,7 +372,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         connect_errors: take(&mut ebpf, "CONNECT_ERRORS")?,
         ebpf: Some(ebpf),
         hooks,
-        signals: vec![lifecycle, segments],
+        signals: vec![sockets, lifecycle, segments],
     };
     info!(
         netns = if opts.all_netns { "all".to_string() } else { netns.to_string() },

@@ -80,6 +80,58 @@ pub struct SignalPath {
 
 pub const LIFECYCLE: &str = "lifecycle";
 pub const SEGMENTS: &str = "segments";
+pub const SOCKETS: &str = "sockets";
+
+/// The fentry hooks of the sockets signal (`timewait-ebpf/src/fentry/sockets.rs`):
+/// (program, kernel function, fexit).
+const SOCKET_HOOKS: &[(&str, &str, bool)] = &[
+    ("fentry_inet_hash", "inet_hash", false),
+    ("fentry_inet6_hash", "inet6_hash", false),
+    ("fentry_listen_stop", "inet_csk_listen_stop", false),
+    ("fentry_hash_connect", "inet_hash_connect", false),
+    ("fexit_hash_connect", "inet_hash_connect", true),
+    ("fentry_hash6_connect", "inet6_hash_connect", false),
+    ("fexit_hash6_connect", "inet6_hash_connect", true),
+    ("fentry_put_port", "inet_put_port", false),
+];
+
+/// Attaches the full-socket hooks (listeners, active opens, the close that
+/// gives a minisocket its direction): fentry on the functions where these
+/// change, taken whole, else the `inet_sock_set_state` tracepoint (every
+/// state change of every socket) with the `connect()` syscall tracepoints
+/// (which the caller attaches when this returns the tracepoint path). The
+/// tracepoint is the fallback whatever `--probe-path` says: it is what every
+/// kernel of the matrix offers.
+pub fn sockets(ebpf: &mut Ebpf, btf: &Btf, want: ProbePath) -> Result<SignalPath, LoadError> {
+    let mut sp = SignalPath { signal: SOCKETS, path: Path::Fentry, hooks: Vec::new(), refused: Vec::new() };
+    if want.allows(Path::Fentry) && want != ProbePath::Kprobe {
+        let mut attached = Vec::new();
+        for (program, function, exit) in SOCKET_HOOKS {
+            match fentry(ebpf, btf, program, function, *exit) {
+                Ok(()) => {
+                    attached.push(*program);
+                    sp.hooks.push(format!("{}/{function}", if *exit { "fexit" } else { "fentry" }));
+                }
+                Err(e) => {
+                    sp.refused.push(format!("{}/{function}: {e}", if *exit { "fexit" } else { "fentry" }));
+                    break;
+                }
+            }
+        }
+        if attached.len() == SOCKET_HOOKS.len() {
+            return Ok(sp);
+        }
+        for program in attached {
+            unload(ebpf, program);
+        }
+        sp.hooks.clear();
+    }
+    let (program, tp) = super::LISTEN_PROGRAM;
+    tp_btf(ebpf, btf, program, tp).map_err(|err| LoadError::Program { program, step: "attach", err })?;
+    sp.hooks.push(format!("tp_btf/{tp}"));
+    sp.path = Path::Tracepoint;
+    Ok(sp)
+}
 
 /// A kernel function of the fast path and its two programs.
 struct Function {

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use crate::support::{daemon_bin, expected_paths, require_root, test_kernel, test_probe_path};
+use crate::support::{daemon_bin, expected_paths, expected_sockets_path, require_root, test_kernel, test_probe_path};
 
 #[test]
 fn check_names_the_path_it_attached() {
@@ -24,6 +24,9 @@ fn check_names_the_path_it_attached() {
     let line = |prefix: &str| {
         text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line {prefix:?} in:\n{text}")).to_string()
     };
+    let sockets = expected_sockets_path();
+    let k = line("sockets");
+    assert!(k.contains(" ok ") && k.contains(&format!("{sockets}:")), "sockets must be {sockets}: {k}");
     let l = line("lifecycle");
     assert!(l.contains(" ok ") && l.contains(&format!("{lifecycle}:")), "lifecycle must be {lifecycle}: {l}");
     let s = line("segments");

@@ -561,6 +561,13 @@ pub fn expected_paths() -> (String, String) {
     (l.to_string(), s.to_string())
 }
 
+/// The path of the full-socket hooks here: fentry or the tracepoints (they
+/// have no kprobe fallback and are taken whole), fentry wherever the
+/// lifecycle gets it.
+pub fn expected_sockets_path() -> String {
+    if expected_paths().0 == "fentry" { "fentry" } else { "tracepoint" }.to_string()
+}
+
 /// Whether SYN verdicts, segment kinds and reset reasons are served here.
 /// Tests of them skip, saying why, where the path cannot serve them.
 pub fn segments_available(test: &str) -> bool {
@@ -638,8 +645,9 @@ impl<'a> Daemon<'a> {
     #[track_caller]
     pub fn assert_paths(&self) {
         let (lifecycle, segments) = expected_paths();
+        let sockets = expected_sockets_path();
         let m = self.scrape();
-        for (signal, want) in [("lifecycle", lifecycle), ("segments", segments)] {
+        for (signal, want) in [("sockets", sockets), ("lifecycle", lifecycle), ("segments", segments)] {
             let got: Vec<String> = m
                 .series("timewait_probe_path")
                 .into_iter()

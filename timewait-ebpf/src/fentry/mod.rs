@@ -12,6 +12,10 @@
 //! | `tcp_timewait_state_process(tw, skb, th, ...)` entry and exit | every segment that meets a minisocket, with the kernel's verdict |
 //! | `inet_twsk_deschedule_put(tw)` | every kill; why, from what ran just before on this CPU |
 //! | `tw_timer_handler(timer)` | expiry |
+//!
+//! Full sockets (listeners, active opens, the close that gives a new
+//! minisocket its direction) have their own fentry hooks: `sockets.rs`.
 
 pub mod lifecycle;
 pub mod segment;
+pub mod sockets;
