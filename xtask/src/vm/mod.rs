@@ -22,7 +22,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Result, bail};
 
-pub use guest::{Outcome, run_in_guest};
+pub use guest::{GuestResult, Hazard, Outcome, run_in_guest};
 pub use tools::{Kernel, ensure_tools};
 
 /// Where the kernel packages come from.
