@@ -147,6 +147,25 @@ pub fn lifetime_slot(ns: u64) -> u32 {
     LIFETIME_BUCKETS_NS.len() as u32
 }
 
+/// Per-CPU record of the last minisocket killed on this CPU for a reason not
+/// seen yet (`closed` as `other`), by which task: on the fentry path the exit
+/// of `inet_hash_connect` that follows it in the same task, with the
+/// minisocket's own 4-tuple, shows a `tcp_tw_reuse` takeover and moves it
+/// to `reused_by_connect`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct LastKill {
+    pub pid_tgid: u64,
+    /// The lifetime observed for it, or u64::MAX when none was (a minisocket
+    /// of the start-up snapshot).
+    pub lifetime_ns: u64,
+    pub remote: [u8; 16],
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: u16,
+}
+
 /// Per-CPU record of the last minisocket whose timer was cancelled, to match
 /// it with the request socket a listener creates for the SYN that killed it.
 #[repr(C)]
@@ -387,6 +406,7 @@ const _: () = assert!(core::mem::size_of::<AggKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RemoteKey>() == 24);
 const _: () = assert!(core::mem::size_of::<ErrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LastCancel>() == 32);
+const _: () = assert!(core::mem::size_of::<LastKill>() == 40);
 const _: () = assert!(core::mem::size_of::<ConnectDst>() == 16);
 const _: () = assert!(core::mem::size_of::<SegmentSlot>() == 40);
 const _: () = assert!(core::mem::size_of::<ConnEntry>() == 48);

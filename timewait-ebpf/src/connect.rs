@@ -14,7 +14,7 @@ use aya_ebpf::{
 use timewait_common::{AF_INET, AF_INET6, ConnectDst, EADDRINUSE, EADDRNOTAVAIL, ErrKey};
 
 use crate::{
-    maps::{CONNECT_ERRORS, CONNECTING, CONNECTING_SK, add, config, read},
+    maps::{CONNECT_ERRORS, CONNECTING, add, config, read},
     sock::watched,
 };
 
@@ -45,17 +45,6 @@ fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
 /// on this CPU, if the current task is the one that called it.
 #[inline(always)]
 pub fn connecting_to() -> Option<(u16, u16, [u8; 16])> {
-    // The fentry path: the socket itself, its destination already set.
-    if let Some(slot) = CONNECTING_SK.get(0)
-        && slot.pid_tgid != 0
-        && slot.pid_tgid == bpf_get_current_pid_tgid()
-    {
-        let cfg = config();
-        let sk = slot.uaddr;
-        let family: u16 = read(sk, cfg.offsets.skc_family).ok()?;
-        let port: u16 = read(sk, cfg.offsets.skc_dport).ok()?;
-        return Some((family, port, crate::sock::remote_of(&cfg, sk, family).ok()?));
-    }
     let slot = CONNECTING.get(0)?;
     if slot.pid_tgid == 0 || slot.pid_tgid != bpf_get_current_pid_tgid() {
         return None;

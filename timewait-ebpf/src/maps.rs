@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use timewait_common::{
-    AggKey, Config, ConnEntry, ConnectDst, EPOCH_TABLES, EPOCH_WALK, ErrKey, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel,
+    AggKey, Config, ConnEntry, ConnectDst, EPOCH_TABLES, EPOCH_WALK, ErrKey, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, LastKill,
     RemoteKey, SegmentSlot, SynCounts, TwEntry, counter,
 };
 
@@ -94,10 +94,10 @@ pub static LAST_CANCEL: PerCpuArray<LastCancel> = PerCpuArray::with_max_entries(
 #[map]
 pub static CONNECTING: PerCpuArray<ConnectDst> = PerCpuArray::with_max_entries(1, 0);
 
-/// The same on the fentry path (`fentry::sockets`): the socket whose port
-/// `inet_hash_connect` is choosing on this CPU (in `uaddr`), and who called.
+/// The last minisocket killed on this CPU as `other` (fentry path), for the
+/// exit of `inet_hash_connect` to tell a `tcp_tw_reuse` takeover.
 #[map]
-pub static CONNECTING_SK: PerCpuArray<ConnectDst> = PerCpuArray::with_max_entries(1, 0);
+pub static LAST_KILL: PerCpuArray<LastKill> = PerCpuArray::with_max_entries(1, 0);
 
 /// Full sockets of active opens, keyed by `struct sock *`: their key
 /// (substate `SUBSTATE_CONNECTION`). Counted by the daemon at read time.
@@ -292,6 +292,17 @@ fn add_syn_in(syns: &HashMap<RemoteKey, SynCounts>, key: &RemoteKey, rejected: b
 /// Counts one lifetime observation for a close reason.
 #[inline(always)]
 pub fn observe_lifetime(reason: u32, ns: u64) {
+    lifetime_add(reason, ns, false);
+}
+
+/// Takes back an `observe_lifetime(reason, ns)` made on this CPU.
+#[inline(always)]
+pub fn unobserve_lifetime(reason: u32, ns: u64) {
+    lifetime_add(reason, ns, true);
+}
+
+#[inline(always)]
+fn lifetime_add(reason: u32, ns: u64, undo: bool) {
     let Some(r) = reason.checked_sub(counter::CLOSED_EXPIRED) else {
         return;
     };
@@ -305,7 +316,7 @@ pub fn observe_lifetime(reason: u32, ns: u64) {
     for (idx, delta) in [(base + timewait_common::lifetime_slot(ns), 1), (base + LIFETIME_SLOTS - 1, ns)] {
         // SAFETY: this CPU's entry; tracing programs do not migrate.
         if let Some(c) = unsafe { (*p).get_mut(opaque(idx) as usize) } {
-            *c += delta;
+            *c = if undo { c.wrapping_sub(delta) } else { c.wrapping_add(delta) };
         }
     }
 }

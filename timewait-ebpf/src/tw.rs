@@ -20,26 +20,31 @@ use crate::{
 
 /// Closes a followed minisocket for `reason` if this call is the one that
 /// removes it from `TW_SOCKS` (removal is the claim: the daemon's sweeper and
-/// the programs can race for the same entry, only one wins).
+/// the programs can race for the same entry, only one wins). Returns the
+/// lifetime it observed (u64::MAX: none, a minisocket of the start-up
+/// snapshot) when it closed it.
 #[inline(always)]
-pub fn close(timer: u64, entry: &TwEntry, reason: u32) {
+pub fn close(timer: u64, entry: &TwEntry, reason: u32) -> Option<u64> {
     if TW_SOCKS.remove(timer).is_err() {
-        return;
+        return None;
     }
     if entry.counted == 1 && !count(&entry.key, -1) {
         // The gauge cannot go down now: keep the entry (still counted). The
         // reconciliation finds it gone from the kernel and removes it, gauge
         // and all; its end is then counted as `other`.
         let _ = TW_SOCKS.insert(timer, entry, BPF_NOEXIST);
-        return;
+        return None;
     }
     bump(reason);
+    let mut lifetime = u64::MAX;
     if entry.from_snapshot == 0 {
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
-        observe_lifetime(reason, now.saturating_sub(entry.created_ns));
+        lifetime = now.saturating_sub(entry.created_ns);
+        observe_lifetime(reason, lifetime);
     }
     let _ = PENDING.remove(timer);
+    Some(lifetime)
 }
 
 /// Closes the minisocket followed under `timer`, if any.
@@ -48,7 +53,7 @@ pub fn close_timer(timer: u64, reason: u32) {
     // SAFETY: read-only copy; `close` claims the entry.
     if let Some(entry) = unsafe { TW_SOCKS.get(timer) } {
         let entry = *entry;
-        close(timer, &entry, reason);
+        let _ = close(timer, &entry, reason);
     }
 }
 

@@ -88,9 +88,7 @@ const SOCKET_HOOKS: &[(&str, &str, bool)] = &[
     ("fentry_inet_hash", "inet_hash", false),
     ("fentry_inet6_hash", "inet6_hash", false),
     ("fentry_listen_stop", "inet_csk_listen_stop", false),
-    ("fentry_hash_connect", "inet_hash_connect", false),
     ("fexit_hash_connect", "inet_hash_connect", true),
-    ("fentry_hash6_connect", "inet6_hash_connect", false),
     ("fexit_hash6_connect", "inet6_hash_connect", true),
     ("fentry_put_port", "inet_put_port", false),
 ];

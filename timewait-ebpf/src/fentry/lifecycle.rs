@@ -14,14 +14,15 @@
 //!   taken by `timer_setup`, so never inlined).
 
 use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
     macros::{fentry, kprobe},
     programs::{FEntryContext, ProbeContext},
 };
-use timewait_common::{TCP_TW_RST, TCP_TW_SYN, VERDICT_PENDING, counter};
+use timewait_common::{LastKill, TCP_TW_RST, TCP_TW_SYN, VERDICT_PENDING, counter};
 
 use crate::{
     connect::connecting_to,
-    maps::{SEGMENT, TW_SOCKS, config, read},
+    maps::{LAST_KILL, SEGMENT, TW_SOCKS, config, read},
     sock::{TCP_RST, netns_of, watched},
     tw::{bump_created, close, close_timer, follow, resubstate},
 };
@@ -92,7 +93,39 @@ fn on_kill(tw: u64) {
     let Some(entry) = (unsafe { TW_SOCKS.get(timer) }).copied() else {
         return;
     };
-    close(timer, &entry, kill_reason(tw, &entry));
+    let reason = kill_reason(tw, &entry);
+    if let Some(lifetime_ns) = close(timer, &entry, reason)
+        && reason == counter::CLOSED_OTHER
+    {
+        remember_kill(tw, &entry, lifetime_ns);
+    }
+}
+
+/// Keeps a kill counted as `other` on this CPU for the exit of
+/// `inet_hash_connect` (`fentry::sockets`), which moves it to
+/// `reused_by_connect` when the connect() of this task took the minisocket's
+/// 4-tuple: a `tcp_tw_reuse` takeover, with no hook on the entry of the
+/// connect (the tracepoint path has `connecting_to` for that).
+#[inline(always)]
+fn remember_kill(tw: u64, entry: &timewait_common::TwEntry, lifetime_ns: u64) {
+    let cfg = config();
+    let (Ok(lport), Ok(rport)) = (read::<u16>(tw, cfg.offsets.skc_num), read::<u16>(tw, cfg.offsets.skc_dport)) else {
+        return;
+    };
+    if let Some(slot) = LAST_KILL.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; tracing programs do not migrate.
+        unsafe {
+            *slot = LastKill {
+                pid_tgid: bpf_get_current_pid_tgid(),
+                lifetime_ns,
+                remote: entry.key.remote,
+                family: entry.key.family,
+                lport,
+                rport,
+                _pad: 0,
+            };
+        }
+    }
 }
 
 /// Why `tw` is being killed, from what ran before on this CPU: the segment it

@@ -1,13 +1,14 @@
 //! Full sockets on the fentry path: instead of `inet_sock_set_state` (every
 //! state change of every socket of the system) and the `connect()` syscall
 //! tracepoints (every connect of every protocol), the few functions where
-//! what we count changes. About one run per connection end.
+//! what we count changes: one run per connection end, two for the end that
+//! connects.
 //!
 //! | function (5.10 -> 6.18) | gives |
 //! | --- | --- |
 //! | `inet_hash(sk)`, `inet6_hash(sk)` entry | a listener (TCP's `->hash`, called by `inet_csk_listen_start` once the socket is LISTEN with its port) |
 //! | `inet_csk_listen_stop(sk)` entry | a listener gone |
-//! | `inet_hash_connect(death_row, sk)`, `inet6_hash_connect` entry and exit | an active open choosing its port: on entry its destination is set (so a minisocket killed inside is a `tcp_tw_reuse` takeover), on exit 0 it holds a port toward it, -EADDRNOTAVAIL is port exhaustion |
+//! | `inet_hash_connect(death_row, sk)`, `inet6_hash_connect` exit | an active open chose its port: 0, it holds one toward its destination (and a minisocket killed inside with that 4-tuple was a `tcp_tw_reuse` takeover); -EADDRNOTAVAIL, port exhaustion |
 //! | `inet_put_port(sk)` entry | a full socket releasing its port (`tcp_set_state(CLOSE)`, or destroy for a bound one); its local port is still set here |
 
 use aya_ebpf::{
@@ -15,12 +16,12 @@ use aya_ebpf::{
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
-use timewait_common::{ConnectDst, EADDRNOTAVAIL, ErrKey, IPPROTO_TCP, TCP_LISTEN};
+use timewait_common::{Config, EADDRNOTAVAIL, ErrKey, IPPROTO_TCP, TCP_LISTEN, counter};
 
 use crate::{
     listen::{connection_added, connection_closed, direction_from_history, listener_added, listener_removed},
-    maps::{CONNECT_ERRORS, CONNECTING_SK, add, config, read},
-    sock::{listen_key, netns_of, watched},
+    maps::{CONNECT_ERRORS, LAST_KILL, add, bump, config, observe_lifetime, read, unbump, unobserve_lifetime},
+    sock::{listen_key, netns_of, remote_of, watched},
 };
 
 #[fentry(function = "inet_hash")]
@@ -56,18 +57,6 @@ pub fn fentry_listen_stop(ctx: FEntryContext) -> u32 {
     0
 }
 
-#[fentry(function = "inet_hash_connect")]
-pub fn fentry_hash_connect(ctx: FEntryContext) -> u32 {
-    connect_enter(ctx.arg(1));
-    0
-}
-
-#[fentry(function = "inet6_hash_connect")]
-pub fn fentry_hash6_connect(ctx: FEntryContext) -> u32 {
-    connect_enter(ctx.arg(1));
-    0
-}
-
 #[fexit(function = "inet_hash_connect")]
 pub fn fexit_hash_connect(ctx: FExitContext) -> u32 {
     let _ = connect_exit(ctx.arg(1), ctx.arg::<i64>(2) as i32);
@@ -80,27 +69,16 @@ pub fn fexit_hash6_connect(ctx: FExitContext) -> u32 {
     0
 }
 
-/// Remembers the socket whose port is being chosen on this CPU, by whom: a
-/// minisocket killed meanwhile toward its destination was taken over.
-#[inline(always)]
-fn connect_enter(sk: u64) {
-    if let Some(slot) = CONNECTING_SK.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot; tracing programs do not migrate.
-        unsafe { *slot = ConnectDst { pid_tgid: bpf_get_current_pid_tgid(), uaddr: sk } };
-    }
-}
-
+/// An active open got its port (0) or found none (-EADDRNOTAVAIL). A
+/// minisocket killed as `other` just before in this task with this socket's
+/// 4-tuple was a `tcp_tw_reuse` takeover (`__inet_hash_connect` kills it
+/// before it returns): its close moves to `reused_by_connect`.
 #[inline(always)]
 fn connect_exit(sk: u64, ret: i32) -> Result<(), i64> {
-    if let Some(slot) = CONNECTING_SK.get_ptr_mut(0) {
-        // SAFETY: as above.
-        unsafe {
-            if (*slot).uaddr == sk {
-                (*slot).pid_tgid = 0;
-            }
-        }
-    }
     let cfg = config();
+    if ret == 0 {
+        takeover(&cfg, sk);
+    }
     let netns = netns_of(&cfg, sk)?;
     if !watched(&cfg, netns) {
         return Ok(());
@@ -112,6 +90,36 @@ fn connect_exit(sk: u64, ret: i32) -> Result<(), i64> {
         add(&CONNECT_ERRORS, &ErrKey { comm, errno: EADDRNOTAVAIL, netns }, 1);
     }
     Ok(())
+}
+
+/// Moves the last kill of this CPU from `other` to `reused_by_connect` when
+/// this task made it and `sk` took its 4-tuple; forgets it either way.
+#[inline(always)]
+fn takeover(cfg: &Config, sk: u64) {
+    let Some(slot) = LAST_KILL.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; tracing programs do not migrate.
+    let kill = unsafe { &mut *slot };
+    if kill.pid_tgid == 0 || kill.pid_tgid != bpf_get_current_pid_tgid() {
+        return;
+    }
+    kill.pid_tgid = 0;
+    let same = |sk: u64| -> Result<bool, i64> {
+        let family: u16 = read(sk, cfg.offsets.skc_family)?;
+        let lport: u16 = read(sk, cfg.offsets.skc_num)?;
+        let rport: u16 = read(sk, cfg.offsets.skc_dport)?;
+        Ok(family == kill.family && lport == kill.lport && rport == kill.rport && remote_of(cfg, sk, family)? == kill.remote)
+    };
+    if same(sk) != Ok(true) {
+        return;
+    }
+    unbump(counter::CLOSED_OTHER);
+    bump(counter::CLOSED_REUSED_BY_CONNECT);
+    if kill.lifetime_ns != u64::MAX {
+        unobserve_lifetime(counter::CLOSED_OTHER, kill.lifetime_ns);
+        observe_lifetime(counter::CLOSED_REUSED_BY_CONNECT, kill.lifetime_ns);
+    }
 }
 
 #[fentry(function = "inet_put_port")]

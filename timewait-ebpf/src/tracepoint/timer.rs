@@ -47,7 +47,7 @@ pub fn tw_timer_init(ctx: BtfTracePointContext) -> u32 {
     // SAFETY: read-only copy of the entry; see `close` for who may remove it.
     if let Some(entry) = unsafe { TW_SOCKS.get(timer) } {
         let entry = *entry;
-        close(timer, &entry, kill_reason(&entry));
+        let _ = close(timer, &entry, kill_reason(&entry));
     }
     0
 }
