@@ -42,7 +42,7 @@ fn feature(signal: &str) -> &'static str {
     match signal {
         LIFECYCLE => "lifecycle (TIME_WAIT gauges, created, closed, lifetimes)",
         SEGMENTS => "segments (SYN accepted/rejected, segment kinds, reset reasons)",
-        SOCKETS => "sockets (listeners for direction, active opens for ports in use, connect errors)",
+        SOCKETS => "sockets (listeners for direction, active opens for ports in use, connect and bind errors)",
         _ => "",
     }
 }

@@ -86,12 +86,19 @@ pub fn tw_exit_bind(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Counts the syscall by process name when it failed with `errno`. The
-/// namespace is the calling task's (syscall exit runs in its context).
+/// Counts the syscall by process name when it failed with `errno`.
 #[inline(always)]
 fn count_error(ctx: &TracePointContext, errno: u32) -> Result<(), i64> {
     // SAFETY: reads a field of the tracepoint record at a fixed offset.
     let ret: i64 = unsafe { ctx.read_at(RET) }.map_err(i64::from)?;
+    count_failed(ret, errno)
+}
+
+/// Counts a call that returned `ret` by process name when it failed with
+/// `errno`. The namespace is the calling task's (syscall exits and the
+/// fexit of `inet_bind` run in its context).
+#[inline(always)]
+pub fn count_failed(ret: i64, errno: u32) -> Result<(), i64> {
     if ret != -(errno as i64) {
         return Ok(());
     }

@@ -295,24 +295,25 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     //    on gets its direction), active opens, closes; then the snapshot of
     //    existing ones.
     let sockets = paths::sockets(&mut ebpf, &btf, opts.probe_path)?;
-    // The syscall tracepoints: bind() errors always; connect() destinations
-    // and errors only where the fentry hooks on inet_hash_connect do not
-    // give them.
-    let tracefs = kernel::ensure_tracefs();
-    if let Err(e) = &tracefs {
-        tracing::warn!(error = %e, "reused_by_connect will read as other");
-    }
-    for (name, category, tp) in
-        SYSCALL_PROGRAMS.iter().filter(|(name, ..)| sockets.path == paths::Path::Tracepoint || *name == "tw_exit_bind")
-    {
-        let ok = tracefs.is_ok() && match attach_classic(&mut ebpf, name, category, tp) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "reused_by_connect will read as other, connect errors are not counted");
-                false
-            }
-        };
-        hooks.push((format!("tracepoint/{category}/{tp}"), ok));
+    // The syscall tracepoints (connect() destinations and errors, bind()
+    // errors) only where the fentry hooks of the sockets signal are not to
+    // be had: attaching any of them sends every system call of every task
+    // through the slow exit path. They are attached through tracefs.
+    if sockets.path == paths::Path::Tracepoint {
+        let tracefs = kernel::ensure_tracefs();
+        if let Err(e) = &tracefs {
+            tracing::warn!(error = %e, "reused_by_connect will read as other");
+        }
+        for (name, category, tp) in SYSCALL_PROGRAMS {
+            let ok = tracefs.is_ok() && match attach_classic(&mut ebpf, name, category, tp) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reused_by_connect will read as other, connect errors are not counted");
+                    false
+                }
+            };
+            hooks.push((format!("tracepoint/{category}/{tp}"), ok));
+        }
     }
     load_iters(&mut ebpf, &btf)?;
     run_iter(&mut ebpf, "iter_listeners")?;

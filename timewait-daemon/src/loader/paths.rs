@@ -90,6 +90,8 @@ const SOCKET_HOOKS: &[(&str, &str, bool)] = &[
     ("fentry_listen_stop", "inet_csk_listen_stop", false),
     ("fexit_hash_connect", "inet_hash_connect", true),
     ("fexit_hash6_connect", "inet6_hash_connect", true),
+    ("fexit_inet_bind", "inet_bind", true),
+    ("fexit_inet6_bind", "inet6_bind", true),
     ("fentry_put_port", "inet_put_port", false),
 ];
 

@@ -1,6 +1,7 @@
 //! Full sockets on the fentry path: instead of `inet_sock_set_state` (every
-//! state change of every socket of the system) and the `connect()` syscall
-//! tracepoints (every connect of every protocol), the few functions where
+//! state change of every socket of the system) and the `connect()`/`bind()`
+//! syscall tracepoints (enabling any syscall tracepoint sends every system
+//! call of every task through the slow exit path), the few functions where
 //! what we count changes: one run per connection end, two for the end that
 //! connects.
 //!
@@ -9,6 +10,7 @@
 //! | `inet_hash(sk)`, `inet6_hash(sk)` entry | a listener (TCP's `->hash`, called by `inet_csk_listen_start` once the socket is LISTEN with its port) |
 //! | `inet_csk_listen_stop(sk)` entry | a listener gone |
 //! | `inet_hash_connect(death_row, sk)`, `inet6_hash_connect` exit | an active open chose its port: 0, it holds one toward its destination (and a minisocket killed inside with that 4-tuple was a `tcp_tw_reuse` takeover); -EADDRNOTAVAIL, port exhaustion |
+//! | `inet_bind(sock, uaddr, len)`, `inet6_bind` exit | `bind()` of an IPv4/IPv6 socket; -EADDRINUSE counted by process name |
 //! | `inet_put_port(sk)` entry | a full socket releasing its port (`tcp_set_state(CLOSE)`, or destroy for a bound one); its local port is still set here |
 
 use aya_ebpf::{
@@ -16,9 +18,10 @@ use aya_ebpf::{
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
-use timewait_common::{Config, EADDRNOTAVAIL, ErrKey, IPPROTO_TCP, TCP_LISTEN, counter};
+use timewait_common::{Config, EADDRINUSE, EADDRNOTAVAIL, ErrKey, IPPROTO_TCP, TCP_LISTEN, counter};
 
 use crate::{
+    connect::count_failed,
     listen::{connection_added, connection_closed, direction_from_history, listener_added, listener_removed},
     maps::{CONNECT_ERRORS, LAST_KILL, add, bump, config, observe_lifetime, read, unbump, unobserve_lifetime},
     sock::{listen_key, netns_of, remote_of, watched},
@@ -120,6 +123,18 @@ fn takeover(cfg: &Config, sk: u64) {
         unobserve_lifetime(counter::CLOSED_OTHER, kill.lifetime_ns);
         observe_lifetime(counter::CLOSED_REUSED_BY_CONNECT, kill.lifetime_ns);
     }
+}
+
+#[fexit(function = "inet_bind")]
+pub fn fexit_inet_bind(ctx: FExitContext) -> u32 {
+    let _ = count_failed(i64::from(ctx.arg::<i64>(3) as i32), EADDRINUSE);
+    0
+}
+
+#[fexit(function = "inet6_bind")]
+pub fn fexit_inet6_bind(ctx: FExitContext) -> u32 {
+    let _ = count_failed(i64::from(ctx.arg::<i64>(3) as i32), EADDRINUSE);
+    0
 }
 
 #[fentry(function = "inet_put_port")]
