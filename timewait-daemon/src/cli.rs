@@ -12,8 +12,11 @@ pub fn fail(msg: impl std::fmt::Display) -> std::process::ExitCode {
     std::process::ExitCode::from(2)
 }
 
+/// `timewaitd --version`: the package version and the commit built.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TIMEWAIT_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
-#[command(name = "timewaitd", version, about = "TCP TIME_WAIT and port-exhaustion metrics per remote, from eBPF", long_about = None)]
+#[command(name = "timewaitd", version = VERSION, about = "TCP TIME_WAIT and port-exhaustion metrics per remote, from eBPF", long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -47,6 +50,31 @@ pub enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Write the man page (timewaitd.8) and shell completions (bash, zsh, fish) into DIR, for packaging.
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Folder to write into (created when missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+/// `timewaitd generate-assets DIR`: `DIR/timewaitd.8` and
+/// `DIR/completions/{timewaitd.bash,_timewaitd,timewaitd.fish}`, from these
+/// definitions (clap_mangen, clap_complete).
+pub fn generate_assets(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory as _;
+    use clap_complete::Shell;
+    let comp = dir.join("completions");
+    std::fs::create_dir_all(&comp)?;
+    let cmd = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).section("8").render(&mut page)?;
+    std::fs::write(dir.join("timewaitd.8"), page)?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "timewaitd", &comp)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Default, Args)]

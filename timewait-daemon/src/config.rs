@@ -205,6 +205,38 @@ mod tests {
         fs::remove_dir_all(dir).unwrap();
     }
 
+    /// The file the package installs (/etc/timewait/timewaitd.toml) parses,
+    /// means the defaults as shipped (every key commented out), and says the
+    /// defaults truly: uncommented, it resolves to the same configuration
+    /// (but for the two keys whose default is "none": computed, absent).
+    #[test]
+    fn packaged_config_is_the_defaults() {
+        let text = include_str!("../../deploy/debian/timewaitd.toml");
+        let dir = std::env::temp_dir().join(format!("tw-pkgcfg-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let resolve_text = |name: &str, text: &str| {
+            let path = dir.join(name);
+            fs::write(&path, text).unwrap();
+            resolve(&RunArgs { config: Some(path), ..Default::default() }).unwrap()
+        };
+        let defaults = format!("{:?}", resolve(&RunArgs::default()).unwrap());
+        assert_eq!(format!("{:?}", resolve_text("as-shipped.toml", text)), defaults);
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.split_once(" = ").is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '-' || c == '.')) => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(uncommented.matches(" = ").count() >= 13, "every key is in the file:\n{uncommented}");
+        let mut c = resolve_text("uncommented.toml", &uncommented);
+        assert_eq!(c.web_config_file.take(), Some(std::path::PathBuf::from("/etc/timewait/web.yml")));
+        assert!(c.max_tracked_sockets.take().is_some());
+        assert_eq!(format!("{c:?}"), defaults);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn bad_input_is_one_clear_line() {
         let e = parse_toml("top-remots = 3").unwrap_err();

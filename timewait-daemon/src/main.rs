@@ -42,6 +42,10 @@ fn main() -> ExitCode {
         Some(cli::Command::Snapshot { json, run }) => snapshot::main(&run, json),
         Some(cli::Command::Top { interval, run }) => top::main(&run, interval),
         Some(cli::Command::Run(args)) => run::main(&args),
+        Some(cli::Command::GenerateAssets { dir }) => match cli::generate_assets(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => cli::fail(format!("cannot write into {}: {e}", dir.display())),
+        },
         None => run::main(&cli.run),
     }
 }

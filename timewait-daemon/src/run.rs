@@ -2,6 +2,7 @@
 //! load the start-up snapshot, sweep unresolved kills, stop on SIGTERM/SIGINT.
 
 use std::{
+    io::IsTerminal as _,
     process::ExitCode,
     sync::{Arc, OnceLock},
     time::Duration,
@@ -38,6 +39,19 @@ struct WalkState {
 
 use crate::cli::fail;
 
+/// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM` to
+/// its `device:inode` (systemd.exec(5)).
+fn journal_is_stderr() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().and_then(|v| {
+        let (d, i) = v.split_once(':')?;
+        Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
+    }) else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
 pub fn main(args: &RunArgs) -> ExitCode {
     let args = args.clone();
     let cfg = match config::resolve(&args) {
@@ -48,7 +62,15 @@ pub fn main(args: &RunArgs) -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(format!("invalid log.level {:?}: {e}", cfg.log_level)),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only on a terminal; under systemd (stderr is the journal's
+    // stream) no timestamps either, the journal has its own.
+    let ansi = std::io::stderr().is_terminal();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if journal_is_stderr() {
+        fmt.without_time().init();
+    } else {
+        fmt.init();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),

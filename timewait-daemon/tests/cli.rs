@@ -68,3 +68,36 @@ fn help_names_the_contract_flags() {
         assert!(help.contains(cmd), "--help lacks {cmd}");
     }
 }
+
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(env!("CARGO_BIN_EXE_timewaitd")).arg("--version").output().unwrap();
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{v}");
+    let prefix = format!("timewaitd {} (commit ", env!("CARGO_PKG_VERSION"));
+    assert!(v.starts_with(&prefix) && v.trim_end().ends_with(')'), "{v}");
+    // Built from a git checkout (this repository), the commit is known.
+    let in_git = Command::new("git").args(["rev-parse", "HEAD"]).output().is_ok_and(|o| o.status.success());
+    if in_git && std::env::var_os("TIMEWAIT_COMMIT").is_none() {
+        let id = v.trim_end().trim_end_matches(')').rsplit(' ').next().unwrap_or("");
+        assert!(id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit()), "a 12-digit commit id: {v}");
+    }
+}
+
+/// What the package ships beside the binary: a man page and completions
+/// generated from the same clap definitions.
+#[test]
+fn generate_assets_writes_man_page_and_completions() {
+    let dir = std::env::temp_dir().join(format!("tw-assets-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_timewaitd")).arg("generate-assets").arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let man = read("timewaitd.8");
+    assert!(man.contains(".TH timewaitd 8") && man.contains("reconcile\\-interval"), "{man}");
+    assert!(read("completions/timewaitd.bash").contains("--web.listen-address"));
+    assert!(read("completions/_timewaitd").contains("--top-remotes"));
+    assert!(read("completions/timewaitd.fish").contains("top-remotes"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    // A folder that cannot be made is one line and exit 2.
+    assert_one_line_exit_2(&["generate-assets", "/proc/version/x"], "cannot write into /proc/version/x");
+}

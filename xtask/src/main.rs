@@ -3,6 +3,8 @@
 //! machine needs nothing but cargo.
 
 mod bench;
+mod deb;
+mod debtest;
 mod matrix;
 mod setup;
 mod vm;
@@ -36,7 +38,7 @@ enum Task {
     /// Run the whole test suite: unit tests and real-kernel integration tests, on
     /// the host and in Debian's 5.10, 6.1 and 6.12 kernels under qemu.
     Test {
-        /// Where to run: host, 5.10, 6.1, 6.12 or all; repeatable or comma-separated [default: all].
+        /// Where to run: host, 5.10, 6.1, 6.12, deb (the package on Debian bookworm under systemd) or all; repeatable or comma-separated [default: all].
         #[arg(long = "kernel", value_name = "K")]
         kernels: Vec<String>,
         /// Extra arguments for the test harness (after `--`), e.g. a test name filter;
@@ -57,6 +59,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Build the Debian package target/debian/timewaitd_<version>-1_amd64.deb (cargo-deb; installed when missing).
+    Deb,
     /// Run the performance scenarios (as root) and write BENCHMARKS.md; `--smoke` for a quick run at small sizes.
     Bench(bench::BenchArgs),
 }
@@ -169,6 +173,7 @@ fn run(cli: Cli) -> Result<()> {
             sh(&mut cmd)
         }
         Task::Bench(args) => bench::run(args),
+        Task::Deb => deb::build().map(|_| ()),
         Task::Vm { kernel, timeout, cmd } => vm::dev_command(&kernel, timeout, &cmd),
         Task::Test { kernels, args } => matrix::test(&kernels, &args, GUEST_TESTS),
     }

@@ -44,6 +44,8 @@ pub type GuestRun = (&'static str, &'static str, &'static [&'static str]);
 pub enum Target {
     Host,
     Guest(&'static GuestKernel),
+    /// The .deb installed on Debian bookworm and driven through systemd.
+    Package,
 }
 
 /// What one part of the matrix counted.
@@ -60,7 +62,7 @@ pub struct PartResult {
 }
 
 impl PartResult {
-    fn broken(name: &str, problem: String) -> Self {
+    pub fn broken(name: &str, problem: String) -> Self {
         Self { name: name.to_string(), passed: 0, failed: 1, problem: Some(problem), retried: false }
     }
 
@@ -88,6 +90,12 @@ pub fn test(kernels: &[String], args: &[String], table: &[GuestRun]) -> Result<(
     if !guests.is_empty() {
         parts.extend(run_guests(&guests, table, args)?);
     }
+    if targets.contains(&Target::Package) {
+        parts.push(match crate::deb::build() {
+            Ok(deb) => crate::debtest::test_package(&deb),
+            Err(e) => PartResult::broken("deb", format!("the package did not build: {e:#}")),
+        });
+    }
     for p in &parts {
         println!("{}", p.line());
     }
@@ -101,7 +109,8 @@ pub fn test(kernels: &[String], args: &[String], table: &[GuestRun]) -> Result<(
     Ok(())
 }
 
-/// `--kernel` values: `host`, `5.10`, `6.1`, `6.12` or `all`, repeated or
+/// `--kernel` values: `host`, `5.10`, `6.1`, `6.12`, `deb` (the package on
+/// Debian with systemd) or `all`, repeated or
 /// comma-separated; none means `all`. Order kept, duplicates dropped.
 fn parse_targets(values: &[String]) -> Result<Vec<Target>> {
     let mut out = Vec::new();
@@ -116,8 +125,10 @@ fn parse_targets(values: &[String]) -> Result<Vec<Target>> {
             "all" => {
                 add(Target::Host);
                 GUEST_KERNELS.iter().for_each(|k| add(Target::Guest(k)));
+                add(Target::Package);
             }
             "host" => add(Target::Host),
+            "deb" => add(Target::Package),
             name => add(Target::Guest(GuestKernel::by_name(name)?)),
         }
     }
@@ -288,10 +299,10 @@ fn guest_command(bins: &Binaries, probe_path: &str, filters: &[String]) -> Strin
 fn run_part(kernel: &Kernel, label: &str, cmd: &str) -> PartResult {
     let first = run_part_once(kernel, label, cmd);
     let Err((fault, _)) = &first else {
-        return first.map_or_else(|(_, r)| r, |r| r);
+        return first.unwrap_or_else(|(_, r)| r);
     };
     eprintln!("xtask: [{label}] spoiled by the emulator ({fault}): running it once more");
-    let mut second = run_part_once(kernel, label, cmd).map_or_else(|(_, r)| r, |r| r);
+    let mut second = run_part_once(kernel, label, cmd).unwrap_or_else(|(_, r)| r);
     let note = format!("second run; the first was spoiled by the emulator: {fault}");
     second.problem = Some(match second.problem.take() {
         Some(p) => format!("{p}; {note}"),
@@ -412,7 +423,8 @@ mod tests {
     #[test]
     fn kernel_lists() {
         let all = parse_targets(&[]).unwrap();
-        assert_eq!(all.len(), 1 + GUEST_KERNELS.len());
+        assert_eq!(all.len(), 2 + GUEST_KERNELS.len());
+        assert_eq!(all.last(), Some(&Target::Package));
         assert_eq!(all[0], Target::Host);
         let some = parse_targets(&["6.1,host".into(), "6.1".into()]).unwrap();
         assert_eq!(some, vec![Target::Guest(GuestKernel::by_name("6.1").unwrap()), Target::Host]);

@@ -23,7 +23,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Result, bail};
 
 pub use guest::{GuestResult, Hazard, Outcome, run_in_guest};
-pub use tools::{Kernel, ensure_tools};
+pub use tools::{Kernel, ensure_tools, release_mirror};
 
 /// Where the kernel packages come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -301,6 +301,19 @@ fn bullseye_sources() -> Result<String> {
         .with_context(|| format!("no Debian mirror found in {HOST_SOURCES} or {HOST_SOURCES_LIST} to fetch bullseye from"))
 }
 
+/// The URI of the machine's own Debian release suite (`bookworm`, no
+/// `-security` or `-updates`): the mirror debootstrap takes.
+pub fn release_mirror() -> Option<String> {
+    let mut mirrors = Vec::new();
+    if let Ok(text) = fs::read_to_string(HOST_SOURCES) {
+        mirrors.extend(deb822_mirrors(&text));
+    }
+    if let Ok(text) = fs::read_to_string(HOST_SOURCES_LIST) {
+        mirrors.extend(one_line_mirrors(&text));
+    }
+    mirrors.into_iter().find(|(_, suite, _)| !suite.contains('-')).map(|(uri, ..)| uri)
+}
+
 /// Maps the release suite (`bookworm`) to `bullseye` and its security suite
 /// to `bullseye-security`, on the same URIs; other suites are dropped.
 fn bullseye_lines(mirrors: &[Mirror]) -> Option<String> {
