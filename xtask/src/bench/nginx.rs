@@ -265,8 +265,14 @@ pub(super) fn nginx(ctx: &Ctx, rep: &mut Report, label: &str) -> Result<()> {
         progress(format!("scenario 7 ({label}): {} with kernel.bpf_stats_enabled", load.name));
         let r = one_run(ctx, load, true, &format!("ngstats{}", u8::from(load.close)), true)?;
         let [before, after, expired] = r.stats.context("no program statistics")?;
-        let during = deltas(&before, &after);
-        let all = deltas(&before, &expired);
+        // The iterator's runs are reconciliation walks (one per socket of
+        // the namespace per walk), not events: counted apart.
+        let (walks, during): (Vec<_>, Vec<_>) = deltas(&before, &after).into_iter().partition(|(n, ..)| n.starts_with("iter"));
+        let all: Vec<_> = deltas(&before, &expired).into_iter().filter(|(n, ..)| !n.starts_with("iter")).collect();
+        let walked: u64 = walks.iter().map(|(_, _, c)| c).sum();
+        if walked > 0 {
+            rep.row(&s, format!("{}: sockets visited by reconciliation walks during the load", load.name), thousands(walked), "", None);
+        }
         if all.is_empty() && load.close {
             bail!("bpftool shows no program run of the daemon's");
         }
