@@ -27,7 +27,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{BpfStats, Ctx, DAEMON, Netns, ProgStats, Proc, Report, Scraper, pct, progress, prog_stats, start_daemon, thousands};
+use super::{
+    BpfStats, Ctx, DAEMON, Netns, ProgStats, Proc, Report, Scraper, cpu_seconds, pct, progress, prog_stats, start_daemon, thousands,
+};
 
 /// Where nginx listens in each namespace.
 const NGINX: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080);
@@ -62,6 +64,8 @@ struct WrkOut {
 /// What one run measured.
 struct RunOut {
     wrk: WrkOut,
+    /// The daemon's own CPU over the load (utime + stime / wall), when it ran.
+    daemon_cpu: Option<f64>,
     /// The paths the daemon reported (`signal=path, ...`), when it ran.
     paths: Option<String>,
     /// Program stats before the load, after it, and after the TIME_WAIT expired.
@@ -159,7 +163,13 @@ fn one_run(ctx: &Ctx, load: Load, with_daemon: bool, tag: &str, stats: bool) -> 
     let paths = if with_daemon { Some(daemon_paths(&ns)?) } else { None };
     let snap = |d: &Option<Proc>| d.as_ref().map(|d| prog_stats(d.pid())).transpose();
     let before = if stats { snap(&daemon)? } else { None };
+    let cpu0 = daemon.as_ref().map(|d| cpu_seconds(d.pid())).transpose()?;
+    let t0 = Instant::now();
     let w = wrk(&ns, load, ctx.sizes.nginx_secs)?;
+    let daemon_cpu = match (&daemon, cpu0) {
+        (Some(d), Some(c0)) => Some((cpu_seconds(d.pid())? - c0) / t0.elapsed().as_secs_f64()),
+        _ => None,
+    };
     let mut stats_out = None;
     if let Some(before) = before {
         let after = snap(&daemon)?.unwrap_or_default();
@@ -182,7 +192,7 @@ fn one_run(ctx: &Ctx, load: Load, with_daemon: bool, tag: &str, stats: bool) -> 
     drop(ns);
     // Namespace teardown (freeing its TIME_WAIT) runs in a kernel worker.
     std::thread::sleep(Duration::from_millis(1500));
-    Ok(RunOut { wrk: w, paths, stats: stats_out })
+    Ok(RunOut { wrk: w, daemon_cpu, paths, stats: stats_out })
 }
 
 /// Which end of a loopback connection a program runs for, on the fentry
@@ -223,7 +233,7 @@ pub(super) fn nginx(ctx: &Ctx, rep: &mut Report, label: &str) -> Result<()> {
             "scenario 7 ({label}): nginx + wrk -c{} {}, {} pairs of {} s without/with the daemon, interleaved",
             load.conns, load.name, z.nginx_pairs, z.nginx_secs
         ));
-        let (mut without, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut without, mut with, mut ratios, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for p in 0..z.nginx_pairs {
             let order = if p % 2 == 0 { [false, true] } else { [true, false] };
             let mut pair = [0.0; 2];
@@ -236,6 +246,7 @@ pub(super) fn nginx(ctx: &Ctx, rep: &mut Report, label: &str) -> Result<()> {
                 if paths_seen.is_none() {
                     paths_seen = r.paths;
                 }
+                cpu.extend(r.daemon_cpu);
                 progress(format!("  pair {p}: {} daemon: {:.0} requests/s", if w { "with" } else { "without" }, r.wrk.rps));
                 pair[usize::from(w)] = r.wrk.rps;
             }
@@ -253,6 +264,15 @@ pub(super) fn nginx(ctx: &Ctx, rep: &mut Report, label: &str) -> Result<()> {
             format!("{ratio:.3} (per pair: {})", ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", ")),
             &format!(">= {}", load.target),
             Some(ratio >= load.target),
+        );
+        // What the daemon's own process (drains, walks) takes meanwhile: on
+        // 2 CPUs it competes with nginx and wrk for them.
+        rep.row(
+            &s,
+            format!("{}: daemon CPU during the load (utime+stime / wall, median)", load.name),
+            format!("{:.1} % of one CPU", 100.0 * pct(&cpu, 50.0)),
+            "",
+            None,
         );
     }
     if let Some(p) = &paths_seen {
