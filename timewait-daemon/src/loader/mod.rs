@@ -265,6 +265,10 @@ pub fn syn_capacity(max_series: u32) -> u32 {
 pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let btf_rs = kernel::load_btf()?;
     let offsets = kernel::offsets(&btf_rs)?;
+    let tw_state_params = kernel::param_count(&btf_rs, "tcp_timewait_state_process");
+    // Parsed BTF is tens of MB: one at a time (aya parses its own below), so
+    // that the daemon's memory peak at start-up is one parse, not two.
+    drop(btf_rs);
     let netns = kernel::own_netns()?;
     let functions = kernel::timer_functions()?;
     let port_range = kernel::local_port_range().unwrap_or((0, 0));
@@ -326,9 +330,8 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         &btf,
         lifecycle.path,
         opts.probe_path,
-        kernel::param_count(&btf_rs, "tcp_timewait_state_process"),
+        tw_state_params,
     )?;
-    drop(btf_rs);
     for sp in [&sockets, &lifecycle, &segments] {
         hooks.extend(sp.hooks.iter().map(|h| (h.clone(), true)));
         info!(signal = sp.signal, path = sp.path.as_str(), hooks = %sp.hooks.join(", "), "attached");
