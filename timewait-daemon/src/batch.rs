@@ -32,6 +32,16 @@ struct Attr {
 /// Every (key, value) of hash map `map` (not per-CPU). A map being updated
 /// meanwhile is read as a hash walk is: each entry at most once.
 pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> std::io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    for_each(map, |k: &K, v: &V| out.push((*k, *v)))?;
+    Ok(out)
+}
+
+/// Calls `f` for every (key, value) of hash map `map`, CHUNK entries per
+/// syscall, so that a table of a million entries is never held whole (the
+/// reconciliation walks read the per-socket tables this way). On an error
+/// after some chunks, `f` has seen those.
+pub fn for_each<K: Pod, V: Pod>(map: &MapData, mut f: impl FnMut(&K, &V)) -> std::io::Result<()> {
     // SAFETY: Pod types are plain old data; all-zero is a valid value.
     let (zk, zv): (K, V) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
     let mut keys = vec![zk; CHUNK];
@@ -39,7 +49,6 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> std::io::Result<Vec<(K, V)>>
     let fd = map.fd().as_fd().as_raw_fd() as u32;
     let (mut token_in, mut token_out) = (0u64, 0u64);
     let mut first = true;
-    let mut out = Vec::new();
     loop {
         let mut attr = Attr {
             batch: BatchAttr {
@@ -72,10 +81,12 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> std::io::Result<Vec<(K, V)>>
             Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Some(_) => return Err(err.unwrap_or_else(|| std::io::Error::other("bpf batch"))),
         }
-        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        for (k, v) in keys[..n].iter().zip(values[..n].iter()) {
+            f(k, v);
+        }
         if err.is_some() {
             // ENOENT: the walk is over.
-            return Ok(out);
+            return Ok(());
         }
         token_in = token_out;
         first = false;

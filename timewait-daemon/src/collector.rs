@@ -191,6 +191,31 @@ fn read_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
     out
 }
 
+/// Calls `f` for every entry of `map` without holding the table whole (the
+/// walks read tables of up to millions of entries; collecting them first
+/// made the daemon's memory peak at twice the table). When the batch read
+/// fails part-way and the iterator takes over, `f` may see an entry twice:
+/// callers collect into sets.
+fn for_each_entry<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    errors: &AtomicU64,
+    mut f: impl FnMut(K, V),
+) {
+    use aya::maps::IterableMap as _;
+    if crate::batch::for_each::<K, V>(map.map(), |k, v| f(*k, *v)).is_ok() {
+        return;
+    }
+    for item in map.iter() {
+        match item {
+            Ok((k, v)) => f(k, v),
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// What the reconciliation walks use, apart from the probes: the object
 /// (its iterator programs) and handles of their own on the per-socket tables.
 struct Walker {
@@ -285,24 +310,29 @@ impl Collector {
         }
         // Read through the walker's own handles where it has them: reading a
         // million entries takes a while, and scrapes need the probes lock.
-        let (tw, conns) = match (&walker.tw_socks, &walker.conns) {
-            (Some(t), Some(c)) => (read_all(t, &self.read_errors), read_all(c, &self.read_errors)),
+        // Only what this walk did not see is kept.
+        let (mut tw, mut conns) = (HashSet::new(), HashSet::new());
+        let mut read = |t: &aya::maps::HashMap<aya::maps::MapData, u64, TwEntry>,
+                        c: &aya::maps::HashMap<aya::maps::MapData, u64, timewait_common::ConnEntry>| {
+            for_each_entry(t, &self.read_errors, |timer, e| {
+                if e.state == timewait_common::TW_LIVE && e.seen != walk && e.created_ns < began {
+                    tw.insert(timer);
+                }
+            });
+            for_each_entry(c, &self.read_errors, |sk, e| {
+                if e.seen != walk && e.created_ns < began {
+                    conns.insert(sk);
+                }
+            });
+        };
+        match (&walker.tw_socks, &walker.conns) {
+            (Some(t), Some(c)) => read(t, c),
             _ => {
                 let probes = self.lock();
-                (read_all(&probes.tw_socks, &self.read_errors), read_all(&probes.conns, &self.read_errors))
+                read(&probes.tw_socks, &probes.conns);
             }
-        };
+        }
         drop(walker);
-        let tw = tw
-            .into_iter()
-            .filter(|(_, e)| e.state == timewait_common::TW_LIVE && e.seen != walk && e.created_ns < began)
-            .map(|(t, _)| t)
-            .collect();
-        let conns = conns
-            .into_iter()
-            .filter(|(_, c)| c.seen != walk && c.created_ns < began)
-            .map(|(sk, _)| sk)
-            .collect();
         Ok(Unseen { tw, conns })
     }
 
