@@ -39,6 +39,30 @@ struct WalkState {
 
 use crate::cli::fail;
 
+/// Without segment hooks (the tracepoint path before Linux 6.11) a
+/// minisocket's FIN_WAIT2 -> TIME_WAIT change is seen only when its timer
+/// is re-armed into another timer-wheel bucket; the kernel skips the
+/// tracepoint for a re-arm within the same bucket, often on loopback. Walks
+/// re-read substates: there they run at least every this many seconds.
+const WALK_WITHOUT_SEGMENTS: Duration = Duration::from_secs(10);
+
+/// The periodic walk's interval: `--reconcile-interval` (0: none), at most
+/// [`WALK_WITHOUT_SEGMENTS`] where segments are unavailable.
+fn walk_interval(secs: u64, signals: &[crate::loader::paths::SignalPath]) -> Duration {
+    let interval = Duration::from_secs(secs);
+    let blind = signals
+        .iter()
+        .any(|sp| sp.signal == crate::loader::paths::SEGMENTS && sp.path == crate::loader::paths::Path::Unavailable);
+    if blind && !interval.is_zero() && interval > WALK_WITHOUT_SEGMENTS {
+        info!(
+            every_secs = WALK_WITHOUT_SEGMENTS.as_secs(),
+            "segments unavailable: reconciliation walks re-read FIN_WAIT2 -> TIME_WAIT changes more often"
+        );
+        return WALK_WITHOUT_SEGMENTS;
+    }
+    interval
+}
+
 /// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM` to
 /// its `device:inode` (systemd.exec(5)).
 fn journal_is_stderr() -> bool {
@@ -212,7 +236,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     // --reconcile-interval seconds anyway.
     let reconciler = {
         let c = collector.clone();
-        let interval = Duration::from_secs(cfg.reconcile_interval);
+        let interval = walk_interval(cfg.reconcile_interval, &c.signals());
         let state = Arc::new(std::sync::Mutex::new(WalkState::default()));
         every(TICK, stop_rx.clone(), move || {
             c.drain();
