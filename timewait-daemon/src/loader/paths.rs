@@ -83,16 +83,21 @@ pub const SEGMENTS: &str = "segments";
 pub const SOCKETS: &str = "sockets";
 
 /// The fentry hooks of the sockets signal (`timewait-ebpf/src/fentry/sockets.rs`):
-/// (program, kernel function, fexit).
+/// (program, kernel function, fexit). Those that forget come first: a
+/// socket that gets an entry (active open, listener) while the hook that
+/// removes it is not attached yet would keep a stale entry, and a later
+/// socket at the same address would inherit it (a connection the daemon's
+/// own readiness probes opened during start-up once made an accepted
+/// connection's minisocket read outbound).
 const SOCKET_HOOKS: &[(&str, &str, bool)] = &[
+    ("fentry_put_port", "inet_put_port", false),
+    ("fentry_listen_stop", "inet_csk_listen_stop", false),
     ("fentry_inet_hash", "inet_hash", false),
     ("fentry_inet6_hash", "inet6_hash", false),
-    ("fentry_listen_stop", "inet_csk_listen_stop", false),
     ("fexit_hash_connect", "inet_hash_connect", true),
     ("fexit_hash6_connect", "inet6_hash_connect", true),
     ("fexit_inet_bind", "inet_bind", true),
     ("fexit_inet6_bind", "inet6_bind", true),
-    ("fentry_put_port", "inet_put_port", false),
 ];
 
 /// Attaches the full-socket hooks (listeners, active opens, the close that
