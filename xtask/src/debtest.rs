@@ -194,11 +194,20 @@ fn ensure_image(cache: &Path) -> Result<Image> {
     if !crate::setup::is_root() {
         bail!("making the Debian image needs root (debootstrap)");
     }
-    for (cmd, pkg) in [("debootstrap", "debootstrap"), ("mke2fs", "e2fsprogs"), ("qemu-system-x86_64", "qemu-system-x86")] {
-        if Command::new("sh").args(["-c", &format!("command -v {cmd}")]).stdout(Stdio::null()).status().is_ok_and(|s| !s.success()) {
-            eprintln!("xtask: installing {pkg}");
-            sh(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends", pkg]).env("DEBIAN_FRONTEND", "noninteractive"))?;
-        }
+    let missing: Vec<&str> = [("debootstrap", "debootstrap"), ("mke2fs", "e2fsprogs"), ("qemu-system-x86_64", "qemu-system-x86")]
+        .into_iter()
+        .filter(|(cmd, _)| {
+            Command::new("sh").args(["-c", &format!("command -v {cmd}")]).stdout(Stdio::null()).status().is_ok_and(|s| !s.success())
+        })
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {missing:?}");
+        sh(Command::new("apt-get").args(["update", "-qq"]))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     let mirror = crate::vm::release_mirror().context("no Debian mirror in the machine's apt sources for debootstrap")?;
     let work = cache.join(format!("build-{}", std::process::id()));
