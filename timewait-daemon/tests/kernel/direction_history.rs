@@ -6,8 +6,9 @@
 //! saw them accepted, so they are inbound on the server's port.
 
 use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
-use crate::support::{Daemon, NetNs, assert_maps_equal, connect_from, quiet_equal, require_root, v4, wait_eof};
+use crate::support::{Daemon, NetNs, assert_maps_equal, connect_from, quiet_equal, require_root, v4, wait_eof, wait_until};
 
 const N: usize = 40;
 
@@ -33,8 +34,13 @@ fn listener_gone_before_the_close() {
     let m0 = daemon.scrape();
     let before = m0.sum("timewait_direction_from_history_total", &[]);
     let created = |m: &crate::support::Metrics, d: &str| m.sum("timewait_created_total", &[("direction", d)]);
-    // The server stops listening, then closes what it had accepted.
+    // The server stops listening, then closes what it had accepted. The
+    // listener is gone when ss says so: another test thread's fork (ss, a
+    // daemon) holds every fd of the process until it execs, so the close
+    // may land a moment after the drop, and a connection closed before it
+    // would find 8080 still listening (inbound anyway, but not from history).
     drop(listener);
+    wait_until(Duration::from_secs(10), "the listener on 8080 closed", || ns.ss("listening").iter().all(|s| s.local.port() != 8080));
     for (client, server) in pairs {
         drop(server);
         wait_eof(&client);
