@@ -40,7 +40,9 @@ fn listener_gone_before_the_close() {
     // may land a moment after the drop, and a connection closed before it
     // would find 8080 still listening (inbound anyway, but not from history).
     drop(listener);
-    wait_until(Duration::from_secs(10), "the listener on 8080 closed", || ns.ss("listening").iter().all(|s| s.local.port() != 8080));
+    wait_until(Duration::from_secs(10), "the listener on 8080 closed", || {
+        ns.exec(&["ss", "-Htln", "sport = :8080"]).trim().is_empty()
+    });
     for (client, server) in pairs {
         drop(server);
         wait_eof(&client);
