@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddrV4, TcpStream};
 use std::time::Duration;
 
-use crate::support::{Daemon, NetNs, quiet_equal, require_root, v4, wait_until};
+use crate::support::{Daemon, NetNs, bound_socket, quiet_equal, require_root, v4, wait_until};
 use crate::support_ports::{
-    Dest, assert_ratio, bind_plain, connect_errors, exhaustion_ratio, gauge, lo4, metric_in_use,
+    Dest, assert_ratio, connect_errors, exhaustion_ratio, gauge, lo4, metric_in_use,
     set_port_range, ss_outbound_in_use, thread_comm,
 };
 
@@ -159,8 +159,9 @@ fn bind_conflict_counts_eaddrinuse() {
 
     let before = daemon.scrape();
     let (comm, first, second) = ns.run(|| {
-        let first = bind_plain(addr);
-        let second = bind_plain(addr);
+        // Plain bind()s, without the SO_REUSEADDR std's listeners set.
+        let first = bound_socket(addr.into(), false);
+        let second = bound_socket(addr.into(), false);
         (thread_comm(), first, second)
     });
     let _first = first.unwrap_or_else(|e| panic!("first bind {addr}: {e}"));

@@ -1,16 +1,13 @@
 //! Helpers for the port-exhaustion tests (issue 4): the outbound ports in use
 //! per destination as `ss` shows them and as the daemon reports them, the
 //! connect/bind error counter, namespace counters from `nstat`, the calling
-//! thread's `comm`, and a plain `bind()` without `SO_REUSEADDR`.
+//! thread's `comm`.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::ops::RangeInclusive;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Duration;
 
-use crate::support::{Metrics, NetNs, WEB_PORT, label_ip, parse_ss};
+use crate::support::{Metrics, NetNs, WEB_PORT, connect_from_port, label_ip, parse_ss, wait_eof};
 
 /// `(remote, port)`, exactly as the daemon labels an outbound destination.
 pub type Dest = (String, u16);
@@ -167,38 +164,6 @@ pub fn assert_ratio(what: &str, got: f64, want: f64) {
     }
 }
 
-/// A TCP socket bound to `addr` WITHOUT `SO_REUSEADDR` (std's listeners set
-/// it). Returns the bind error as is, so the caller can see `EADDRINUSE`.
-pub fn bind_plain(addr: SocketAddrV4) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*addr.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: `fd` is open; `sin` is a live sockaddr_in whose exact size is passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const sin).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
 /// `127.0.0.1:port`.
 pub fn lo4(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -218,46 +183,12 @@ pub fn server_closes_first_from_ports(
     ports: RangeInclusive<u16>,
 ) {
     let to = listener.local_addr().expect("listener address");
-    let SocketAddr::V4(to4) = to else {
-        panic!("IPv4 listener expected, got {to}");
-    };
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: to4.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*to4.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let mut buf = [0u8; 16];
     for port in ports {
-        let fd = bind_plain(SocketAddrV4::new(from, port))
-            .unwrap_or_else(|e| panic!("bind {from}:{port}: {e}"));
-        // SAFETY: `fd` is open; `sin` is a live sockaddr_in whose exact size is passed.
-        let rc = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&raw const sin).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            panic!(
-                "connect {from}:{port} -> {to}: {}",
-                io::Error::last_os_error()
-            );
-        }
-        let client = TcpStream::from(fd);
+        let client = connect_from_port(SocketAddr::new(from.into(), port), to)
+            .unwrap_or_else(|e| panic!("{from}:{port} -> {to}: {e}"));
         let (server, _) = listener.accept().expect("accept");
         drop(server);
-        client
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("set_read_timeout");
-        match (&client).read(&mut buf) {
-            Ok(0) => {}
-            Ok(n) => panic!("{from}:{port}: expected EOF, read {n} bytes"),
-            Err(e) => panic!("{from}:{port}: expected EOF: {e}"),
-        }
+        wait_eof(&client);
         drop(client);
     }
 }

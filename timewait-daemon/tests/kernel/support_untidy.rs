@@ -7,8 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{self, File};
 use std::io::{self, Write as _};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -16,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::support::{Metrics, NetNs, SsSocket, http_get, label_ip, run_cmd, scaled, wait_eof};
+use crate::support::{Metrics, NetNs, SsSocket, connect_from_port, http_get, label_ip, run_cmd, scaled, wait_eof};
 
 static DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -475,7 +474,7 @@ pub fn server_closes_first_fast(
                     return Err(format!("only {made} made in {:?}", start.elapsed()));
                 }
                 let port = first_port + k as u16;
-                let c = connect_from_port(from, port, to).map_err(|e| format!("connection {made}: {e}"))?;
+                let c = connect_from_port(SocketAddr::new(from, port), to).map_err(|e| format!("connection {made}: {e}"))?;
                 let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
                 drop(s);
                 wait_eof(&c);
@@ -519,37 +518,4 @@ pub fn route_from(ns: &NetNs, server: &str, client: &str) {
     );
     let got = run_cmd("ip", &["-n", ns.name(), "route", "get", server]);
     assert!(got.contains(&format!("src {client} ")), "route to {server} should leave from {client}: {got}");
-}
-
-/// A TCP connection from `local:port` (IPv4) to `remote`: the source port
-/// given, not the kernel's choice.
-pub fn connect_from_port(local: IpAddr, port: u16, remote: SocketAddr) -> io::Result<TcpStream> {
-    let (IpAddr::V4(local), SocketAddr::V4(remote)) = (local, remote) else {
-        return Err(io::Error::other("connect_from_port is IPv4 only"));
-    };
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let sin = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
-        sin_zero: [0; 8],
-    };
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let a = sin(local, port);
-    // SAFETY: `fd` is open; `a` is a live sockaddr_in of `len` bytes.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const a).cast(), len) } != 0 {
-        return Err(io::Error::other(format!("bind {local}:{port}: {}", io::Error::last_os_error())));
-    }
-    let a = sin(*remote.ip(), remote.port());
-    // SAFETY: as above.
-    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const a).cast(), len) } != 0 {
-        return Err(io::Error::other(format!("connect {local}:{port} -> {remote}: {}", io::Error::last_os_error())));
-    }
-    Ok(TcpStream::from(fd))
 }
