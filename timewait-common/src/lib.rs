@@ -29,6 +29,10 @@ pub const DIRECTION_OUTBOUND: u8 = 1;
 pub struct AggKey {
     /// Remote address in network byte order; IPv4 uses the first 4 bytes.
     pub remote: [u8; 16],
+    /// Id of the cgroup (v2) that owned the socket (`kernfs_node.id` of the
+    /// cgroup, as `bpf_get_current_cgroup_id` gives it), with cgroup
+    /// attribution on; 0 when off or unknown.
+    pub cgroup: u64,
     /// Inode number of the minisocket's network namespace.
     pub netns: u32,
     /// Service port, host byte order: local port for inbound, remote for outbound.
@@ -58,6 +62,13 @@ pub struct ErrKey {
     pub comm: [u8; 16],
     pub errno: u32,
     pub netns: u32,
+    /// With cgroup attribution on: the calling task's cgroup, and for a
+    /// failed `connect()` the destination (family 0 when none).
+    pub cgroup: u64,
+    pub remote: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
 }
 
 /// Entry state: the minisocket's timer is pending.
@@ -342,7 +353,14 @@ pub struct Offsets {
     pub task_nsproxy: u32,
     /// `nsproxy.net_ns`
     pub nsproxy_net_ns: u32,
-    pub _pad: u32,
+    /// `sock.sk_cgrp_data`: a `struct sock_cgroup_data` whose first 8 bytes
+    /// are the cgroup pointer (5.15+: `.cgroup`; before: `.val`, a pointer
+    /// unless one of its low 2 bits is set).
+    pub sk_cgrp_data: u32,
+    /// `cgroup.kn`
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id`
+    pub kernfs_node_id: u32,
 }
 
 /// Start-up configuration of the programs (one read-only global).
@@ -361,6 +379,9 @@ pub struct Config {
     /// start-up snapshot whose local port has no listener.
     pub port_lo: u16,
     pub port_hi: u16,
+    /// 1: keys carry the owning cgroup (`--attribute-cgroups`).
+    pub cgroups: u32,
+    pub _pad: u32,
 }
 
 impl Offsets {
@@ -386,7 +407,9 @@ impl Offsets {
         skb_network_header: 0,
         task_nsproxy: 0,
         nsproxy_net_ns: 0,
-        _pad: 0,
+        sk_cgrp_data: 0,
+        cgroup_kn: 0,
+        kernfs_node_id: 0,
     };
 }
 
@@ -399,20 +422,22 @@ impl Config {
         netns: 0,
         port_lo: 0,
         port_hi: 0,
+        cgroups: 0,
+        _pad: 0,
     };
 }
 
-const _: () = assert!(core::mem::size_of::<AggKey>() == 32);
+const _: () = assert!(core::mem::size_of::<AggKey>() == 40);
 const _: () = assert!(core::mem::size_of::<RemoteKey>() == 24);
-const _: () = assert!(core::mem::size_of::<ErrKey>() == 24);
+const _: () = assert!(core::mem::size_of::<ErrKey>() == 56);
 const _: () = assert!(core::mem::size_of::<LastCancel>() == 32);
 const _: () = assert!(core::mem::size_of::<LastKill>() == 40);
 const _: () = assert!(core::mem::size_of::<ConnectDst>() == 16);
 const _: () = assert!(core::mem::size_of::<SegmentSlot>() == 40);
-const _: () = assert!(core::mem::size_of::<ConnEntry>() == 48);
-const _: () = assert!(core::mem::size_of::<TwEntry>() == 32 + 8 * 2 + 4 * 4);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 22 * 4);
-const _: () = assert!(core::mem::size_of::<Config>() == 88 + 24);
+const _: () = assert!(core::mem::size_of::<ConnEntry>() == 56);
+const _: () = assert!(core::mem::size_of::<TwEntry>() == 40 + 8 * 2 + 4 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 24 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 96 + 32);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -2,7 +2,7 @@
 //! and the top-K-plus-`other` cardinality bound. No I/O: unit-tested here.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -52,10 +52,14 @@ pub struct AggOptions {
     pub remote_port_range_size: u64,
     /// Keep network namespaces apart (`--all-netns`): series carry `netns`.
     pub per_netns: bool,
+    /// With `--attribute-cgroups`: cgroups beyond the N busiest are summed
+    /// into `cgroup="other"`.
+    pub top_cgroups: usize,
 }
 
 pub const DEFAULT_REMOTE_PORT_RANGE_SIZE: u64 = 64_512;
 pub const DEFAULT_TOP_PORTS: usize = 10;
+pub const DEFAULT_TOP_CGROUPS: usize = 20;
 
 impl Default for AggOptions {
     fn default() -> Self {
@@ -66,6 +70,7 @@ impl Default for AggOptions {
             ipv6_prefix: 128,
             remote_port_range_size: DEFAULT_REMOTE_PORT_RANGE_SIZE,
             per_netns: false,
+            top_cgroups: DEFAULT_TOP_CGROUPS,
         }
     }
 }
@@ -79,6 +84,9 @@ pub struct Series {
     pub direction: Option<Direction>,
     pub remote: String,
     pub port: u16,
+    /// The owning cgroup's label, with `--attribute-cgroups` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
     /// Minisockets in substate TIME_WAIT.
     pub time_wait: u64,
     /// Minisockets in substate FIN_WAIT2.
@@ -131,12 +139,25 @@ pub fn remote_label(addr: IpAddr, opts: &AggOptions) -> String {
 /// `top_remotes` busiest remotes (by all their minisockets; ties broken by
 /// label so the choice is stable) and sum the rest into `remote="other"`,
 /// then per (direction, remote) keep the `top_ports` busiest ports and sum
-/// the rest into `port="other"`. So at most (top_remotes + 1) x (top_ports +
-/// 1) series per direction, whatever the sockets: a port that is a client's
-/// ephemeral port by accident cannot make a series per socket. Sums are
-/// preserved exactly. Non-positive values are skipped.
+/// the rest into `port="other"`. So there are at most `top_remotes + 1`
+/// times `top_ports + 1` series per direction, whatever the sockets: a port
+/// that is a client's ephemeral port by accident cannot make a series per
+/// socket. Sums are preserved exactly. Non-positive values are skipped.
 pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions) -> Vec<Series> {
-    let mut by_series: BTreeMap<SeriesKey, (u64, u64, u64)> = BTreeMap::new();
+    aggregate_with(raw, opts, |_| None)
+}
+
+/// [`aggregate`] with the owning cgroup as one more dimension: `cgroup`
+/// names a key's cgroup id (None: no such label, attribution off). The
+/// `top_cgroups` busiest names keep theirs, the rest are summed into
+/// `cgroup="other"`, before the remotes and ports are folded.
+pub fn aggregate_with(
+    raw: impl IntoIterator<Item = (AggKey, i64)>,
+    opts: &AggOptions,
+    mut cgroup: impl FnMut(u64) -> Option<String>,
+) -> Vec<Series> {
+    let mut by_series: BTreeMap<SeriesKey, Counts> = BTreeMap::new();
+    let mut names: HashMap<u64, Option<String>> = HashMap::new();
     for (key, n) in raw {
         let Ok(n) = u64::try_from(n) else { continue };
         if n == 0 {
@@ -149,7 +170,8 @@ pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions
         };
         let remote = remote_label(remote_addr(&key), opts);
         let netns = opts.per_netns.then_some(key.netns);
-        let slot = by_series.entry((netns, direction, remote, key.port)).or_default();
+        let owner = names.entry(key.cgroup).or_insert_with(|| cgroup(key.cgroup)).clone();
+        let slot = by_series.entry((netns, direction, remote, key.port, owner)).or_default();
         match key.substate {
             TCP_FIN_WAIT2 => slot.1 += n,
             SUBSTATE_CONNECTION => slot.2 += n,
@@ -157,24 +179,28 @@ pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions
         }
     }
 
-    let kept = top_remotes(by_series.iter().map(|((_, _, r, _), (tw, fw, c))| (r.as_str(), tw + fw + c)), opts.top_remotes);
+    let total = |c: &Counts| c.0 + c.1 + c.2;
+    let kept_cgroups = top_remotes(
+        by_series.iter().filter_map(|(k, c)| Some((k.4.as_deref()?, total(c)))),
+        opts.top_cgroups,
+    );
+    let kept = top_remotes(by_series.iter().map(|(k, c)| (k.2.as_str(), total(c))), opts.top_remotes);
 
-    let mut folded: BTreeMap<SeriesKey, (u64, u64, u64)> = BTreeMap::new();
-    for ((netns, d, remote, port), (tw, fw, c)) in by_series {
+    let mut folded: BTreeMap<SeriesKey, Counts> = BTreeMap::new();
+    for ((netns, d, remote, port, owner), c) in by_series {
         let remote = if kept.contains(&remote) { remote } else { OTHER.to_string() };
-        let slot = folded.entry((netns, d, remote, port)).or_default();
-        slot.0 += tw;
-        slot.1 += fw;
-        slot.2 += c;
+        let owner = owner.map(|o| if kept_cgroups.contains(&o) { o } else { OTHER.to_string() });
+        add(folded.entry((netns, d, remote, port, owner)).or_default(), c);
     }
     let folded = fold_ports(folded, opts.top_ports);
     folded
         .into_iter()
-        .map(|((netns, d, remote, port), (time_wait, fin_wait2, connections))| Series {
+        .map(|((netns, direction, remote, port, cgroup), (time_wait, fin_wait2, connections))| Series {
             netns,
-            direction: Some(d),
+            direction: Some(direction),
             remote,
             port,
+            cgroup,
             time_wait,
             fin_wait2,
             connections,
@@ -182,29 +208,37 @@ pub fn aggregate(raw: impl IntoIterator<Item = (AggKey, i64)>, opts: &AggOptions
         .collect()
 }
 
-type SeriesKey = (Option<u32>, Direction, String, u16);
+/// (netns, direction, remote, port, cgroup).
+type SeriesKey = (Option<u32>, Direction, String, u16, Option<String>);
+/// (TIME_WAIT, FIN_WAIT2, connections).
+type Counts = (u64, u64, u64);
 
-/// Per (netns, direction, remote), the `n` busiest ports keep their series
-/// (ties broken by port number), the rest are summed into `PORT_OTHER`.
-fn fold_ports(by_series: BTreeMap<SeriesKey, (u64, u64, u64)>, n: usize) -> BTreeMap<SeriesKey, (u64, u64, u64)> {
-    let mut per_owner: BTreeMap<(Option<u32>, Direction, &str), Vec<(u16, u64)>> = BTreeMap::new();
-    for ((netns, d, remote, port), (tw, fw, c)) in &by_series {
-        per_owner.entry((*netns, *d, remote.as_str())).or_default().push((*port, tw + fw + c));
+fn add(slot: &mut Counts, c: Counts) {
+    slot.0 += c.0;
+    slot.1 += c.1;
+    slot.2 += c.2;
+}
+
+/// Per (netns, direction, remote), the `n` busiest ports (over all their
+/// cgroups; ties broken by port number) keep their series, the rest are
+/// summed into `PORT_OTHER`.
+fn fold_ports(by_series: BTreeMap<SeriesKey, Counts>, n: usize) -> BTreeMap<SeriesKey, Counts> {
+    let mut per_owner: BTreeMap<(Option<u32>, Direction, &str), BTreeMap<u16, u64>> = BTreeMap::new();
+    for ((netns, d, remote, port, _), (tw, fw, c)) in &by_series {
+        *per_owner.entry((*netns, *d, remote.as_str())).or_default().entry(*port).or_default() += tw + fw + c;
     }
     let mut kept: std::collections::HashSet<(Option<u32>, Direction, String, u16)> = std::collections::HashSet::new();
-    for ((netns, d, remote), mut ports) in per_owner {
+    for ((netns, d, remote), ports) in per_owner {
+        let mut ports: Vec<(u16, u64)> = ports.into_iter().collect();
         ports.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         for (port, _) in ports.into_iter().take(n) {
             kept.insert((netns, d, remote.to_string(), port));
         }
     }
-    let mut out: BTreeMap<SeriesKey, (u64, u64, u64)> = BTreeMap::new();
-    for (key, (tw, fw, c)) in by_series {
-        let key = if kept.contains(&key) { key } else { (key.0, key.1, key.2, PORT_OTHER) };
-        let slot = out.entry(key).or_default();
-        slot.0 += tw;
-        slot.1 += fw;
-        slot.2 += c;
+    let mut out: BTreeMap<SeriesKey, Counts> = BTreeMap::new();
+    for ((netns, d, remote, port, owner), c) in by_series {
+        let port = if kept.contains(&(netns, d, remote.clone(), port)) { port } else { PORT_OTHER };
+        add(out.entry((netns, d, remote, port, owner)).or_default(), c);
     }
     out
 }
@@ -317,6 +351,24 @@ mod tests {
         assert_eq!(aggregate([(a, 1), (b, 2)], &AggOptions::default()).len(), 1);
         let s = aggregate([(a, 1), (b, 2)], &AggOptions { per_netns: true, ..Default::default() });
         assert_eq!(s.iter().map(|x| (x.netns, x.time_wait)).collect::<Vec<_>>(), [(Some(1), 1), (Some(2), 2)]);
+    }
+
+    #[test]
+    fn cgroups_are_one_more_dimension_folded_beyond_the_top() {
+        let key = |cg: u64, n: i64| {
+            let mut k = v4([10, 0, 0, 9], 5432, DIRECTION_OUTBOUND, SUBSTATE_CONNECTION);
+            k.cgroup = cg;
+            (k, n)
+        };
+        let raw = [key(1, 5), key(2, 3), key(3, 1), key(4, 1)];
+        let opts = AggOptions { top_cgroups: 2, ..Default::default() };
+        let name = |id: u64| Some(format!("cg{id}"));
+        let s = aggregate_with(raw, &opts, name);
+        let got: Vec<(Option<&str>, u64)> = s.iter().map(|x| (x.cgroup.as_deref(), x.connections)).collect();
+        assert_eq!(got, [(Some("cg1"), 5), (Some("cg2"), 3), (Some("other"), 2)]);
+        // Off: one series, no label, the same sum.
+        let s = aggregate(raw, &opts);
+        assert_eq!(s.iter().map(|x| (x.cgroup.clone(), x.connections)).collect::<Vec<_>>(), [(None, 10)]);
     }
 
     #[test]

@@ -131,6 +131,7 @@ fn attach_lines(cfg: &config::Config) -> Vec<Line> {
         max_tracked_sockets: Some(1024),
         max_series: 1024,
         probe_path: cfg.probe_path,
+        attribute_cgroups: cfg.attribute_cgroups,
     };
     let probes = match loader::load(&opts) {
         Ok(p) => p,

@@ -106,6 +106,12 @@ pub struct RunArgs {
     /// Watch every network namespace, not only the daemon's own.
     #[arg(long)]
     pub all_netns: bool,
+    /// Label outbound ports in use, TIME_WAIT sockets and connect()/bind() errors with the cgroup that owns them (the systemd unit, a pod's cgroup, or the cgroup path), and connect() errors with their destination: more series, so off by default.
+    #[arg(long)]
+    pub attribute_cgroups: bool,
+    /// With --attribute-cgroups: cgroups beyond the N busiest are summed into cgroup="other" [default: 20].
+    #[arg(long, value_name = "N")]
+    pub top_cgroups: Option<usize>,
     /// Capacity of the kernel's minisocket table [default: tcp_max_tw_buckets + 16384].
     #[arg(long, value_name = "N")]
     pub max_tracked_sockets: Option<u32>,

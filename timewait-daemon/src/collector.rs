@@ -81,11 +81,18 @@ pub struct Lifetime {
     pub sum_seconds: f64,
 }
 
-/// Failed connect()/bind() calls by errno and process name.
+/// Failed connect()/bind() calls by errno and process name (and, with
+/// `--attribute-cgroups`, cgroup and destination).
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectErrors {
     pub errno: &'static str,
     pub comm: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The destination of a failed connect() ("" for a bind(), or off).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub remote: String,
+    pub port: u16,
     pub count: u64,
 }
 
@@ -107,6 +114,8 @@ pub struct View {
     pub lifetimes: Vec<Lifetime>,
     pub connect_errors: Vec<ConnectErrors>,
     pub sysctls: Sysctls,
+    /// Time to exhaustion per outbound series of this namespace.
+    pub estimates: Vec<Estimate>,
 }
 
 
@@ -132,6 +141,44 @@ pub struct Collector {
     grace: Option<crate::rcu::GracePeriod>,
     /// Bound of `syns` (`--max-series`).
     max_series: usize,
+    /// The expiry schedule and recent ports per outbound destination, from
+    /// the last walk of the per-socket tables (`refresh_schedule`).
+    schedule: Mutex<Schedules>,
+    /// When the collector took over (after the start-up snapshot): sockets
+    /// recorded before are not counted as new ports.
+    started_ns: u64,
+    /// Cgroup names, with `--attribute-cgroups`.
+    cgroups: Option<Mutex<crate::cgroups::Names>>,
+}
+
+/// The last walk for the time-to-exhaustion estimates.
+#[derive(Default)]
+struct Schedules {
+    /// `clock_monotonic_ns()` at the walk; 0 before the first.
+    at_ns: u64,
+    /// What the walk took: the next one waits `SCHEDULE_SPACING` times that.
+    cost: Duration,
+    /// Per raw key of an outbound destination (substate ignored).
+    by_key: HashMap<AggKey, crate::exhaustion::Schedule>,
+}
+
+/// A walk for the schedule takes at most this share of one core (at
+/// 100,000 minisockets a walk reads them all; most ticks then skip it).
+const SCHEDULE_SPACING: u32 = 100;
+
+/// Time to exhaustion of one outbound series (`crate::exhaustion`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Estimate {
+    pub remote: String,
+    pub port: u16,
+    /// Seconds until the range toward it is used up; `None`: never at this
+    /// rate (`+Inf` in the metrics).
+    pub seconds_left: Option<f64>,
+    /// Ports taken toward it per second lately (`Schedule::rate`).
+    pub rate: f64,
+    /// Ports its TIME_WAIT free within 10 s and within 60 s.
+    pub freed_10s: u64,
+    pub freed_60s: u64,
 }
 
 /// State of the reconciliation against the kernel's socket tables.
@@ -243,6 +290,13 @@ struct Unseen {
 
 impl Collector {
     pub fn new(mut probes: Probes, max_series: u32) -> Self {
+        let cgroups = probes.attribute_cgroups.then(|| {
+            let names = crate::cgroups::Names::new();
+            if names.root().is_none() {
+                warn!("no cgroup2 hierarchy found (/proc/self/mountinfo, /proc/1/mountinfo): cgroups are shown by id");
+            }
+            Mutex::new(names)
+        });
         let walker = Mutex::new(Walker {
             ebpf: probes.ebpf.take(),
             tw_socks: second_handle(&probes.tw_socks),
@@ -265,7 +319,112 @@ impl Collector {
             totals: Mutex::new(Totals::default()),
             grace,
             max_series: max_series as usize,
+            schedule: Mutex::new(Schedules::default()),
+            started_ns: clock_monotonic_ns(),
+            cgroups,
         }
+    }
+
+    /// Walks the per-socket tables for the time-to-exhaustion estimates:
+    /// when each outbound TIME_WAIT ends, and how many ports were taken
+    /// toward each destination lately. Skipped while nothing outbound is
+    /// held, and spaced so that it takes at most 1 % of a core.
+    pub fn refresh_schedule(&self) {
+        let now = clock_monotonic_ns();
+        {
+            let s = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
+            let spacing = s.cost.saturating_mul(SCHEDULE_SPACING).max(Duration::from_millis(900));
+            if s.at_ns != 0 && Duration::from_nanos(now.saturating_sub(s.at_ns)) < spacing {
+                return;
+            }
+        }
+        let outbound = |k: &AggKey| k.direction == timewait_common::DIRECTION_OUTBOUND;
+        let any = self.totals.lock().unwrap_or_else(|e| e.into_inner()).gauges.keys().any(outbound);
+        let began = std::time::Instant::now();
+        let mut by_key: HashMap<AggKey, crate::exhaustion::Schedule> = HashMap::new();
+        if any {
+            let window = crate::exhaustion::RATE_WINDOW.min(Duration::from_nanos(now.saturating_sub(self.started_ns)));
+            let age = |created: u64| Duration::from_nanos(now.saturating_sub(created));
+            let dest = |k: &AggKey| AggKey { substate: 0, cgroup: 0, ..*k };
+            let walker = self.walker.lock().unwrap_or_else(|e| e.into_inner());
+            let mut read = |t: &aya::maps::HashMap<aya::maps::MapData, u64, TwEntry>,
+                            c: &aya::maps::HashMap<aya::maps::MapData, u64, timewait_common::ConnEntry>| {
+                for_each_entry(t, &self.read_errors, |_, e| {
+                    if e.counted != 1 || !outbound(&e.key) {
+                        return;
+                    }
+                    let slot = by_key.entry(dest(&e.key)).or_default();
+                    // Found by a walk: its creation is unknown, so it is not new.
+                    let w = if e.from_snapshot == 1 { Duration::ZERO } else { window };
+                    if e.key.substate == timewait_common::TCP_TIME_WAIT {
+                        slot.time_wait(age(e.created_ns), w);
+                    } else {
+                        // FIN_WAIT2: keeps its port until TIME_WAIT follows.
+                        slot.connection(age(e.created_ns), w);
+                    }
+                });
+                for_each_entry(c, &self.read_errors, |_, e| {
+                    let w = if e.created_ns < self.started_ns { Duration::ZERO } else { window };
+                    by_key.entry(dest(&e.key)).or_default().connection(age(e.created_ns), w);
+                });
+            };
+            match (&walker.tw_socks, &walker.conns) {
+                (Some(t), Some(c)) => read(t, c),
+                _ => {
+                    let probes = self.lock();
+                    read(&probes.tw_socks, &probes.conns);
+                }
+            }
+        }
+        let mut s = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
+        (s.at_ns, s.cost, s.by_key) = (now, began.elapsed(), by_key);
+    }
+
+    /// The estimates of the outbound series of this namespace (none without
+    /// its port range, or before the first walk).
+    fn estimates(&self, series: &[Series], range: Option<u64>, opts: &AggOptions) -> Vec<Estimate> {
+        use crate::aggregate::{Direction, OTHER, PORT_OTHER, remote_addr, remote_label};
+        let Some(range) = range.filter(|r| *r > 0) else { return Vec::new() };
+        let s = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
+        if s.at_ns == 0 {
+            return Vec::new();
+        }
+        let age = Duration::from_nanos(clock_monotonic_ns().saturating_sub(s.at_ns));
+        let outbound: Vec<&Series> =
+            series.iter().filter(|x| x.direction == Some(Direction::Outbound) && x.netns.is_none()).collect();
+        let kept: HashSet<(&str, u16)> = outbound.iter().map(|x| (x.remote.as_str(), x.port)).collect();
+        let remotes: HashSet<&str> = outbound.iter().map(|x| x.remote.as_str()).collect();
+        // Raw keys onto the series' labels, folded as the series were.
+        let mut per_series: HashMap<(String, u16), crate::exhaustion::Schedule> = HashMap::new();
+        for (k, sched) in &s.by_key {
+            let label = remote_label(remote_addr(k), opts);
+            let remote = if remotes.contains(label.as_str()) { label } else { OTHER.to_string() };
+            let port = if kept.contains(&(remote.as_str(), k.port)) { k.port } else { PORT_OTHER };
+            per_series.entry((remote, port)).or_default().merge(sched);
+        }
+        // One destination's ports, whichever cgroups hold them.
+        let mut in_use: std::collections::BTreeMap<(&str, u16), u64> = std::collections::BTreeMap::new();
+        for x in outbound {
+            *in_use.entry((x.remote.as_str(), x.port)).or_default() += x.ports_in_use();
+        }
+        let empty = crate::exhaustion::Schedule::default();
+        in_use
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|((remote, port), n)| {
+                let sched = per_series.get(&(remote.to_string(), port)).unwrap_or(&empty);
+                let rate = sched.rate();
+                let left = crate::exhaustion::seconds_left(n, range, rate, sched, age);
+                Estimate {
+                    remote: remote.to_string(),
+                    port,
+                    seconds_left: left.is_finite().then_some(left),
+                    rate,
+                    freed_10s: sched.freed_within(age, 10),
+                    freed_60s: sched.freed_within(age, 60),
+                }
+            })
+            .collect()
     }
 
     /// The gauges: what the drains moved out plus what both delta tables
@@ -563,6 +722,7 @@ impl Collector {
         for k in counts.keys().filter(|k| k.substate != timewait_common::SUBSTATE_CONNECTION) {
             syns.entry(RemoteKey { remote: k.remote, netns: k.netns, family: k.family, _pad: [0; 2] }).or_default();
         }
+        let mut names = self.cgroups.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
         let mut connect_errors: Vec<ConnectErrors> = probes
             .connect_errors
             .iter()
@@ -570,13 +730,22 @@ impl Collector {
             .map(|(k, n)| ConnectErrors {
                 errno: if k.errno == EADDRINUSE { "EADDRINUSE" } else { "EADDRNOTAVAIL" },
                 comm: String::from_utf8_lossy(k.comm.split(|b| *b == 0).next().unwrap_or_default()).into_owned(),
+                cgroup: names.as_deref_mut().map(|n| n.label(k.cgroup)),
+                remote: if k.family == 0 {
+                    String::new()
+                } else {
+                    let key = AggKey { remote: k.remote, family: k.family, ..AggKey::default() };
+                    crate::aggregate::remote_label(crate::aggregate::remote_addr(&key), opts)
+                },
+                port: k.port,
                 count: u64::try_from(n).unwrap_or(0),
             })
             .collect();
         // The same name in several namespaces (--all-netns) is one series.
-        connect_errors.sort_by(|a, b| (a.errno, &a.comm).cmp(&(b.errno, &b.comm)));
+        let id = |e: &ConnectErrors| (e.errno, e.comm.clone(), e.cgroup.clone(), e.remote.clone(), e.port);
+        connect_errors.sort_by_key(id);
         connect_errors.dedup_by(|b, a| {
-            let same = a.errno == b.errno && a.comm == b.comm;
+            let same = id(a) == id(b);
             if same {
                 a.count += b.count;
             }
@@ -616,7 +785,12 @@ impl Collector {
             local_port_range_size: kernel::local_port_range_size(),
             overflow: kernel::netstat("TcpExt", "TCPTimeWaitOverflow"),
         };
-        let series = aggregate(counts, opts);
+        let series = match names.as_deref_mut() {
+            Some(n) => crate::aggregate::aggregate_with(counts, opts, |id| Some(n.label(id))),
+            None => aggregate(counts, opts),
+        };
+        drop(names);
+        let estimates = self.estimates(&series, sysctls.local_port_range_size, opts);
         let kept: HashSet<String> =
             series.iter().filter(|s| s.remote != crate::aggregate::OTHER).map(|s| s.remote.clone()).collect();
         View {
@@ -626,6 +800,7 @@ impl Collector {
             lifetimes,
             connect_errors,
             sysctls,
+            estimates,
         }
     }
 

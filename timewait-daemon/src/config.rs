@@ -39,6 +39,8 @@ struct FileConfig {
     aggregate_ipv4_prefix: Option<u8>,
     aggregate_ipv6_prefix: Option<u8>,
     all_netns: Option<bool>,
+    attribute_cgroups: Option<bool>,
+    top_cgroups: Option<usize>,
     max_tracked_sockets: Option<u32>,
     max_series: Option<u32>,
     remote_port_range_size: Option<u64>,
@@ -72,6 +74,8 @@ pub struct Config {
     pub web_config_file: Option<std::path::PathBuf>,
     pub agg: AggOptions,
     pub all_netns: bool,
+    /// `--attribute-cgroups`.
+    pub attribute_cgroups: bool,
     pub max_tracked_sockets: Option<u32>,
     pub max_series: u32,
     pub log_level: String,
@@ -140,6 +144,11 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
         return Err(ConfigError::Range { key: "remote-port-range-size", value: remote_ports.to_string(), range: "1..=65536" });
     }
     let all_netns = args.all_netns || file.all_netns.unwrap_or(false);
+    let attribute_cgroups = args.attribute_cgroups || file.attribute_cgroups.unwrap_or(false);
+    let top_cgroups = args.top_cgroups.or(file.top_cgroups).unwrap_or(crate::aggregate::DEFAULT_TOP_CGROUPS);
+    if top_cgroups == 0 {
+        return Err(ConfigError::Range { key: "top-cgroups", value: "0".into(), range: "at least 1" });
+    }
     let max_tracked_sockets = args.max_tracked_sockets.or(file.max_tracked_sockets);
     if max_tracked_sockets == Some(0) {
         return Err(ConfigError::Range { key: "max-tracked-sockets", value: "0".into(), range: "at least 1" });
@@ -159,8 +168,10 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
             ipv6_prefix: v6,
             remote_port_range_size: remote_ports,
             per_netns: all_netns,
+            top_cgroups,
         },
         all_netns,
+        attribute_cgroups,
         max_tracked_sockets,
         max_series,
         reconcile_interval: args.reconcile_interval.or(file.reconcile_interval).unwrap_or(DEFAULT_RECONCILE_INTERVAL),
@@ -229,7 +240,7 @@ mod tests {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        assert!(uncommented.matches(" = ").count() >= 13, "every key is in the file:\n{uncommented}");
+        assert!(uncommented.matches(" = ").count() >= 15, "every key is in the file:\n{uncommented}");
         let mut c = resolve_text("uncommented.toml", &uncommented);
         assert_eq!(c.web_config_file.take(), Some(std::path::PathBuf::from("/etc/timewait/web.yml")));
         assert!(c.max_tracked_sockets.take().is_some());

@@ -121,8 +121,22 @@ pub fn offsets(btf: &Btf) -> Result<Offsets, KernelError> {
         skb_network_header: offset_of(btf, "sk_buff", "network_header")?,
         task_nsproxy: offset_of(btf, "task_struct", "nsproxy")?,
         nsproxy_net_ns: offset_of(btf, "nsproxy", "net_ns")?,
-        _pad: 0,
+        // Only with --attribute-cgroups (`cgroup_offsets`).
+        sk_cgrp_data: 0,
+        cgroup_kn: 0,
+        kernfs_node_id: 0,
     })
+}
+
+/// `sock.sk_cgrp_data`, `cgroup.kn`, `kernfs_node.id`: where a socket's
+/// owning cgroup and its id are (kernels without CONFIG_SOCK_CGROUP_DATA
+/// have no such field: attribution is then refused at start).
+pub fn cgroup_offsets(btf: &Btf) -> Result<(u32, u32, u32), KernelError> {
+    Ok((
+        offset_of(btf, "sock", "sk_cgrp_data")?,
+        offset_of(btf, "cgroup", "kn")?,
+        offset_of(btf, "kernfs_node", "id")?,
+    ))
 }
 
 /// Timer functions the programs recognise, from `/proc/kallsyms`.
@@ -258,5 +272,9 @@ mod tests {
         assert_eq!(o.timer_pprev, 8, "hlist_node.pprev");
         assert!(o.skc_v6_daddr > o.skc_net, "{o:?}");
         assert!(offset_of(&btf, "sock_common", "no_such_field").is_err());
+        let (sk_cgrp, kn, id) = cgroup_offsets(&btf).expect("cgroup offsets");
+        assert!(sk_cgrp > 0, "sock.sk_cgrp_data after sock_common");
+        assert!(kn > 0, "cgroup.kn after its self css");
+        assert!(id > 0, "kernfs_node.id after count/active/parent/name");
     }
 }

@@ -2,10 +2,12 @@
 
 mod aggregate;
 mod batch;
+mod cgroups;
 mod check;
 mod cli;
 mod collector;
 mod config;
+mod exhaustion;
 mod kernel;
 mod loader;
 mod metrics;

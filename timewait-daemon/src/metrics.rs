@@ -113,7 +113,10 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         let port = crate::aggregate::port_label(s.port);
         let dir = s.direction.map_or("unknown", |d| d.as_str());
         let netns = s.netns.map(|n| n.to_string());
-        let labels = with_netns(&[("direction", dir), ("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
+        let mut labels = with_netns(&[("direction", dir), ("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
+        if let Some(c) = &s.cgroup {
+            labels.push(("cgroup", c.as_str()));
+        }
         if s.time_wait > 0 {
             sockets.sample(&labels, s.time_wait as f64);
         }
@@ -136,18 +139,20 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     );
     let range = view.sysctls.local_port_range_size.filter(|n| *n > 0);
     let mut inbound: std::collections::BTreeMap<(Option<String>, &str), u64> = std::collections::BTreeMap::new();
+    // The ratio is per destination, whoever holds the ports (the cgroups
+    // share the range).
+    let mut per_dest: std::collections::BTreeMap<(Option<u32>, &str, u16), u64> = std::collections::BTreeMap::new();
     for s in &view.series {
         let netns = s.netns.map(|n| n.to_string());
         match s.direction {
             Some(crate::aggregate::Direction::Outbound) if s.ports_in_use() > 0 => {
                 let port = crate::aggregate::port_label(s.port);
-                let labels = with_netns(&[("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
-                in_use.sample(&labels, s.ports_in_use() as f64);
-                // The port range is this namespace's: other namespaces (with
-                // --all-netns) may have their own, so no ratio for them.
-                if let Some(r) = range.filter(|_| s.netns.is_none()) {
-                    ratio.sample(&labels, (s.ports_in_use() as f64 / r as f64).min(1.0));
+                let mut labels = with_netns(&[("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
+                if let Some(c) = &s.cgroup {
+                    labels.push(("cgroup", c.as_str()));
                 }
+                in_use.sample(&labels, s.ports_in_use() as f64);
+                *per_dest.entry((s.netns, s.remote.as_str(), s.port)).or_default() += s.ports_in_use();
             }
             Some(crate::aggregate::Direction::Inbound) if s.time_wait > 0 => {
                 *inbound.entry((netns, s.remote.as_str())).or_default() += s.time_wait;
@@ -155,8 +160,44 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
             _ => {}
         }
     }
+    // The port range is this namespace's: other namespaces (with
+    // --all-netns) may have their own, so no ratio for them.
+    if let Some(r) = range {
+        for ((_, remote, port), n) in per_dest.into_iter().filter(|((netns, _, _), _)| netns.is_none()) {
+            let port = crate::aggregate::port_label(port);
+            ratio.sample(&[("remote", remote), ("port", port.as_str())], (n as f64 / r as f64).min(1.0));
+        }
+    }
     fams.push(in_use);
     fams.push(ratio);
+    let mut left = Family::new(
+        "timewait_port_exhaustion_seconds",
+        "Estimated seconds until the local port range toward remote:port is used up at the current rate of new ports, \
+         the TIME_WAIT expiry schedule taken into account; +Inf when usage is not heading there (README: Time to exhaustion).",
+        GAUGE,
+    );
+    let mut expiring = Family::new(
+        "timewait_outbound_ports_expiring",
+        "Local ports toward remote:port whose TIME_WAIT ends within the next 10 s / 60 s.",
+        GAUGE,
+    );
+    let mut taken = Family::new(
+        "timewait_outbound_ports_taken_per_second",
+        "Local ports taken toward remote:port per second, over the last 10 s (connections opened, TIME_WAIT created).",
+        GAUGE,
+    );
+    for e in &view.estimates {
+        let port = crate::aggregate::port_label(e.port);
+        let labels = [("remote", e.remote.as_str()), ("port", port.as_str())];
+        left.sample(&labels, e.seconds_left.unwrap_or(f64::INFINITY));
+        taken.sample(&labels, e.rate);
+        let (l10, l60) = ([("within", "10s")], [("within", "60s")]);
+        expiring.sample(&[labels.as_slice(), &l10].concat(), e.freed_10s as f64);
+        expiring.sample(&[labels.as_slice(), &l60].concat(), e.freed_60s as f64);
+    }
+    fams.push(left);
+    fams.push(expiring);
+    fams.push(taken);
     let mut inbound_ratio = Family::new(
         "timewait_inbound_remote_port_ratio",
         "Inbound TIME_WAIT sockets from one remote / the source ports one remote can use (--remote-port-range-size).",
@@ -174,7 +215,12 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         COUNTER,
     );
     for e in &view.connect_errors {
-        errors.sample(&[("errno", e.errno), ("comm", e.comm.as_str())], e.count as f64);
+        let port = if e.remote.is_empty() { String::new() } else { e.port.to_string() };
+        let mut labels = vec![("errno", e.errno), ("comm", e.comm.as_str())];
+        if let Some(c) = &e.cgroup {
+            labels.extend([("cgroup", c.as_str()), ("remote", e.remote.as_str()), ("port", port.as_str())]);
+        }
+        errors.sample(&labels, e.count as f64);
     }
     fams.push(errors);
 

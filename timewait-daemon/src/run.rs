@@ -117,6 +117,7 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
         ("web.listen-address", new.listen != running.listen),
         ("web.config.file", new.web_config_file != running.web_config_file),
         ("all-netns", new.all_netns != running.all_netns),
+        ("attribute-cgroups", new.attribute_cgroups != running.attribute_cgroups),
         ("max-tracked-sockets", new.max_tracked_sockets != running.max_tracked_sockets),
         ("max-series", new.max_series != running.max_series),
         ("log.level", new.log_level != running.log_level),
@@ -135,6 +136,7 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
         aggregate_ipv4_prefix = new.agg.ipv4_prefix,
         aggregate_ipv6_prefix = new.agg.ipv6_prefix,
         remote_port_range_size = new.agg.remote_port_range_size,
+        top_cgroups = new.agg.top_cgroups,
         "SIGHUP: configuration reloaded"
     );
 }
@@ -201,6 +203,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         max_tracked_sockets: cfg.max_tracked_sockets,
         max_series: cfg.max_series,
         probe_path: cfg.probe_path,
+        attribute_cgroups: cfg.attribute_cgroups,
     };
     let loading = tokio::task::spawn_blocking(move || loader::load(&opts));
     let probes = tokio::select! {
@@ -240,6 +243,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         let state = Arc::new(std::sync::Mutex::new(WalkState::default()));
         every(TICK, stop_rx.clone(), move || {
             c.drain();
+            c.refresh_schedule();
             let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
             s.owed |= c.lost_since_last_look();
             let since = s.last.map_or(Duration::MAX, |t| t.elapsed());

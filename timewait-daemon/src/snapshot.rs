@@ -64,6 +64,7 @@ pub fn main(args: &RunArgs, json: bool) -> ExitCode {
                 max_tracked_sockets: cfg.max_tracked_sockets,
                 max_series: cfg.max_series,
                 probe_path: cfg.probe_path,
+                attribute_cgroups: cfg.attribute_cgroups,
             };
             match loader::load(&opts) {
                 Ok(p) => {
@@ -101,9 +102,17 @@ fn render_table(view: &Value, source: &str) -> String {
     let mut out = format!("# from {source}\n");
     let mut series: Vec<&Value> = view["series"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
     series.sort_by_key(|x| std::cmp::Reverse(n(x, "time_wait") + n(x, "fin_wait2")));
+    // With --attribute-cgroups the series are per cgroup too.
+    let cgroups = series.iter().any(|x| x.get("cgroup").is_some());
     out.push_str(&format!(
-        "{:<9} {:<40} {:>5} {:>10} {:>10} {:>12}\n",
-        "DIRECTION", "REMOTE", "PORT", "TIME_WAIT", "FIN_WAIT2", "PORTS_IN_USE"
+        "{:<9} {:<40} {:>5} {:>10} {:>10} {:>12}{}\n",
+        "DIRECTION",
+        "REMOTE",
+        "PORT",
+        "TIME_WAIT",
+        "FIN_WAIT2",
+        "PORTS_IN_USE",
+        if cgroups { "  CGROUP" } else { "" }
     ));
     let (mut tw, mut fw) = (0, 0);
     for x in series {
@@ -115,13 +124,14 @@ fn render_table(view: &Value, source: &str) -> String {
         tw += n(x, "time_wait");
         fw += n(x, "fin_wait2");
         out.push_str(&format!(
-            "{:<9} {:<40} {:>5} {:>10} {:>10} {:>12}\n",
+            "{:<9} {:<40} {:>5} {:>10} {:>10} {:>12}{}\n",
             s(x, "direction"),
             s(x, "remote"),
             crate::aggregate::port_label(n(x, "port") as u16),
             n(x, "time_wait"),
             n(x, "fin_wait2"),
-            in_use
+            in_use,
+            if cgroups { format!("  {}", s(x, "cgroup")) } else { String::new() }
         ));
     }
     out.push_str(&format!("total: {tw} TIME_WAIT, {fw} FIN_WAIT2\n"));
@@ -133,6 +143,23 @@ fn render_table(view: &Value, source: &str) -> String {
     }
     if let Some(range) = view["sysctls"]["local_port_range_size"].as_u64() {
         out.push_str(&format!("\nlocal port range: {range} ports\n"));
+    }
+    if let Some(est) = view["estimates"].as_array().filter(|a| !a.is_empty()) {
+        out.push_str(&format!(
+            "\n{:<46} {:>8} {:>10} {:>10} {:>10}\n",
+            "TIME TO EXHAUSTION", "NEW/S", "FREED_10S", "FREED_60S", "LEFT"
+        ));
+        for x in est {
+            let left = x.get("seconds_left").map(Value::as_f64);
+            out.push_str(&format!(
+                "{:<46} {:>8} {:>10} {:>10} {:>10}\n",
+                crate::top::endpoint(s(x, "remote"), n(x, "port") as u16),
+                crate::top::fmt_rate(x.get("rate").and_then(Value::as_f64).unwrap_or(0.0)),
+                n(x, "freed_10s"),
+                n(x, "freed_60s"),
+                crate::top::fmt_left(left)
+            ));
+        }
     }
     out
 }
@@ -148,7 +175,9 @@ mod tests {
                 {"direction":"outbound","remote":"10.0.0.1","port":443,"time_wait":2,"fin_wait2":0,"connections":5},
                 {"direction":"inbound","remote":"10.0.0.2","port":80,"time_wait":9,"fin_wait2":1,"connections":0}],
               "syns":[{"remote":"10.0.0.2","total":4,"rejected":1}],
-              "sysctls":{"local_port_range_size":28232}}"#,
+              "sysctls":{"local_port_range_size":28232},
+              "estimates":[{"remote":"10.0.0.1","port":443,"seconds_left":12.2,"rate":4.0,"freed_10s":0,"freed_60s":2},
+                           {"remote":"10.0.0.3","port":80,"seconds_left":null,"rate":0.0,"freed_10s":1,"freed_60s":1}]}"#,
         )
         .unwrap();
         let t = render_table(&v, "test");
@@ -157,5 +186,8 @@ mod tests {
         assert!(lines[3].trim_end().ends_with('7'), "ports in use = 5 + 2: {t}");
         assert!(t.contains("total: 11 TIME_WAIT, 1 FIN_WAIT2"), "{t}");
         assert!(t.contains("28232 ports"), "{t}");
+        let est: Vec<&str> = t.lines().skip_while(|l| !l.starts_with("TIME TO EXHAUSTION")).collect();
+        assert!(est[1].starts_with("10.0.0.1:443") && est[1].trim_end().ends_with("12s"), "{t}");
+        assert!(est[2].trim_end().ends_with("never"), "{t}");
     }
 }

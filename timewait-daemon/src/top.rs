@@ -56,6 +56,20 @@ pub struct Snapshot {
     pub counters: CountersJ,
     pub connect_errors: Vec<ConnectErrorJ>,
     pub sysctls: SysctlsJ,
+    pub estimates: Vec<EstimateJ>,
+}
+
+/// Time to exhaustion of one outbound series (collector.rs `Estimate`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct EstimateJ {
+    pub remote: String,
+    pub port: u16,
+    /// None: not heading there.
+    pub seconds_left: Option<f64>,
+    pub rate: f64,
+    pub freed_10s: u64,
+    pub freed_60s: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -64,6 +78,8 @@ pub struct SeriesJ {
     pub direction: Option<String>,
     pub remote: String,
     pub port: u16,
+    /// With `--attribute-cgroups`.
+    pub cgroup: Option<String>,
     pub time_wait: u64,
     pub fin_wait2: u64,
     pub connections: u64,
@@ -203,31 +219,79 @@ pub struct ExhaustionRow {
     pub in_use: u64,
     /// `in_use / local_port_range_size`; None when the range is unknown.
     pub ratio: Option<f64>,
+    /// The daemon's time to exhaustion: None when it gave none (range
+    /// unknown, first walk not done), Some(None) when not heading there.
+    pub left: Option<Option<f64>>,
+    /// Ports taken toward it per second.
+    pub rate: Option<f64>,
+    /// With `--attribute-cgroups`: the cgroup holding the most of its ports.
+    pub busiest: Option<String>,
 }
 
 /// Outbound destinations by exhaustion ratio, highest first.
 pub fn exhaustion_rows(s: &Snapshot) -> Vec<ExhaustionRow> {
     let range = s.sysctls.local_port_range_size.filter(|&r| r > 0);
-    let mut rows: Vec<ExhaustionRow> = s
-        .series
-        .iter()
-        .filter(|x| x.direction.as_deref() == Some("outbound"))
-        .map(|x| {
-            let in_use = x.connections + x.time_wait + x.fin_wait2;
-            ExhaustionRow {
+    // One row per destination; with attribution its series are per cgroup.
+    type Holders<'a> = BTreeMap<&'a str, u64>;
+    let mut by_dest: BTreeMap<(&str, u16), (ExhaustionRow, Holders)> = BTreeMap::new();
+    for x in s.series.iter().filter(|x| x.direction.as_deref() == Some("outbound")) {
+        let (row, owners) = by_dest.entry((x.remote.as_str(), x.port)).or_insert_with(|| {
+            let estimate = s.estimates.iter().find(|e| e.remote == x.remote && e.port == x.port);
+            let row = ExhaustionRow {
                 remote: x.remote.clone(),
                 port: x.port,
-                connections: x.connections,
-                time_wait: x.time_wait,
-                fin_wait2: x.fin_wait2,
-                in_use,
-                ratio: range.map(|r| in_use as f64 / r as f64),
-            }
+                left: estimate.map(|e| e.seconds_left),
+                rate: estimate.map(|e| e.rate),
+                ..ExhaustionRow::default()
+            };
+            (row, BTreeMap::new())
+        });
+        row.connections += x.connections;
+        row.time_wait += x.time_wait;
+        row.fin_wait2 += x.fin_wait2;
+        row.in_use += x.connections + x.time_wait + x.fin_wait2;
+        if let Some(c) = &x.cgroup {
+            *owners.entry(c.as_str()).or_default() += x.connections + x.time_wait + x.fin_wait2;
+        }
+    }
+    let mut rows: Vec<ExhaustionRow> = by_dest
+        .into_values()
+        .map(|(mut row, owners)| {
+            row.ratio = range.map(|r| row.in_use as f64 / r as f64);
+            row.busiest = owners.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0))).map(|(c, _)| c.to_string());
+            row
         })
         .filter(|r| r.in_use > 0)
         .collect();
-    rows.sort_by(|a, b| b.in_use.cmp(&a.in_use).then_with(|| (&a.remote, a.port).cmp(&(&b.remote, b.port))));
+    // Soonest to run out first, then the most held.
+    let soon = |r: &ExhaustionRow| r.left.flatten().unwrap_or(f64::INFINITY);
+    rows.sort_by(|a, b| {
+        soon(a)
+            .total_cmp(&soon(b))
+            .then(b.in_use.cmp(&a.in_use))
+            .then_with(|| (&a.remote, a.port).cmp(&(&b.remote, b.port)))
+    });
     rows
+}
+
+/// Time left as the screen shows it: `-` without an estimate, `never`,
+/// seconds under two minutes, else minutes and seconds.
+pub fn fmt_left(left: Option<Option<f64>>) -> String {
+    match left {
+        None => "-".into(),
+        Some(None) => "never".into(),
+        Some(Some(s)) if s < 120.0 => format!("{s:.0}s"),
+        Some(Some(s)) if s < 86_400.0 => format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
+        Some(Some(_)) => ">1d".into(),
+    }
+}
+
+fn left_style(left: Option<Option<f64>>) -> Style {
+    match left.flatten() {
+        Some(s) if s < 300.0 => Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+        Some(s) if s < 3600.0 => Style::new().fg(Color::Yellow),
+        _ => Style::new(),
+    }
 }
 
 /// `remote:port`, with IPv6 addresses (and blocks) in brackets.
@@ -536,25 +600,32 @@ fn ports_table(s: &Snapshot) -> Table<'static> {
     .block(titled(format!(" Busiest ports ({n}) ")))
 }
 
-const EXHAUSTION_COLS: [u16; 4] = [6, 9, 7, 7];
+const EXHAUSTION_COLS: [u16; 6] = [6, 9, 7, 7, 6, 6];
 
 fn exhaustion_table(s: &Snapshot, width: u16) -> Table<'static> {
     let rows = exhaustion_rows(s);
     let n = rows.len();
-    let longest = rows.iter().map(|r| endpoint(&r.remote, r.port).len()).max().unwrap_or(0);
+    // With attribution, who holds the most: `10.0.0.5:5432 by api.service`.
+    let dest = |r: &ExhaustionRow| match &r.busiest {
+        Some(c) => format!("{} by {c}", endpoint(&r.remote, r.port)),
+        None => endpoint(&r.remote, r.port),
+    };
+    let longest = rows.iter().map(|r| dest(r).chars().count()).max().unwrap_or(0);
     let w = first_col_width(longest, "DESTINATION", width, &EXHAUSTION_COLS);
     let range = fmt_opt(s.sysctls.local_port_range_size);
     let body = rows.into_iter().map(|r| {
         Row::new(vec![
-            Cell::from(endpoint(&r.remote, r.port)),
+            Cell::from(dest(&r)),
             num(r.connections),
             num(r.time_wait + r.fin_wait2),
             num(r.in_use),
             Cell::from(Line::from(fmt_ratio(r.ratio)).right_aligned().style(ratio_style(r.ratio))),
+            num(r.rate.map_or_else(|| "-".into(), fmt_rate)),
+            Cell::from(Line::from(fmt_left(r.left)).right_aligned().style(left_style(r.left))),
         ])
     });
     Table::new(body, std::iter::once(w).chain(EXHAUSTION_COLS).map(Constraint::Length))
-    .header(head(&["DESTINATION", "CONNS", "TW+FIN_W2", "IN USE", "RATIO"], 1))
+    .header(head(&["DESTINATION", "CONNS", "TW+FIN_W2", "IN USE", "RATIO", "NEW/S", "LEFT"], 1))
     .block(titled(format!(" Outbound exhaustion ({n}) · ports in use / {range} local ports ")))
 }
 
@@ -584,7 +655,7 @@ pub fn draw(f: &mut Frame, st: &State, now: Instant) {
     let s = &st.current.snap;
     let (remotes, ports, exhaustion): (Rect, Rect, Rect) = if area.width >= 120 {
         let [a, b] = Layout::vertical([Constraint::Fill(1), Constraint::Fill(1)]).areas(rest);
-        let [p, e] = Layout::horizontal([Constraint::Percentage(45), Constraint::Percentage(55)]).areas(b);
+        let [p, e] = Layout::horizontal([Constraint::Percentage(40), Constraint::Percentage(60)]).areas(b);
         (a, p, e)
     } else {
         let [a, p, e] = Layout::vertical([Constraint::Fill(1); 3]).areas(rest);
@@ -743,7 +814,9 @@ mod tests {
                   "snapshot":0,"snapshot_listeners":0,"substate_changes":0,"segments":[0,0,0,0,0]},
       "lifetimes":[],
       "connect_errors":[{"errno":"EADDRNOTAVAIL","comm":"curl","count":3}],
-      "sysctls":{"max_buckets":262144,"local_port_range_size":28232,"overflow":0}}"#;
+      "sysctls":{"max_buckets":262144,"local_port_range_size":28232,"overflow":0},
+      "estimates":[{"remote":"10.0.0.1","port":443,"seconds_left":42.5,"rate":3.0,"freed_10s":1,"freed_60s":2},
+                   {"remote":"2001:db8::1","port":443,"seconds_left":null,"rate":0.0,"freed_10s":0,"freed_60s":20}]}"#;
 
     fn snap() -> Snapshot {
         parse(JSON).unwrap()
@@ -778,12 +851,34 @@ mod tests {
     fn exhaustion_is_outbound_in_use_over_range() {
         let rows = exhaustion_rows(&snap());
         assert_eq!(rows.len(), 2, "{rows:?}");
-        assert_eq!((rows[0].remote.as_str(), rows[0].in_use), ("2001:db8::1", 20));
-        assert_eq!((rows[1].remote.as_str(), rows[1].in_use), ("10.0.0.1", 8));
-        assert!((rows[1].ratio.unwrap() - 8.0 / 28232.0).abs() < 1e-12);
+        // The one running out first leads, though it holds fewer.
+        assert_eq!((rows[0].remote.as_str(), rows[0].in_use, rows[0].left), ("10.0.0.1", 8, Some(Some(42.5))));
+        assert_eq!((rows[1].remote.as_str(), rows[1].in_use, rows[1].left), ("2001:db8::1", 20, Some(None)));
+        assert!((rows[0].ratio.unwrap() - 8.0 / 28232.0).abs() < 1e-12);
         let mut s = snap();
         s.sysctls.local_port_range_size = None;
-        assert_eq!(exhaustion_rows(&s)[0].ratio, None);
+        s.estimates.clear();
+        let rows = exhaustion_rows(&s);
+        assert_eq!((rows[0].remote.as_str(), rows[0].ratio, rows[0].left), ("2001:db8::1", None, None));
+        // Per-cgroup series of one destination: one row, the busiest named.
+        let mut s = snap();
+        for (cg, n) in [("api.service", 3), ("batch.service", 2)] {
+            s.series.push(SeriesJ {
+                direction: Some("outbound".into()),
+                remote: "10.0.0.77".into(),
+                port: 5432,
+                cgroup: Some(cg.into()),
+                connections: n,
+                ..SeriesJ::default()
+            });
+        }
+        let row = exhaustion_rows(&s).into_iter().find(|r| r.remote == "10.0.0.77").unwrap();
+        assert_eq!((row.in_use, row.busiest.as_deref()), (5, Some("api.service")));
+        assert_eq!(fmt_left(None), "-");
+        assert_eq!(fmt_left(Some(None)), "never");
+        assert_eq!(fmt_left(Some(Some(42.4))), "42s");
+        assert_eq!(fmt_left(Some(Some(305.0))), "5m05s");
+        assert_eq!(fmt_left(Some(Some(1e9))), ">1d");
         assert_eq!(endpoint("2001:db8::1", 443), "[2001:db8::1]:443");
         assert_eq!(endpoint("10.0.0.0/24", 80), "10.0.0.0/24:80");
     }

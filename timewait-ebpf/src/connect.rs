@@ -11,11 +11,11 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use timewait_common::{AF_INET, AF_INET6, ConnectDst, EADDRINUSE, EADDRNOTAVAIL, ErrKey};
+use timewait_common::{AF_INET, AF_INET6, Config, ConnectDst, EADDRINUSE, EADDRNOTAVAIL, ErrKey};
 
 use crate::{
     maps::{CONNECT_ERRORS, CONNECTING, add, config, read},
-    sock::watched,
+    sock::{current_cgroup, watched},
 };
 
 const ARG1: usize = 24;
@@ -68,6 +68,8 @@ pub fn connecting_to() -> Option<(u16, u16, [u8; 16])> {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn tw_exit_connect(ctx: TracePointContext) -> u32 {
+    // The destination, for attribution, while the slot still says it.
+    let dest = if config().cgroups != 0 { connecting_to() } else { None };
     if let Some(slot) = CONNECTING.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; tracing programs do not migrate.
         unsafe {
@@ -76,29 +78,44 @@ pub fn tw_exit_connect(ctx: TracePointContext) -> u32 {
             }
         }
     }
-    let _ = count_error(&ctx, EADDRNOTAVAIL);
+    let _ = count_error(&ctx, EADDRNOTAVAIL, dest);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_bind")]
 pub fn tw_exit_bind(ctx: TracePointContext) -> u32 {
-    let _ = count_error(&ctx, EADDRINUSE);
+    let _ = count_error(&ctx, EADDRINUSE, None);
     0
 }
 
 /// Counts the syscall by process name when it failed with `errno`.
 #[inline(always)]
-fn count_error(ctx: &TracePointContext, errno: u32) -> Result<(), i64> {
+fn count_error(ctx: &TracePointContext, errno: u32, dest: Option<(u16, u16, [u8; 16])>) -> Result<(), i64> {
     // SAFETY: reads a field of the tracepoint record at a fixed offset.
     let ret: i64 = unsafe { ctx.read_at(RET) }.map_err(i64::from)?;
-    count_failed(ret, errno)
+    count_failed(ret, errno, dest)
+}
+
+/// The key of a failed call by the current task: its name, and with
+/// attribution on its cgroup and the destination (family, raw port,
+/// address) when there is one.
+#[inline(always)]
+pub fn err_key(cfg: &Config, errno: u32, netns: u32, dest: Option<(u16, u16, [u8; 16])>) -> Result<ErrKey, i64> {
+    let comm = bpf_get_current_comm().map_err(i64::from)?;
+    let mut key = ErrKey { comm, errno, netns, cgroup: current_cgroup(cfg), ..ErrKey::default() };
+    if cfg.cgroups != 0
+        && let Some((family, port_be, remote)) = dest
+    {
+        (key.family, key.port, key.remote) = (family, u16::from_be(port_be), remote);
+    }
+    Ok(key)
 }
 
 /// Counts a call that returned `ret` by process name when it failed with
 /// `errno`. The namespace is the calling task's (syscall exits and the
 /// fexit of `inet_bind` run in its context).
 #[inline(always)]
-pub fn count_failed(ret: i64, errno: u32) -> Result<(), i64> {
+pub fn count_failed(ret: i64, errno: u32, dest: Option<(u16, u16, [u8; 16])>) -> Result<(), i64> {
     if ret != -(errno as i64) {
         return Ok(());
     }
@@ -112,8 +129,6 @@ pub fn count_failed(ret: i64, errno: u32) -> Result<(), i64> {
     if !watched(&cfg, netns) {
         return Ok(());
     }
-    let comm = bpf_get_current_comm().map_err(i64::from)?;
-    let key = ErrKey { comm, errno, netns };
-    add(&CONNECT_ERRORS, &key, 1);
+    add(&CONNECT_ERRORS, &err_key(&cfg, errno, netns, dest)?, 1);
     Ok(())
 }

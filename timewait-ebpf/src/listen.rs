@@ -16,7 +16,7 @@ use timewait_common::{
 
 use crate::{
     maps::{BPF_NOEXIST, CONNS, LAST_FOLLOW, LISTEN_PORTS, LISTENERS, TW_SOCKS, add, bump, config, count, read, walk},
-    sock::{listen_key, netns_of, remote_of, watched},
+    sock::{cgroup_of, listen_key, netns_of, remote_of, watched},
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -81,6 +81,7 @@ pub fn connection_added(cfg: &Config, sk: u64, netns: u32) -> Result<bool, i64> 
     let family: u16 = read(sk, cfg.offsets.skc_family)?;
     let key = AggKey {
         remote: remote_of(cfg, sk, family)?,
+        cgroup: cgroup_of(cfg, sk),
         netns,
         port: u16::from_be(read::<u16>(sk, cfg.offsets.skc_dport)?),
         family,
@@ -165,11 +166,17 @@ pub fn direction_from_history(sk: u64, active: bool) {
     let entry = unsafe { &mut *e };
     let (direction, port) =
         if active { (DIRECTION_OUTBOUND, u16::from_be(rport_be)) } else { (DIRECTION_INBOUND, lport) };
-    if entry.key.direction != direction || entry.key.port != port {
+    // The owner: the minisocket has none, the socket it came from still has.
+    let cgroup = cgroup_of(&cfg, sk);
+    let turned = entry.key.direction != direction || entry.key.port != port;
+    if turned || entry.key.cgroup != cgroup {
         let mut key = entry.key;
         key.direction = direction;
         key.port = port;
+        key.cgroup = cgroup;
         crate::tw::move_to(entry, key);
+    }
+    if turned {
         bump(counter::DIRECTION_FROM_HISTORY);
         // Created a moment ago on this CPU, counted under the other direction.
         let (was, is) = if active {

@@ -58,6 +58,40 @@ pub fn netns_of(cfg: &Config, sk: u64) -> Result<u32, i64> {
     read(net, cfg.offsets.net_inum)
 }
 
+/// `kernfs_node.id` of the cgroup v2 root: where a socket belongs when its
+/// `sock_cgroup_data` holds no cgroup pointer (net_prio/net_cls in use on
+/// 5.10-5.14).
+pub const ROOT_CGROUP_ID: u64 = 1;
+
+/// The cgroup (v2) id owning full socket `sk`, with attribution on (0 when
+/// off or unreadable): what `sock_cgroup_ptr()` gives, as an id.
+#[inline(always)]
+pub fn cgroup_of(cfg: &Config, sk: u64) -> u64 {
+    if cfg.cgroups == 0 {
+        return 0;
+    }
+    let Ok(v) = read::<u64>(sk, cfg.offsets.sk_cgrp_data) else {
+        return 0;
+    };
+    if v == 0 || v & 3 != 0 {
+        return ROOT_CGROUP_ID;
+    }
+    let Ok(kn) = read::<u64>(v, cfg.offsets.cgroup_kn) else {
+        return 0;
+    };
+    read::<u64>(kn, cfg.offsets.kernfs_node_id).unwrap_or(0)
+}
+
+/// The calling task's cgroup (v2) id, with attribution on; 0 when off.
+#[inline(always)]
+pub fn current_cgroup(cfg: &Config) -> u64 {
+    if cfg.cgroups == 0 {
+        return 0;
+    }
+    // SAFETY: helper without preconditions (tracing programs, 4.18+).
+    unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() }
+}
+
 /// Whether events of namespace `inum` are ours (the daemon's, or all).
 #[inline(always)]
 pub fn watched(cfg: &Config, inum: u32) -> bool {

@@ -56,6 +56,8 @@ pub struct LoadOptions {
     pub max_series: u32,
     /// Which way into the kernel (`--probe-path`).
     pub probe_path: paths::ProbePath,
+    /// Keys carry the owning cgroup (`--attribute-cgroups`).
+    pub attribute_cgroups: bool,
 }
 
 /// The loaded programs and the maps the collector reads. Dropping it detaches
@@ -87,6 +89,8 @@ pub struct Probes {
     pub signals: Vec<paths::SignalPath>,
     /// Our attached programs, to read how often the kernel skipped them.
     pub programs: Vec<(String, std::os::fd::OwnedFd)>,
+    /// Keys carry cgroup ids (`--attribute-cgroups`).
+    pub attribute_cgroups: bool,
 }
 
 /// Runs of a program the kernel skipped because it was already running on
@@ -264,7 +268,10 @@ pub fn syn_capacity(max_series: u32) -> u32 {
 
 pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let btf_rs = kernel::load_btf()?;
-    let offsets = kernel::offsets(&btf_rs)?;
+    let mut offsets = kernel::offsets(&btf_rs)?;
+    if opts.attribute_cgroups {
+        (offsets.sk_cgrp_data, offsets.cgroup_kn, offsets.kernfs_node_id) = kernel::cgroup_offsets(&btf_rs)?;
+    }
     let tw_state_params = kernel::param_count(&btf_rs, "tcp_timewait_state_process");
     // Parsed BTF is tens of MB: one at a time (aya parses its own below), so
     // that the daemon's memory peak at start-up is one parse, not two.
@@ -279,6 +286,8 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         netns: if opts.all_netns { 0 } else { netns },
         port_lo: port_range.0,
         port_hi: port_range.1,
+        cgroups: u32::from(opts.attribute_cgroups),
+        _pad: 0,
     };
     debug!(?config, "kernel configuration");
     let tracked = opts.max_tracked_sockets.unwrap_or_else(default_tracked);
@@ -372,6 +381,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         syns: [take(&mut ebpf, "SYNS_0")?, take(&mut ebpf, "SYNS_1")?],
         epoch: take(&mut ebpf, "EPOCH")?,
         all_netns: opts.all_netns.then_some(netns),
+        attribute_cgroups: opts.attribute_cgroups,
         lifetime: take(&mut ebpf, "LIFETIME")?,
         connect_errors: take(&mut ebpf, "CONNECT_ERRORS")?,
         ebpf: Some(ebpf),

@@ -52,3 +52,7 @@ mod nat_lab;
 mod support_untidy;
 mod nginx_wrk;
 mod dead_listener_70k;
+
+// Issue 14: attribution and time to exhaustion.
+mod time_to_exhaustion;
+mod attribution;

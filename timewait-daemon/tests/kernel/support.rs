@@ -603,21 +603,34 @@ impl<'a> Daemon<'a> {
     /// answers 200.
     #[track_caller]
     pub fn start(ns: &'a NetNs, extra: &[&str]) -> Daemon<'a> {
+        Self::start_via(ns, extra, false)
+    }
+
+    /// Like [`Daemon::start`], entering the namespace with `nsenter --net`
+    /// (only the network namespace changes) instead of `ip netns exec`,
+    /// which remounts `/sys` and so hides the cgroup hierarchy under it.
+    #[track_caller]
+    pub fn start_nsenter(ns: &'a NetNs, extra: &[&str]) -> Daemon<'a> {
+        Self::start_via(ns, extra, true)
+    }
+
+    #[track_caller]
+    fn start_via(ns: &'a NetNs, extra: &[&str], nsenter: bool) -> Daemon<'a> {
         let n = DAEMON_COUNTER.fetch_add(1, Ordering::Relaxed);
         let log = log_dir().join(format!("{}-daemon{n}.log", ns.name()));
         let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let err = out.try_clone().expect("dup log file");
         let bin = daemon_bin();
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            ns.name(),
-            bin.as_str(),
-            "run",
-            "--web.listen-address",
-            WEB_ADDR,
-        ])
+        let mut cmd = if nsenter {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.path().display())).arg("--");
+            c
+        } else {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns.name()]);
+            c
+        };
+        cmd.args([bin.as_str(), "run", "--web.listen-address", WEB_ADDR])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(out)

@@ -14,11 +14,11 @@
 //! | `inet_put_port(sk)` entry | a full socket releasing its port (`tcp_set_state(CLOSE)`, or destroy for a bound one); its local port is still set here |
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::bpf_get_current_pid_tgid,
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
-use timewait_common::{Config, EADDRINUSE, EADDRNOTAVAIL, ErrKey, IPPROTO_TCP, TCP_LISTEN, counter};
+use timewait_common::{Config, EADDRINUSE, EADDRNOTAVAIL, IPPROTO_TCP, TCP_LISTEN, counter};
 
 use crate::{
     connect::count_failed,
@@ -89,8 +89,13 @@ fn connect_exit(sk: u64, ret: i32) -> Result<(), i64> {
     if ret == 0 {
         connection_added(&cfg, sk, netns)?;
     } else if ret == -(EADDRNOTAVAIL as i32) {
-        let comm = bpf_get_current_comm().map_err(i64::from)?;
-        add(&CONNECT_ERRORS, &ErrKey { comm, errno: EADDRNOTAVAIL, netns }, 1);
+        let dest = if cfg.cgroups != 0 {
+            let family: u16 = read(sk, cfg.offsets.skc_family)?;
+            Some((family, read::<u16>(sk, cfg.offsets.skc_dport)?, remote_of(&cfg, sk, family)?))
+        } else {
+            None
+        };
+        add(&CONNECT_ERRORS, &crate::connect::err_key(&cfg, EADDRNOTAVAIL, netns, dest)?, 1);
     }
     Ok(())
 }
@@ -127,13 +132,13 @@ fn takeover(cfg: &Config, sk: u64) {
 
 #[fexit(function = "inet_bind")]
 pub fn fexit_inet_bind(ctx: FExitContext) -> u32 {
-    let _ = count_failed(i64::from(ctx.arg::<i64>(3) as i32), EADDRINUSE);
+    let _ = count_failed(i64::from(ctx.arg::<i64>(3) as i32), EADDRINUSE, None);
     0
 }
 
 #[fexit(function = "inet6_bind")]
 pub fn fexit_inet6_bind(ctx: FExitContext) -> u32 {
-    let _ = count_failed(i64::from(ctx.arg::<i64>(3) as i32), EADDRINUSE);
+    let _ = count_failed(i64::from(ctx.arg::<i64>(3) as i32), EADDRINUSE, None);
     0
 }
 

@@ -206,6 +206,7 @@ echo "{EXIT_MARKER}$rc"
 const PRELUDE: &str = r#"grep -q ' /sys/kernel/tracing ' /proc/mounts || mount -t tracefs tracefs /sys/kernel/tracing
 grep -q ' /sys/kernel/security ' /proc/mounts || mount -t securityfs securityfs /sys/kernel/security
 grep -q ' /sys/fs/bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf
+grep -q ' cgroup2 ' /proc/mounts || mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
 ( : > /tmp/.timewait-w && rm -f /tmp/.timewait-w ) 2>/dev/null || mount -t tmpfs tmpfs /tmp
 mkdir -p /run/netns 2>/dev/null || { mount -t tmpfs tmpfs /run && mkdir -p /run/netns; }

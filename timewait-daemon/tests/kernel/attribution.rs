@@ -1,0 +1,239 @@
+//! Issue 14: which service holds the ports. With `--attribute-cgroups`, two
+//! clients in cgroups of their own (made here, in the cgroup2 hierarchy
+//! found from /proc/self/mountinfo) run `bash`, which no one here wrote,
+//! opening connections with `/dev/tcp` toward one destination of the test's
+//! namespace (100 local ports) and closing first. Client B takes 5 ports,
+//! client A the rest until `connect()` fails with EADDRNOTAVAIL. The ports in
+//! use, the TIME_WAIT sockets and the error carry each client's cgroup (and
+//! the error its destination); the exhaustion ratio stays per destination;
+//! the server's own TIME_WAIT carry the cgroup of the process that listens.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::support::{Daemon, Metrics, NetNs, quiet_equal, require_root, v4};
+use crate::support_ports::{exhaustion_ratio, lo4, set_port_range};
+
+const LO: u16 = 42000;
+const HI: u16 = 42099;
+const PORT: u16 = 5400;
+const B_PORTS: u64 = 5;
+const RANGE: u64 = (HI - LO + 1) as u64;
+
+/// The cgroup2 mount point of this process's mount namespace.
+fn cgroup2_root() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(left.split_whitespace().nth(4)?))
+    })
+}
+
+/// A cgroup made for the test, removed when dropped (its processes gone).
+struct Cgroup {
+    path: PathBuf,
+    /// Its path inside the hierarchy: the daemon's label for it.
+    label: String,
+}
+
+impl Cgroup {
+    #[track_caller]
+    fn new(root: &Path, name: &str) -> Cgroup {
+        let path = root.join(name);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Cgroup { path, label: format!("/{name}") }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir(&self.path) {
+            eprintln!("warning: rmdir {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Runs `bash` in cgroup `cg` and namespace `ns`: up to `n` connections to
+/// 127.0.0.1:`port`, each closed by bash first; returns how many it made and
+/// whether one failed (bash prints the failure).
+#[track_caller]
+fn bash_client(cg: &Cgroup, ns: &NetNs, port: u16, n: u64) -> (u64, bool) {
+    let script = format!(
+        "i=0; while [ $i -lt {n} ]; do \
+           if ! : 2>/dev/null <>/dev/tcp/127.0.0.1/{port}; then echo \"made $i, then failed\"; exit 0; fi; \
+           i=$((i+1)); sleep 0.01; \
+         done; echo \"made $i\""
+    );
+    let procs = cg.path.join("cgroup.procs");
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!("echo $$ > '{}' && exec ip netns exec {} bash -c '{script}'", procs.display(), ns.name()),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("sh: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(out.status.success(), "client in {}: {:?} {text} {}", cg.label, out.status, String::from_utf8_lossy(&out.stderr));
+    let made = text
+        .strip_prefix("made ")
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("client in {}: {text:?}", cg.label));
+    (made, text.ends_with("failed"))
+}
+
+/// Local ports of the namespace's sockets toward 127.0.0.1:`PORT`, any state.
+fn ss_ports(ns: &NetNs, state: &str) -> Vec<u16> {
+    ns.exec(&["ss", "-Htan", "state", state, "dst", &format!("127.0.0.1:{PORT}")])
+        .lines()
+        .filter_map(|l| {
+            // With one state asked for, ss leaves the state column out.
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local = if f.first()?.parse::<u64>().is_ok() { f.get(2)? } else { f.get(3)? };
+            local.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Accepts and closes (after the client's close) until `stop`.
+fn serve(listener: TcpListener, stop: Arc<AtomicBool>) {
+    listener.set_nonblocking(true).expect("nonblocking");
+    let mut open = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((s, _)) => open.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("accept: {e}"),
+        }
+        // The client closed first: read its EOF, then close our end.
+        open.retain(|s| {
+            let mut b = [0u8; 16];
+            s.set_nonblocking(true).ok();
+            !matches!(std::io::Read::read(&mut &*s, &mut b), Ok(0))
+        });
+    }
+}
+
+/// `name` series by (cgroup label) for one destination.
+fn by_cgroup(m: &Metrics, name: &str, filters: &[(&str, &str)]) -> BTreeMap<String, u64> {
+    m.series(name)
+        .into_iter()
+        .filter(|(l, _)| filters.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|(l, v)| (l.get("cgroup").cloned().unwrap_or_else(|| "<none>".into()), v as u64))
+        .collect()
+}
+
+#[test]
+fn cgroups_own_ports_sockets_and_errors() {
+    if !require_root("attribution::cgroups_own_ports_sockets_and_errors") {
+        return;
+    }
+    let root = cgroup2_root().expect("no cgroup2 hierarchy in /proc/self/mountinfo (the kernel matrix mounts one)");
+    let ns = NetNs::new();
+    set_port_range(&ns, LO, HI);
+    let listener = ns.listen(lo4(PORT));
+    let server = ns.listen("127.0.0.1:8080".parse().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepter = {
+        let stop = stop.clone();
+        std::thread::spawn(move || serve(listener, stop))
+    };
+    // nsenter, not `ip netns exec`: the latter hides /sys/fs/cgroup, and on
+    // hosts where /proc/1/root is closed to us the names would be ids.
+    let daemon = Daemon::start_nsenter(&ns, &["--attribute-cgroups"]);
+    let pid = std::process::id();
+    let a = Cgroup::new(&root, &format!("tw-{pid}-client-a"));
+    let b = Cgroup::new(&root, &format!("tw-{pid}-client-b"));
+
+    let (made_b, failed_b) = bash_client(&b, &ns, PORT, B_PORTS);
+    assert_eq!((made_b, failed_b), (B_PORTS, false), "client B");
+    ns.wait_settled();
+    // B's local ports: what ss shows toward the destination now.
+    let b_ports: BTreeSet<u16> = ss_ports(&ns, "all").into_iter().collect();
+    assert_eq!(b_ports.len() as u64, B_PORTS, "ss after client B");
+    let (made_a, failed_a) = bash_client(&a, &ns, PORT, 2 * RANGE);
+    assert!(failed_a, "client A never saw connect() fail ({made_a} made)");
+    assert!(made_a + made_b >= RANGE, "{made_a} + {made_b} connections, yet connect() failed with {RANGE} ports");
+    ns.wait_settled();
+    assert_eq!(ss_ports(&ns, "all").len() as u64, RANGE, "ss: the range toward 127.0.0.1:{PORT} is full");
+    // The server's own TIME_WAIT: owned by whoever listens (this process).
+    ns.server_closes_first(&server, &[(v4(127, 0, 0, 2), 3)]);
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let own = own.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup v2 line in /proc/self/cgroup");
+
+    let dest = [("remote", "127.0.0.1"), ("port", "5400")];
+    // The oracle: ss's sockets toward the destination, B's by their ports,
+    // the others A's (bash reopening its sockets fast sees a few of its
+    // TIME_WAIT end early, on this kernel without the daemon too: counting
+    // what is there, not what was made, keeps the comparison exact).
+    let by_owner = |state: &str| -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::new();
+        for p in ss_ports(&ns, state) {
+            let owner = if b_ports.contains(&p) { &b.label } else { &a.label };
+            *m.entry(owner.clone()).or_default() += 1;
+        }
+        m
+    };
+    let want = quiet_equal(
+        "outbound ports in use toward 127.0.0.1:5400 by cgroup, daemon vs ss",
+        || by_owner("all"),
+        || by_cgroup(&daemon.scrape(), "timewait_outbound_ports_in_use", &dest),
+    );
+    assert_eq!(want.keys().collect::<Vec<_>>(), [&a.label, &b.label], "both clients' cgroups: {want:?}");
+    let mut tw_dest = dest.to_vec();
+    tw_dest.push(("direction", "outbound"));
+    // Their TIME_WAIT too: the owner read before the socket let go.
+    quiet_equal(
+        "TIME_WAIT toward 127.0.0.1:5400 by cgroup, daemon vs ss",
+        || by_owner("time-wait"),
+        || by_cgroup(&daemon.scrape(), "timewait_sockets", &tw_dest),
+    );
+    let m = daemon.scrape();
+    assert_eq!(exhaustion_ratio(&m, "127.0.0.1", PORT), 1.0, "one ratio per destination: the cgroups share its range");
+    let inbound = by_cgroup(&m, "timewait_sockets", &[("direction", "inbound"), ("remote", "127.0.0.2")]);
+    let own_label = timewait_label(own);
+    assert_eq!(inbound, [(own_label.clone(), 3)].into(), "the server's TIME_WAIT belong to the listener's cgroup ({own})");
+
+    let errors: Vec<_> = m
+        .series("timewait_connect_errors_total")
+        .into_iter()
+        .filter(|(l, _)| l.get("errno").map(String::as_str) == Some("EADDRNOTAVAIL"))
+        .collect();
+    let expected_labels: BTreeMap<String, String> = [
+        ("errno", "EADDRNOTAVAIL"),
+        ("comm", "bash"),
+        ("cgroup", a.label.as_str()),
+        ("remote", "127.0.0.1"),
+        ("port", "5400"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(errors, vec![(expected_labels, 1.0)], "one EADDRNOTAVAIL, client A's, toward its destination");
+
+    stop.store(true, Ordering::Relaxed);
+    accepter.join().expect("accept thread");
+    drop(daemon);
+    drop(ns);
+}
+
+/// What the daemon calls a cgroup path (the rule of `src/cgroups.rs`,
+/// restated: a systemd service, else a scope, else the path).
+fn timewait_label(path: &str) -> String {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if let Some(u) = parts.iter().rev().find(|p| p.ends_with(".service")) {
+        return (*u).to_string();
+    }
+    if let Some(s) = parts.last().filter(|p| p.ends_with(".scope")) {
+        return (*s).to_string();
+    }
+    format!("/{}", parts.join("/"))
+}
