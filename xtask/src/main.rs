@@ -84,7 +84,7 @@ pub const GUEST_TESTS: &[matrix::GuestRun] = &[
 
 /// Counts vs `ss` per remote, direction, IPv6, FIN_WAIT2, pre-existing and
 /// restart, a stopped server, netns; expiry; SYN accepted and rejected; reset; tcp_tw_reuse;
-/// overflow; port exhaustion; `check`.
+/// overflow; port exhaustion and the time to it; cgroup attribution; `check`.
 const FENTRY_TESTS: &[&str] = &[
     "check_paths",
     "server_side_500",
@@ -102,7 +102,10 @@ const FENTRY_TESTS: &[&str] = &[
     "reset",
     "connect_reuse",
     "overflow",
+    // Also time_to_exhaustion (issue 14): libtest matches substrings.
     "exhaustion",
+    // The owning cgroup of ports, TIME_WAIT and errors (issue 14).
+    "attribution",
     // The delta tables drained behind an RCU grace period, and losses
     // healed by walks (issue 12); "direction" above also runs
     // direction_history (direction from the connection's own history).
