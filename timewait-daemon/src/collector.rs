@@ -57,6 +57,8 @@ pub struct Counters {
     /// Sum of |change| of the corrections applied.
     pub reconcile_corrections: u64,
     pub reconcile_last_micros: u64,
+    /// What the last walk for the time-to-exhaustion schedule took.
+    pub schedule_walk_micros: u64,
     /// Program runs the kernel skipped (recursion on a CPU), per program. Not
     /// in `lost`: most skipped runs are of hooks on unrelated timers and
     /// sockets; reconciliation heals the ones that mattered.
@@ -704,6 +706,7 @@ impl Collector {
             reconcile_errors: rec.1,
             reconcile_corrections: rec.2,
             reconcile_last_micros: rec.3,
+            schedule_walk_micros: self.schedule.lock().unwrap_or_else(|e| e.into_inner()).cost.as_micros() as u64,
             recursion_misses,
         };
         // Drained totals plus what both tables hold now, under the probes

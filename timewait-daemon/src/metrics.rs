@@ -313,7 +313,14 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     fams.push(corr);
     let mut rdur = Family::new("timewait_reconcile_duration_seconds", "How long the last reconciliation took.", GAUGE);
     rdur.sample(&[], c.reconcile_last_micros as f64 / 1e6);
+    let mut sdur = Family::new(
+        "timewait_schedule_walk_duration_seconds",
+        "How long the last read of the per-socket tables for the time-to-exhaustion estimates took (0: none needed).",
+        GAUGE,
+    );
+    sdur.sample(&[], c.schedule_walk_micros as f64 / 1e6);
     fams.push(rdur);
+    fams.push(sdur);
 
     let mut snap = Family::new(
         "timewait_snapshot_sockets_total",

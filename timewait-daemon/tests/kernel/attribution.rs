@@ -69,7 +69,7 @@ fn bash_client(cg: &Cgroup, ns: &NetNs, port: u16, n: u64) -> (u64, bool) {
     let script = format!(
         "i=0; while [ $i -lt {n} ]; do \
            if ! : 2>/dev/null <>/dev/tcp/127.0.0.1/{port}; then echo \"made $i, then failed\"; exit 0; fi; \
-           i=$((i+1)); sleep 0.01; \
+           i=$((i+1)); \
          done; echo \"made $i\""
     );
     let procs = cg.path.join("cgroup.procs");
