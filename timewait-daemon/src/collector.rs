@@ -167,6 +167,9 @@ struct Schedules {
 /// A walk for the schedule takes at most this share of one core (at
 /// 100,000 minisockets a walk reads them all; most ticks then skip it).
 const SCHEDULE_SPACING: u32 = 100;
+/// However long a walk takes, the schedule is never older than this (the
+/// rates would otherwise lag a ramp by more than its window).
+const MAX_SCHEDULE_AGE: Duration = Duration::from_secs(5);
 
 /// Time to exhaustion of one outbound series (`crate::exhaustion`).
 #[derive(Debug, Clone, Serialize)]
@@ -335,20 +338,25 @@ impl Collector {
         let now = clock_monotonic_ns();
         {
             let s = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
-            let spacing = s.cost.saturating_mul(SCHEDULE_SPACING).max(Duration::from_millis(900));
+            let spacing =
+                s.cost.saturating_mul(SCHEDULE_SPACING).clamp(Duration::from_millis(900), MAX_SCHEDULE_AGE);
             if s.at_ns != 0 && Duration::from_nanos(now.saturating_sub(s.at_ns)) < spacing {
                 return;
             }
         }
         let outbound = |k: &AggKey| k.direction == timewait_common::DIRECTION_OUTBOUND;
         let any = self.totals.lock().unwrap_or_else(|e| e.into_inner()).gauges.keys().any(outbound);
-        let began = std::time::Instant::now();
+        let mut began = std::time::Instant::now();
         let mut by_key: HashMap<AggKey, crate::exhaustion::Schedule> = HashMap::new();
         if any {
             let window = crate::exhaustion::RATE_WINDOW.min(Duration::from_nanos(now.saturating_sub(self.started_ns)));
             let age = |created: u64| Duration::from_nanos(now.saturating_sub(created));
             let dest = |k: &AggKey| AggKey { substate: 0, cgroup: 0, ..*k };
             let walker = self.walker.lock().unwrap_or_else(|e| e.into_inner());
+            // The cost is the read's, not the wait for a reconciliation
+            // holding the walker (seconds in an emulated guest): counted
+            // with it, the spacing grew to minutes and the rates went stale.
+            began = std::time::Instant::now();
             let mut read = |t: &aya::maps::HashMap<aya::maps::MapData, u64, TwEntry>,
                             c: &aya::maps::HashMap<aya::maps::MapData, u64, timewait_common::ConnEntry>| {
                 for_each_entry(t, &self.read_errors, |_, e| {
