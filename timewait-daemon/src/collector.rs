@@ -346,7 +346,7 @@ impl Collector {
         }
         let outbound = |k: &AggKey| k.direction == timewait_common::DIRECTION_OUTBOUND;
         let any = self.totals.lock().unwrap_or_else(|e| e.into_inner()).gauges.keys().any(outbound);
-        let mut began = std::time::Instant::now();
+        let mut cost = Duration::ZERO;
         let mut by_key: HashMap<AggKey, crate::exhaustion::Schedule> = HashMap::new();
         if any {
             let window = crate::exhaustion::RATE_WINDOW.min(Duration::from_nanos(now.saturating_sub(self.started_ns)));
@@ -356,7 +356,7 @@ impl Collector {
             // The cost is the read's, not the wait for a reconciliation
             // holding the walker (seconds in an emulated guest): counted
             // with it, the spacing grew to minutes and the rates went stale.
-            began = std::time::Instant::now();
+            let began = std::time::Instant::now();
             let mut read = |t: &aya::maps::HashMap<aya::maps::MapData, u64, TwEntry>,
                             c: &aya::maps::HashMap<aya::maps::MapData, u64, timewait_common::ConnEntry>| {
                 for_each_entry(t, &self.read_errors, |_, e| {
@@ -385,9 +385,10 @@ impl Collector {
                     read(&probes.tw_socks, &probes.conns);
                 }
             }
+            cost = began.elapsed();
         }
         let mut s = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
-        (s.at_ns, s.cost, s.by_key) = (now, began.elapsed(), by_key);
+        (s.at_ns, s.cost, s.by_key) = (now, cost, by_key);
     }
 
     /// The estimates of the outbound series of this namespace (none without

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use crate::support::{Daemon, Metrics, NetNs, connect_from_port, quiet_equal, require_root, v4};
 use crate::support_ports::{exhaustion_ratio, lo4, set_port_range};
@@ -62,6 +61,15 @@ impl Drop for Cgroup {
     }
 }
 
+/// `bash -c script` as a process of cgroup `cg` (it joins before it execs)
+/// in namespace `ns`.
+fn bash_in(cg: &Cgroup, ns: &NetNs, script: &str) -> Command {
+    let procs = cg.path.join("cgroup.procs");
+    let mut c = Command::new("sh");
+    c.args(["-c", &format!("echo $$ > '{}' && exec ip netns exec {} bash -c '{script}'", procs.display(), ns.name())]);
+    c
+}
+
 /// Runs `bash` in cgroup `cg` and namespace `ns`: up to `n` connections to
 /// 127.0.0.1:`port`, each closed by bash first; returns how many it made and
 /// whether one failed (bash prints the failure).
@@ -73,12 +81,7 @@ fn bash_client(cg: &Cgroup, ns: &NetNs, port: u16, n: u64) -> (u64, bool) {
            i=$((i+1)); \
          done; echo \"made $i\""
     );
-    let procs = cg.path.join("cgroup.procs");
-    let out = Command::new("sh")
-        .args([
-            "-c",
-            &format!("echo $$ > '{}' && exec ip netns exec {} bash -c '{script}'", procs.display(), ns.name()),
-        ])
+    let out = bash_in(cg, ns, &script)
         .output()
         .unwrap_or_else(|e| panic!("sh: {e}"));
     let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -100,12 +103,7 @@ fn bash_holder(cg: &Cgroup, ns: &NetNs, port: u16, n: u64) -> std::process::Chil
     let script = format!(
         "for ((i = 0; i < {n}; i++)); do exec {{fd}}<>/dev/tcp/127.0.0.1/{port} || exit 1; done; echo \"holding {n}\"; read -r _ || exit 0"
     );
-    let procs = cg.path.join("cgroup.procs");
-    let mut child = Command::new("sh")
-        .args([
-            "-c",
-            &format!("echo $$ > '{}' && exec ip netns exec {} bash -c '{script}'", procs.display(), ns.name()),
-        ])
+    let mut child = bash_in(cg, ns, &script)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

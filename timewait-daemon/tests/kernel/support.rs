@@ -1299,13 +1299,25 @@ pub fn connect_from_port(local: SocketAddr, remote: SocketAddr) -> io::Result<Tc
     connect_fd(bound_socket(local, false)?, remote)
 }
 
+/// The calling thread's namespace's `ip_local_port_range` (read once per
+/// workload, not per connection).
+#[track_caller]
+fn thread_port_range() -> (u16, u16) {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    match text.split_whitespace().filter_map(|w| w.parse().ok()).collect::<Vec<u16>>()[..] {
+        [lo, hi] => (lo, hi),
+        _ => panic!("{path}: {text:?}"),
+    }
+}
+
 /// Where [`connect_fresh_port`] takes its next source port: one cursor for the
 /// whole test process, so no two connections made through it use the same
 /// port until it has gone round the range.
 static CLIENT_PORT: AtomicUsize = AtomicUsize::new(0);
 
 /// A connection from `local` to `remote` on a source port of the calling
-/// thread's namespace's ephemeral range that no earlier connection through
+/// namespace's ephemeral range (`range`) that no earlier connection through
 /// here took (ports held by another socket are skipped). The kernel's own
 /// choice cannot promise that: its offset per (source, destination) lives in
 /// one table for all namespaces (`table_perturb`), so connections of tests
@@ -1314,13 +1326,7 @@ static CLIENT_PORT: AtomicUsize = AtomicUsize::new(0);
 /// TIME_WAIT (the kernel kills it to accept the connection) and a workload
 /// of N connections leaves N-1 (seen: 149 of 150 on 6.1). Call inside the
 /// namespace.
-pub fn connect_fresh_port(local: IpAddr, remote: SocketAddr) -> io::Result<TcpStream> {
-    let path = "/proc/sys/net/ipv4/ip_local_port_range";
-    let text = std::fs::read_to_string(path)?;
-    let range: Vec<u16> = text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-    let &[lo, hi] = range.as_slice() else {
-        return Err(io::Error::other(format!("{path}: {text:?}")));
-    };
+pub fn connect_fresh_port(local: IpAddr, remote: SocketAddr, (lo, hi): (u16, u16)) -> io::Result<TcpStream> {
     let size = usize::from(hi.saturating_sub(lo)) + 1;
     for _ in 0..size {
         let port = lo + (CLIENT_PORT.fetch_add(1, Ordering::Relaxed) % size) as u16;
@@ -1396,10 +1402,11 @@ fn target(listener: &TcpListener, from: Option<IpAddr>) -> SocketAddr {
 /// descriptors.
 #[track_caller]
 pub fn server_closes_first(listener: &TcpListener, clients: &[(IpAddr, usize)]) {
+    let range = thread_port_range();
     for &(from, n) in clients {
         let to = target(listener, Some(from));
         for i in 0..n {
-            let client = connect_fresh_port(from, to)
+            let client = connect_fresh_port(from, to, range)
                 .unwrap_or_else(|e| panic!("connection {i} of {n} from {from}: {e}"));
             let (server, _) = listener.accept().expect("accept");
             drop(server);
@@ -1418,10 +1425,11 @@ pub fn server_closes_first_clients_stay(
     clients: &[(IpAddr, usize)],
 ) -> Vec<TcpStream> {
     let mut open = Vec::new();
+    let range = thread_port_range();
     for &(from, n) in clients {
         let to = target(listener, Some(from));
         for i in 0..n {
-            let client = connect_fresh_port(from, to)
+            let client = connect_fresh_port(from, to, range)
                 .unwrap_or_else(|e| panic!("connection {i} of {n} from {from}: {e}"));
             let (server, _) = listener.accept().expect("accept");
             drop(server);
