@@ -186,8 +186,6 @@ fn cgroups_own_ports_sockets_and_errors() {
     assert!(failed_a, "client A never saw connect() fail ({made_a} made)");
     assert!(made_a + made_b >= RANGE, "{made_a} + {made_b} connections, yet connect() failed with {RANGE} ports");
     ns.wait_settled();
-    // The server's own TIME_WAIT: owned by whoever listens (this process).
-    ns.server_closes_first(&server, &[(v4(127, 0, 0, 2), 3)]);
     let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
     let own = own.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup v2 line in /proc/self/cgroup");
 
@@ -228,9 +226,23 @@ fn cgroups_own_ports_sockets_and_errors() {
     let m = daemon.scrape();
     let ratios = m.series("timewait_port_exhaustion_ratio").into_iter().filter(|(l, _)| l.get("port").map(String::as_str) == Some("5400")).count();
     assert_eq!(ratios, 1, "one ratio series for the destination, no cgroup label");
-    let inbound = by_cgroup(&m, "timewait_sockets", &[("direction", "inbound"), ("remote", "127.0.0.2")]);
+    // The server's own TIME_WAIT: owned by whoever listens (this process).
+    // Made last, so that no slow comparison above (seconds per `ss` under an
+    // emulator) outlasts their 60 s.
+    ns.server_closes_first(&server, &[(v4(127, 0, 0, 2), 3)]);
+    let inbound_filter = [("direction", "inbound"), ("remote", "127.0.0.2")];
+    let inbound = quiet_equal(
+        "the server's TIME_WAIT from 127.0.0.2, daemon vs ss",
+        || ns.ss_tw_series(&[8080]).get(&("inbound".to_string(), "127.0.0.2".to_string(), 8080)).copied().unwrap_or(0),
+        || by_cgroup(&daemon.scrape(), "timewait_sockets", &inbound_filter).values().sum::<u64>(),
+    );
+    assert_eq!(inbound, 3, "ss shows the server's 3 TIME_WAIT");
     let own_label = timewait_label(own);
-    assert_eq!(inbound, [(own_label.clone(), 3)].into(), "the server's TIME_WAIT belong to the listener's cgroup ({own})");
+    assert_eq!(
+        by_cgroup(&daemon.scrape(), "timewait_sockets", &inbound_filter),
+        [(own_label.clone(), 3)].into(),
+        "the server's TIME_WAIT belong to the listener's cgroup ({own})"
+    );
 
     let errors: Vec<_> = m
         .series("timewait_connect_errors_total")

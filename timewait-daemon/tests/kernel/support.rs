@@ -114,11 +114,23 @@ pub fn quiet_equal_within<T: PartialEq + Debug>(
 ) -> (T, Duration) {
     let start = Instant::now();
     let mut tries = 0u32;
+    // When the last disagreement was printed: the first one, then one every
+    // 5 s, so a slow agreement shows in the log what the two sides said.
+    let mut shown: Option<Instant> = None;
     loop {
         tries += 1;
         let before = from_ss();
         let metric = from_metrics();
         let after = from_ss();
+        if before != metric && shown.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            shown = Some(Instant::now());
+            eprintln!(
+                "quiet_equal {what}: reading {tries} at {:?} differs: ss {} / metrics {}",
+                start.elapsed(),
+                cut(&before, 400),
+                cut(&metric, 400)
+            );
+        }
         if before == after && before == metric {
             eprintln!(
                 "quiet_equal {what}: agreed after {tries} reading(s), {:?}: {}",
