@@ -218,15 +218,16 @@ pub struct SegmentSlot {
     pub remote: RemoteKey,
 }
 
-/// The `connect()` in progress on a CPU (`CONNECTING`): who, and where its
-/// `struct sockaddr` is in the caller's memory (read only when needed).
+/// The active open last started on a CPU (`CONNECTING`): who, and which
+/// socket (its destination and port are read from it only when needed).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct ConnectDst {
     /// `bpf_get_current_pid_tgid()` of the caller; 0 when none.
     pub pid_tgid: u64,
-    /// User address of the destination sockaddr.
-    pub uaddr: u64,
+    /// The socket that caller is connecting (`inet_sock_set_state` CLOSE ->
+    /// SYN_SENT, in `tcp_v4_connect`/`tcp_v6_connect`).
+    pub sk: u64,
 }
 
 /// Value of the `TW_SOCKS` map, keyed by the address of `tw->tw_timer`.
@@ -361,6 +362,10 @@ pub struct Offsets {
     pub cgroup_kn: u32,
     /// `kernfs_node.id`
     pub kernfs_node_id: u32,
+    /// `tcp_sock.segs_out`: 0 at SYN_SENT -> CLOSE when `connect()` failed
+    /// before its SYN left (tracepoint path: `inet_hash_connect` found no port).
+    pub tcp_segs_out: u32,
+    pub _pad: u32,
 }
 
 /// Start-up configuration of the programs (one read-only global).
@@ -410,6 +415,8 @@ impl Offsets {
         sk_cgrp_data: 0,
         cgroup_kn: 0,
         kernfs_node_id: 0,
+        tcp_segs_out: 0,
+        _pad: 0,
     };
 }
 
@@ -436,8 +443,8 @@ const _: () = assert!(core::mem::size_of::<ConnectDst>() == 16);
 const _: () = assert!(core::mem::size_of::<SegmentSlot>() == 40);
 const _: () = assert!(core::mem::size_of::<ConnEntry>() == 56);
 const _: () = assert!(core::mem::size_of::<TwEntry>() == 40 + 8 * 2 + 4 * 4);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 24 * 4);
-const _: () = assert!(core::mem::size_of::<Config>() == 96 + 32);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 26 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 104 + 32);
 
 #[cfg(feature = "user")]
 mod pod {

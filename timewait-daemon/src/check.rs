@@ -10,7 +10,7 @@ use crate::{
     config, kernel,
     loader::{
         self, LoadOptions,
-        paths::{LIFECYCLE, Path, SEGMENTS, SOCKETS},
+        paths::{BIND_ERRORS, LIFECYCLE, Path, SEGMENTS, SOCKETS},
     },
 };
 
@@ -42,7 +42,8 @@ fn feature(signal: &str) -> &'static str {
     match signal {
         LIFECYCLE => "lifecycle (TIME_WAIT gauges, created, closed, lifetimes)",
         SEGMENTS => "segments (SYN accepted/rejected, segment kinds, reset reasons)",
-        SOCKETS => "sockets (listeners for direction, active opens for ports in use, connect and bind errors)",
+        SOCKETS => "sockets (listeners for direction, active opens for ports in use, connect errors)",
+        BIND_ERRORS => "bind errors (EADDRINUSE)",
         _ => "",
     }
 }
@@ -126,13 +127,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
 /// Loads and attaches everything the daemon would, then drops it (which
 /// detaches every program): one line per signal and per other hook.
 fn attach_lines(cfg: &config::Config) -> Vec<Line> {
-    let opts = LoadOptions {
-        all_netns: false,
-        max_tracked_sockets: Some(1024),
-        max_series: 1024,
-        probe_path: cfg.probe_path,
-        attribute_cgroups: cfg.attribute_cgroups,
-    };
+    let opts = LoadOptions { all_netns: false, max_tracked_sockets: Some(1024), max_series: 1024, ..LoadOptions::of(cfg) };
     let probes = match loader::load(&opts) {
         Ok(p) => p,
         Err(e) => return vec![line("attach", Status::Missing, format!("{e}"))],
@@ -141,7 +136,11 @@ fn attach_lines(cfg: &config::Config) -> Vec<Line> {
     for sp in &probes.signals {
         let what = feature(sp.signal);
         let refused = if sp.refused.is_empty() { String::new() } else { format!(" (not taken: {})", sp.refused.join("; ")) };
-        if sp.path == Path::Unavailable {
+        if sp.path == Path::Off {
+            lines.push(line(what, Status::Ok, format!("off: {}", sp.refused.join("; "))));
+        } else if sp.path == Path::Unavailable && sp.signal == BIND_ERRORS {
+            lines.push(line(what, Status::Partial, format!("unavailable{refused}")));
+        } else if sp.path == Path::Unavailable {
             lines.push(line(
                 what,
                 Status::Partial,
@@ -162,7 +161,7 @@ fn attach_lines(cfg: &config::Config) -> Vec<Line> {
             if *ok {
                 "attached"
             } else {
-                "missing: needs tracefs and CONFIG_FTRACE_SYSCALLS (reused_by_connect reads other, connect errors are not counted)"
+                "missing"
             },
         ));
     }

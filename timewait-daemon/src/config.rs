@@ -46,6 +46,7 @@ struct FileConfig {
     remote_port_range_size: Option<u64>,
     reconcile_interval: Option<u64>,
     probe_path: Option<ProbePath>,
+    syscall_tracepoints: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,6 +84,8 @@ pub struct Config {
     pub reconcile_interval: u64,
     /// Which way into the kernel.
     pub probe_path: ProbePath,
+    /// `--syscall-tracepoints`: bind() errors on the tracepoint path.
+    pub syscall_tracepoints: bool,
 }
 
 fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -156,6 +159,7 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     let probe_path = args.probe_path.or(file.probe_path).unwrap_or_default();
     Ok(Config {
         probe_path,
+        syscall_tracepoints: args.syscall_tracepoints || file.syscall_tracepoints.unwrap_or(false),
         listen,
         web_config_file: args
             .web_config_file

@@ -125,6 +125,8 @@ pub fn offsets(btf: &Btf) -> Result<Offsets, KernelError> {
         sk_cgrp_data: 0,
         cgroup_kn: 0,
         kernfs_node_id: 0,
+        tcp_segs_out: offset_of(btf, "tcp_sock", "segs_out")?,
+        _pad: 0,
     })
 }
 
@@ -271,6 +273,7 @@ mod tests {
         assert!(o.tw_timer > o.tw_substate, "{o:?}");
         assert_eq!(o.timer_pprev, 8, "hlist_node.pprev");
         assert!(o.skc_v6_daddr > o.skc_net, "{o:?}");
+        assert!(o.tcp_segs_out > o.sk_protocol, "tcp_sock.segs_out after its struct sock: {o:?}");
         assert!(offset_of(&btf, "sock_common", "no_such_field").is_err());
         let (sk_cgrp, kn, id) = cgroup_offsets(&btf).expect("cgroup offsets");
         assert!(sk_cgrp > 0, "sock.sk_cgrp_data after sock_common");

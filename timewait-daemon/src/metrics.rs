@@ -371,7 +371,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
 
     let mut paths = Family::new(
         "timewait_probe_path",
-        "1 for the path that serves each signal: fentry, kprobe, tracepoint, or unavailable (its metrics are then not exported).",
+        "1 for the path that serves each signal (sockets, bind_errors, lifecycle, segments): fentry, kprobe, tracepoint, unavailable (its metrics are then not exported) or off (left off by the configuration).",
         GAUGE,
     );
     for sp in st.signals {

@@ -123,6 +123,7 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
         ("log.level", new.log_level != running.log_level),
         ("reconcile-interval", new.reconcile_interval != running.reconcile_interval),
         ("probe-path", new.probe_path != running.probe_path),
+        ("syscall-tracepoints", new.syscall_tracepoints != running.syscall_tracepoints),
     ];
     for (key, changed) in fixed {
         if changed {
@@ -198,13 +199,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         "serving; attaching probes"
     );
 
-    let opts = LoadOptions {
-        all_netns: cfg.all_netns,
-        max_tracked_sockets: cfg.max_tracked_sockets,
-        max_series: cfg.max_series,
-        probe_path: cfg.probe_path,
-        attribute_cgroups: cfg.attribute_cgroups,
-    };
+    let opts = LoadOptions::of(&cfg);
     let loading = tokio::task::spawn_blocking(move || loader::load(&opts));
     let probes = tokio::select! {
         r = loading => r,

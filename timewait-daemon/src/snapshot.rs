@@ -59,13 +59,7 @@ pub fn main(args: &RunArgs, json: bool) -> ExitCode {
             Err(e) => return fail(format!("the daemon at {} sent invalid JSON: {e}", cfg.listen)),
         },
         Err(_) => {
-            let opts = LoadOptions {
-                all_netns: cfg.all_netns,
-                max_tracked_sockets: cfg.max_tracked_sockets,
-                max_series: cfg.max_series,
-                probe_path: cfg.probe_path,
-                attribute_cgroups: cfg.attribute_cgroups,
-            };
+            let opts = LoadOptions::of(&cfg);
             match loader::load(&opts) {
                 Ok(p) => {
                     let v = Collector::new(p, cfg.max_series).read(&cfg.agg);

@@ -1,99 +1,102 @@
-//! `connect()` in progress, so a minisocket cancelled inside it toward the
-//! same destination is known to be taken over by `tcp_tw_reuse`
-//! (`__inet_check_established`, net/ipv4/inet_hashtables.c).
-//! Classic tracepoints `syscalls/sys_enter_connect(fd, uservaddr, addrlen)` and
-//! `syscalls/sys_exit_connect(ret)`; their field offsets are the stable
-//! syscall tracepoint layout (8 bytes of common fields, the syscall number,
-//! then 8-byte arguments).
+//! Active opens on the tracepoint path, told by `inet_sock_set_state` (no
+//! syscall tracepoint: enabling any of them sends every system call of every
+//! task through the slow path, 50 ns a call here: bench scenario 8):
+//! - CLOSE -> SYN_SENT (`tcp_v4_connect`/`tcp_v6_connect`, in the caller's
+//!   context, destination set, before `inet_hash_connect`) notes the socket
+//!   and the task in `CONNECTING`, so a minisocket cancelled inside that
+//!   `inet_hash_connect` with the socket's 4-tuple is known to be taken over
+//!   by `tcp_tw_reuse` (`__inet_check_established`, net/ipv4/inet_hashtables.c);
+//! - SYN_SENT -> CLOSE with no segment sent (`tcp_sock.segs_out` 0) is a
+//!   `connect()` that failed before its SYN: `inet_hash_connect` found no
+//!   free port (-EADDRNOTAVAIL), the one such failure that is not a
+//!   memory or routing error. A SYN that left and was refused or timed out
+//!   counts a segment; `tcp_disconnect` zeroes the count for a reused socket.
+//! `bind()` errors have no such state change: `syscalls/sys_exit_bind`, only
+//! with `--syscall-tracepoints`; the fentry path has `inet_bind`'s exit.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_user},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use timewait_common::{AF_INET, AF_INET6, Config, ConnectDst, EADDRINUSE, EADDRNOTAVAIL, ErrKey};
+use timewait_common::{Config, ConnectDst, EADDRINUSE, EADDRNOTAVAIL, ErrKey, TCP_SYN_SENT};
 
 use crate::{
     maps::{CONNECT_ERRORS, CONNECTING, add, config, read},
-    sock::{current_cgroup, watched},
+    sock::{current_cgroup, remote_of, watched},
 };
 
-const ARG1: usize = 24;
 /// `ret` of a `sys_exit_*` record.
 const RET: usize = 16;
 
-#[tracepoint(category = "syscalls", name = "sys_enter_connect")]
-pub fn tw_enter_connect(ctx: TracePointContext) -> u32 {
-    let _ = try_enter(&ctx);
-    0
-}
-
+/// CLOSE -> SYN_SENT of `sk` by the current task: the active open in progress
+/// on this CPU.
 #[inline(always)]
-fn try_enter(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: reads a field of the tracepoint record at a fixed offset.
-    let uaddr: u64 = unsafe { ctx.read_at(ARG1) }.map_err(i64::from)?;
-    // Only who and where: the destination itself is read by the rare cancel
-    // that happens inside this connect() (timer::connect_hint).
+pub fn connect_started(sk: u64) {
     if let Some(slot) = CONNECTING.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; tracing programs do not migrate.
-        unsafe { *slot = ConnectDst { pid_tgid: bpf_get_current_pid_tgid(), uaddr } };
+        unsafe { *slot = ConnectDst { pid_tgid: bpf_get_current_pid_tgid(), sk } };
     }
-    Ok(())
 }
 
-/// The destination (family, raw port, address) of the connect() in progress
-/// on this CPU, if the current task is the one that called it.
+/// The active open of the current task on this CPU, while its socket is
+/// still in SYN_SENT: (family, raw remote port, remote address, local port).
+/// Inside `inet_hash_connect` the local port is the one just chosen.
 #[inline(always)]
-pub fn connecting_to() -> Option<(u16, u16, [u8; 16])> {
+pub fn connecting_to() -> Option<(u16, u16, [u8; 16], u16)> {
     let slot = CONNECTING.get(0)?;
     if slot.pid_tgid == 0 || slot.pid_tgid != bpf_get_current_pid_tgid() {
         return None;
     }
-    // sockaddr_in / sockaddr_in6: family, port, then the IPv4 address at 4 or
-    // the IPv6 one at 8. The cancel runs in the caller's context (or a
-    // softirq on its stack), so its memory is the current one.
-    // SAFETY: bpf_probe_read_user copes with any user address.
-    let raw: [u8; 24] = unsafe { bpf_probe_read_user(slot.uaddr as *const [u8; 24]) }.ok()?;
-    let family = u16::from_ne_bytes([raw[0], raw[1]]);
-    let mut addr = [0u8; 16];
-    if family == AF_INET {
-        addr[..4].copy_from_slice(&raw[4..8]);
-    } else if family == AF_INET6 {
-        addr.copy_from_slice(&raw[8..24]);
-    } else {
+    let cfg = config();
+    let sk = slot.sk;
+    if read::<u8>(sk, cfg.offsets.skc_state).ok()? != TCP_SYN_SENT {
         return None;
     }
-    Some((family, u16::from_ne_bytes([raw[2], raw[3]]), addr))
+    let family: u16 = read(sk, cfg.offsets.skc_family).ok()?;
+    let rport: u16 = read(sk, cfg.offsets.skc_dport).ok()?;
+    let lport: u16 = read(sk, cfg.offsets.skc_num).ok()?;
+    Some((family, rport, remote_of(&cfg, sk, family).ok()?, lport))
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
-pub fn tw_exit_connect(ctx: TracePointContext) -> u32 {
-    // The destination, for attribution, while the slot still says it.
-    let dest = if config().cgroups != 0 { connecting_to() } else { None };
+/// SYN_SENT -> CLOSE of `sk` (TCP, in a watched namespace): counts the
+/// connect() that failed before its SYN left as port exhaustion, by the
+/// calling task's name (this runs in its context).
+#[inline(always)]
+pub fn connect_ended(cfg: &Config, sk: u64, netns: u32) -> Result<(), i64> {
     if let Some(slot) = CONNECTING.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; tracing programs do not migrate.
         unsafe {
-            if (*slot).pid_tgid == bpf_get_current_pid_tgid() {
+            if (*slot).sk == sk {
                 (*slot).pid_tgid = 0;
             }
         }
     }
-    let _ = count_error(&ctx, EADDRNOTAVAIL, dest);
-    0
+    if read::<u32>(sk, cfg.offsets.tcp_segs_out)? != 0 {
+        return Ok(());
+    }
+    let dest = if cfg.cgroups != 0 {
+        let family: u16 = read(sk, cfg.offsets.skc_family)?;
+        Some((family, read::<u16>(sk, cfg.offsets.skc_dport)?, remote_of(cfg, sk, family)?))
+    } else {
+        None
+    };
+    add(&CONNECT_ERRORS, &err_key(cfg, EADDRNOTAVAIL, netns, dest)?, 1);
+    Ok(())
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_bind")]
 pub fn tw_exit_bind(ctx: TracePointContext) -> u32 {
-    let _ = count_error(&ctx, EADDRINUSE, None);
+    let _ = count_error(&ctx, EADDRINUSE);
     0
 }
 
 /// Counts the syscall by process name when it failed with `errno`.
 #[inline(always)]
-fn count_error(ctx: &TracePointContext, errno: u32, dest: Option<(u16, u16, [u8; 16])>) -> Result<(), i64> {
+fn count_error(ctx: &TracePointContext, errno: u32) -> Result<(), i64> {
     // SAFETY: reads a field of the tracepoint record at a fixed offset.
     let ret: i64 = unsafe { ctx.read_at(RET) }.map_err(i64::from)?;
-    count_failed(ret, errno, dest)
+    count_failed(ret, errno, None)
 }
 
 /// The key of a failed call by the current task: its name, and with

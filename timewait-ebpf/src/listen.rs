@@ -6,7 +6,9 @@
 //!   each destination. A socket that turns into a minisocket goes to CLOSE
 //!   right after the minisocket is created, which then holds the port;
 //! - that CLOSE also gives the new minisocket its direction from the
-//!   connection's own history (`direction_from_history`).
+//!   connection's own history (`direction_from_history`);
+//! - an active open's start and a connect() that failed for want of a port
+//!   (`connect`).
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use timewait_common::{
@@ -28,11 +30,12 @@ pub fn tw_sock_set_state(ctx: BtfTracePointContext) -> u32 {
 #[inline(always)]
 fn try_set_state(sk: u64, old: i32, new: i32) -> Result<(), i64> {
     let (listen, close) = (TCP_LISTEN as i32, TCP_CLOSE as i32);
+    let syn_sent = TCP_SYN_SENT as i32;
     if new == close {
         let active = connection_closed(sk);
         direction_from_history(sk, active);
     }
-    if new != listen && old != listen && new != TCP_SYN_SENT as i32 {
+    if new != listen && old != listen && new != syn_sent && !(old == syn_sent && new == close) {
         return Ok(());
     }
     let cfg = config();
@@ -44,8 +47,11 @@ fn try_set_state(sk: u64, old: i32, new: i32) -> Result<(), i64> {
     if !watched(&cfg, netns) {
         return Ok(());
     }
-    if new == TCP_SYN_SENT as i32 {
+    if new == syn_sent {
+        crate::connect::connect_started(sk);
         connection_added(&cfg, sk, netns)?;
+    } else if old == syn_sent {
+        crate::connect::connect_ended(&cfg, sk, netns)?;
     } else if new == listen {
         let port: u16 = read(sk, cfg.offsets.skc_num)?;
         listener_added(sk, listen_key(netns, port));

@@ -88,9 +88,11 @@ pub static SEGMENT: PerCpuArray<SegmentSlot> = PerCpuArray::with_max_entries(1, 
 #[map]
 pub static LAST_CANCEL: PerCpuArray<LastCancel> = PerCpuArray::with_max_entries(1, 0);
 
-/// The `connect()` call in progress on each CPU: its destination. A per-CPU
-/// slot, not a hash map: it is written on every connect() of the system. A
-/// caller that migrates CPUs inside connect() loses its hint (reason other).
+/// The active open last started on each CPU (tracepoint path: CLOSE ->
+/// SYN_SENT): its task and socket. A per-CPU slot, not a hash map: it is
+/// written on every connect() of the system. A caller that migrates CPUs
+/// between that state change and `inet_hash_connect` loses its hint
+/// (reason other).
 #[map]
 pub static CONNECTING: PerCpuArray<ConnectDst> = PerCpuArray::with_max_entries(1, 0);
 

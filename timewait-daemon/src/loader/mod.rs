@@ -35,12 +35,36 @@ pub enum LoadError {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/timewait"));
 
 pub const LISTEN_PROGRAM: (&str, &str) = ("tw_sock_set_state", "inet_sock_set_state");
-/// Classic syscall tracepoints: (program, category, name).
-pub const SYSCALL_PROGRAMS: &[(&str, &str, &str)] = &[
-    ("tw_enter_connect", "syscalls", "sys_enter_connect"),
-    ("tw_exit_connect", "syscalls", "sys_exit_connect"),
-    ("tw_exit_bind", "syscalls", "sys_exit_bind"),
-];
+/// The classic syscall tracepoint of `--syscall-tracepoints`: (program, category, name).
+pub const BIND_PROGRAM: (&str, &str, &str) = ("tw_exit_bind", "syscalls", "sys_exit_bind");
+
+/// How bind() errors are counted: with the fentry sockets hooks (`inet_bind`'s
+/// exit), else through `syscalls/sys_exit_bind` when `wanted`, else not.
+fn bind_errors(ebpf: &mut Ebpf, sockets: &paths::SignalPath, wanted: bool) -> paths::SignalPath {
+    let mut sp = paths::SignalPath { signal: paths::BIND_ERRORS, path: paths::Path::Unavailable, hooks: Vec::new(), refused: Vec::new() };
+    if sockets.path == paths::Path::Fentry {
+        sp.path = paths::Path::Fentry;
+        sp.hooks = sockets.hooks.iter().filter(|h| h.ends_with("_bind")).cloned().collect();
+        return sp;
+    }
+    if !wanted {
+        sp.path = paths::Path::Off;
+        sp.refused.push(paths::BIND_ERRORS_OFF.to_string());
+        return sp;
+    }
+    let (name, category, tp) = BIND_PROGRAM;
+    match kernel::ensure_tracefs().and_then(|_| attach_classic(ebpf, name, category, tp).map_err(|e| e.to_string())) {
+        Ok(()) => {
+            sp.path = paths::Path::Tracepoint;
+            sp.hooks.push(format!("tracepoint/{category}/{tp}"));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "bind() errors are not counted");
+            sp.refused.push(format!("tracepoint/{category}/{tp}: {e}"));
+        }
+    }
+    sp
+}
 
 /// Options that shape what is loaded.
 #[derive(Debug, Clone)]
@@ -58,6 +82,22 @@ pub struct LoadOptions {
     pub probe_path: paths::ProbePath,
     /// Keys carry the owning cgroup (`--attribute-cgroups`).
     pub attribute_cgroups: bool,
+    /// `--syscall-tracepoints`: bind() errors on the tracepoint path.
+    pub syscall_tracepoints: bool,
+}
+
+impl LoadOptions {
+    /// What the daemon's configuration asks for.
+    pub fn of(cfg: &crate::config::Config) -> Self {
+        Self {
+            all_netns: cfg.all_netns,
+            max_tracked_sockets: cfg.max_tracked_sockets,
+            max_series: cfg.max_series,
+            probe_path: cfg.probe_path,
+            attribute_cgroups: cfg.attribute_cgroups,
+            syscall_tracepoints: cfg.syscall_tracepoints,
+        }
+    }
 }
 
 /// The loaded programs and the maps the collector reads. Dropping it detaches
@@ -308,26 +348,10 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     //    on gets its direction), active opens, closes; then the snapshot of
     //    existing ones.
     let sockets = paths::sockets(&mut ebpf, &btf, opts.probe_path)?;
-    // The syscall tracepoints (connect() destinations and errors, bind()
-    // errors) only where the fentry hooks of the sockets signal are not to
-    // be had: attaching any of them sends every system call of every task
-    // through the slow exit path. They are attached through tracefs.
-    if sockets.path == paths::Path::Tracepoint {
-        let tracefs = kernel::ensure_tracefs();
-        if let Err(e) = &tracefs {
-            tracing::warn!(error = %e, "reused_by_connect will read as other");
-        }
-        for (name, category, tp) in SYSCALL_PROGRAMS {
-            let ok = tracefs.is_ok() && match attach_classic(&mut ebpf, name, category, tp) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reused_by_connect will read as other, connect errors are not counted");
-                    false
-                }
-            };
-            hooks.push((format!("tracepoint/{category}/{tp}"), ok));
-        }
-    }
+    // bind() errors: part of the fentry hooks; on the tracepoint path only a
+    // syscall tracepoint has them, and attaching any sends every system call
+    // of every task through the slow path, so only when asked.
+    let bind_errors = bind_errors(&mut ebpf, &sockets, opts.syscall_tracepoints);
     load_iters(&mut ebpf, &btf)?;
     run_iter(&mut ebpf, "iter_listeners")?;
     // 2. Minisockets: their lifecycle and segments, each on the path that
@@ -341,7 +365,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         opts.probe_path,
         tw_state_params,
     )?;
-    for sp in [&sockets, &lifecycle, &segments] {
+    for sp in [&sockets, &bind_errors, &lifecycle, &segments] {
         hooks.extend(sp.hooks.iter().map(|h| (h.clone(), true)));
         info!(signal = sp.signal, path = sp.path.as_str(), hooks = %sp.hooks.join(", "), "attached");
         if !sp.refused.is_empty() {
@@ -386,7 +410,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         connect_errors: take(&mut ebpf, "CONNECT_ERRORS")?,
         ebpf: Some(ebpf),
         hooks,
-        signals: vec![sockets, lifecycle, segments],
+        signals: vec![sockets, bind_errors, lifecycle, segments],
     };
     info!(
         netns = if opts.all_netns { "all".to_string() } else { netns.to_string() },

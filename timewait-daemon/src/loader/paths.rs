@@ -54,6 +54,8 @@ pub enum Path {
     Kprobe,
     Tracepoint,
     Unavailable,
+    /// Left off by the configuration (bind() errors without `--syscall-tracepoints`).
+    Off,
 }
 
 impl Path {
@@ -63,6 +65,7 @@ impl Path {
             Path::Kprobe => "kprobe",
             Path::Tracepoint => "tracepoint",
             Path::Unavailable => "unavailable",
+            Path::Off => "off",
         }
     }
 }
@@ -81,6 +84,10 @@ pub struct SignalPath {
 pub const LIFECYCLE: &str = "lifecycle";
 pub const SEGMENTS: &str = "segments";
 pub const SOCKETS: &str = "sockets";
+pub const BIND_ERRORS: &str = "bind_errors";
+/// Why bind() errors are not counted on the tracepoint path by default.
+pub const BIND_ERRORS_OFF: &str = "--syscall-tracepoints turns it on (syscalls/sys_exit_bind; any syscall tracepoint \
+     makes every system call of every process slower: +50 ns measured)";
 
 /// The fentry hooks of the sockets signal (`timewait-ebpf/src/fentry/sockets.rs`):
 /// (program, kernel function, fexit). Those that forget come first: a
@@ -103,8 +110,8 @@ const SOCKET_HOOKS: &[(&str, &str, bool)] = &[
 /// Attaches the full-socket hooks (listeners, active opens, the close that
 /// gives a minisocket its direction): fentry on the functions where these
 /// change, taken whole, else the `inet_sock_set_state` tracepoint (every
-/// state change of every socket) with the `connect()` syscall tracepoints
-/// (which the caller attaches when this returns the tracepoint path). The
+/// state change of every socket, which also tells active opens and
+/// connect() failures: `timewait-ebpf/src/connect.rs`). The
 /// tracepoint is the fallback whatever `--probe-path` says: it is what every
 /// kernel of the matrix offers.
 pub fn sockets(ebpf: &mut Ebpf, btf: &Btf, want: ProbePath) -> Result<SignalPath, LoadError> {

@@ -27,6 +27,9 @@ fn check_names_the_path_it_attached() {
     let sockets = expected_sockets_path();
     let k = line("sockets");
     assert!(k.contains(" ok ") && k.contains(&format!("{sockets}:")), "sockets must be {sockets}: {k}");
+    let bind = line("bind errors");
+    let want_bind = crate::support::expected_bind_errors_path(false);
+    assert!(bind.contains(" ok ") && bind.contains(&want_bind), "bind errors must be {want_bind}: {bind}");
     let l = line("lifecycle");
     assert!(l.contains(" ok ") && l.contains(&format!("{lifecycle}:")), "lifecycle must be {lifecycle}: {l}");
     let s = line("segments");

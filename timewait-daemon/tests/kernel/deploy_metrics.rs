@@ -40,7 +40,8 @@ fn deploy_metrics() {
     let ns = NetNs::new();
     let inbound = ns.listen("127.0.0.1:8080".parse().unwrap());
     let outbound = ns.listen("127.0.0.1:9090".parse().unwrap());
-    let daemon = Daemon::start(&ns, &[]);
+    // bind() errors are among what the dashboards use: counted on every path.
+    let daemon = Daemon::start(&ns, &["--syscall-tracepoints"]);
 
     // Inbound TIME_WAIT (server closes first) and outbound (client closes
     // first): sockets, inbound_remote_port_ratio, outbound_ports_in_use,

@@ -146,30 +146,38 @@ fn outbound_exhaustion_100_ports() {
     daemon.stop();
 }
 
+/// Two plain `bind()`s (without the SO_REUSEADDR std's listeners set) to
+/// one address:port in `ns`: the second fails with EADDRINUSE. Returns the
+/// calling thread's comm and the socket holding the port.
+fn bind_twice(ns: &NetNs, addr: SocketAddrV4) -> (String, std::os::fd::OwnedFd) {
+    let (comm, first, second) = ns.run(|| {
+        let first = bound_socket(addr.into(), false);
+        let second = bound_socket(addr.into(), false);
+        (thread_comm(), first, second)
+    });
+    let first = first.unwrap_or_else(|e| panic!("first bind {addr}: {e}"));
+    match second {
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {}
+        Err(e) => panic!("second bind {addr}: {e}, not EADDRINUSE"),
+        Ok(_) => panic!("second bind {addr} without SO_REUSEADDR succeeded"),
+    }
+    (comm, first)
+}
+
 /// `bind()` to an address:port another socket holds (no `SO_REUSEADDR`)
-/// fails with EADDRINUSE, counted once under this thread's comm.
+/// fails with EADDRINUSE, counted once under this thread's comm (on the
+/// tracepoint path with `--syscall-tracepoints`, which it needs there).
 #[test]
 fn bind_conflict_counts_eaddrinuse() {
     if !require_root("exhaustion::bind_conflict_counts_eaddrinuse") {
         return;
     }
     let ns = NetNs::new();
-    let daemon = Daemon::start(&ns, &[]);
+    let daemon = Daemon::start(&ns, &["--syscall-tracepoints"]);
     let addr = SocketAddrV4::new([127, 0, 0, 1].into(), 6000);
 
     let before = daemon.scrape();
-    let (comm, first, second) = ns.run(|| {
-        // Plain bind()s, without the SO_REUSEADDR std's listeners set.
-        let first = bound_socket(addr.into(), false);
-        let second = bound_socket(addr.into(), false);
-        (thread_comm(), first, second)
-    });
-    let _first = first.unwrap_or_else(|e| panic!("first bind {addr}: {e}"));
-    match second {
-        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {}
-        Err(e) => panic!("second bind {addr}: {e}, not EADDRINUSE"),
-        Ok(_) => panic!("second bind {addr} without SO_REUSEADDR succeeded"),
-    }
+    let (comm, _first) = bind_twice(&ns, addr);
     let base = connect_errors(&before, "EADDRINUSE", &comm);
     eprintln!("EADDRINUSE from comm {comm:?}; counter before: {base}");
     let mut last = base;
@@ -195,5 +203,34 @@ fn bind_conflict_counts_eaddrinuse() {
         0,
         "a bind() failure counted as EADDRNOTAVAIL"
     );
+    daemon.stop();
+}
+
+/// Without `--syscall-tracepoints`, the tracepoint path attaches no syscall
+/// tracepoint (`/metrics` says bind errors are off) and counts no bind()
+/// error; the fentry path counts them regardless (`fexit/inet_bind`). Either
+/// way connect() errors need no syscall tracepoint (the other tests here).
+#[test]
+fn bind_errors_need_syscall_tracepoints_only_on_the_tracepoint_path() {
+    if !require_root("exhaustion::bind_errors_need_syscall_tracepoints_only_on_the_tracepoint_path") {
+        return;
+    }
+    let ns = NetNs::new();
+    // Daemon::start asserts timewait_probe_path{signal="bind_errors"}: "off"
+    // on the tracepoint path, "fentry" with the fentry sockets hooks.
+    let daemon = Daemon::start(&ns, &[]);
+    let counted = crate::support::expected_bind_errors_path(false) != "off";
+    let before = daemon.scrape();
+    let (comm, _first) = bind_twice(&ns, SocketAddrV4::new([127, 0, 0, 1].into(), 6001));
+    let base = connect_errors(&before, "EADDRINUSE", &comm);
+    if counted {
+        wait_until(COUNTER_WAIT, "the fentry path to count the failed bind()", || {
+            connect_errors(&daemon.scrape(), "EADDRINUSE", &comm) == base + 1
+        });
+    } else {
+        // A program that counted it would have run inside bind(), and a
+        // scrape reads the error table itself: no wait is needed.
+        assert_eq!(connect_errors(&daemon.scrape(), "EADDRINUSE", &comm), base, "bind errors are off, yet one counted");
+    }
     daemon.stop();
 }

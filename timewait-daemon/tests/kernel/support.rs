@@ -582,6 +582,17 @@ pub fn expected_sockets_path() -> String {
     if expected_paths().0 == "fentry" { "fentry" } else { "tracepoint" }.to_string()
 }
 
+/// The path of bind() errors: with the fentry sockets hooks, else the
+/// `sys_exit_bind` tracepoint when asked for (`--syscall-tracepoints`), else off.
+pub fn expected_bind_errors_path(syscall_tracepoints: bool) -> String {
+    match (expected_sockets_path().as_str(), syscall_tracepoints) {
+        ("fentry", _) => "fentry",
+        (_, true) => "tracepoint",
+        _ => "off",
+    }
+    .to_string()
+}
+
 /// Whether SYN verdicts, segment kinds and reset reasons are served here.
 /// Tests of them skip, saying why, where the path cannot serve them.
 pub fn segments_available(test: &str) -> bool {
@@ -663,18 +674,22 @@ impl<'a> Daemon<'a> {
         };
         d.wait_ready();
         if !extra.contains(&"--probe-path") {
-            d.assert_paths();
+            d.assert_paths(extra.contains(&"--syscall-tracepoints"));
         }
         d
     }
 
-    /// The daemon reports the paths this kernel must get (see `expected_paths`).
+    /// The daemon reports the paths this kernel must get (see `expected_paths`);
+    /// `syscall_tracepoints`: it was started with `--syscall-tracepoints`.
     #[track_caller]
-    pub fn assert_paths(&self) {
+    pub fn assert_paths(&self, syscall_tracepoints: bool) {
         let (lifecycle, segments) = expected_paths();
         let sockets = expected_sockets_path();
+        let bind_errors = expected_bind_errors_path(syscall_tracepoints);
         let m = self.scrape();
-        for (signal, want) in [("sockets", sockets), ("lifecycle", lifecycle), ("segments", segments)] {
+        for (signal, want) in
+            [("sockets", sockets), ("bind_errors", bind_errors), ("lifecycle", lifecycle), ("segments", segments)]
+        {
             let got: Vec<String> = m
                 .series("timewait_probe_path")
                 .into_iter()

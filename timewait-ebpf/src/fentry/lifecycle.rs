@@ -159,12 +159,14 @@ fn kill_reason(tw: u64, entry: &timewait_common::TwEntry) -> u32 {
     }
     // `__inet_hash_connect` handing the port to a connect() toward the same
     // remote address and port (tcp_tw_reuse).
-    if let Some((family, port, addr)) = connecting_to()
+    if let Some((family, port, addr, local)) = connecting_to()
         && family == entry.key.family
         && addr == entry.key.remote
     {
-        let rport: u16 = read(tw, config().offsets.skc_dport).unwrap_or(0);
-        if port == rport {
+        let cfg = config();
+        let rport: u16 = read(tw, cfg.offsets.skc_dport).unwrap_or(0);
+        let lport: u16 = read(tw, cfg.offsets.skc_num).unwrap_or(0);
+        if port == rport && local == lport {
             return counter::CLOSED_REUSED_BY_CONNECT;
         }
     }

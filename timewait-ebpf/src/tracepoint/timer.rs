@@ -166,12 +166,13 @@ pub fn tw_timer_cancel(ctx: BtfTracePointContext) -> u32 {
             *slot = LastCancel { timer, remote: entry.key.remote, lport, rport, _pad: 0 };
         }
     }
-    // Inside connect() toward this minisocket's own remote address and port:
-    // `__inet_check_established` took its port over (tcp_tw_reuse).
-    if let Some((family, port, addr)) = crate::connect::connecting_to()
+    // Inside connect() of a socket that already has this minisocket's
+    // 4-tuple: `__inet_hash_connect` took its port over (tcp_tw_reuse).
+    if let Some((family, port, addr, local)) = crate::connect::connecting_to()
         && family == entry.key.family
         && addr == entry.key.remote
         && port == rport
+        && local == lport
     {
         entry.hint = HINT_CONNECT;
     }

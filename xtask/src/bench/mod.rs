@@ -50,6 +50,7 @@ mod scrape;
 mod startup;
 mod steady;
 mod support;
+mod syscalls;
 
 use support::*;
 
@@ -100,7 +101,7 @@ pub struct BenchArgs {
     /// Where scenario 7 runs: host, 5.10, 6.1, 6.12 or all (comma-separated) [default: all; smoke: host].
     #[arg(long = "kernel", value_delimiter = ',', value_name = "K")]
     pub kernels: Vec<String>,
-    /// Run only these scenarios (comma-separated, 1-7; 5 runs inside 1).
+    /// Run only these scenarios (comma-separated, 1-8; 5 runs inside 1).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub only: Vec<u8>,
     /// Inside a guest of `--kernel`: run with the daemon named by
@@ -134,6 +135,11 @@ struct Sizes {
     nginx_secs: u64,
     /// Scenario 7 waits for a run's TIME_WAIT to expire (not in smoke runs).
     nginx_expiry: bool,
+    /// Bytes `dd bs=1` copies per run in scenario 8 (two system calls each).
+    dd_bytes: usize,
+    /// Rounds of scenario 8's three variants (a run is about a second; the
+    /// spread between runs is several percent here, so many).
+    dd_rounds: usize,
 }
 
 impl Sizes {
@@ -152,6 +158,8 @@ impl Sizes {
             nginx_pairs: pick(a.nginx_pairs, 4, 1).max(1),
             nginx_secs: a.nginx_secs.unwrap_or(if a.smoke { 1 } else { 4 }).max(1),
             nginx_expiry: !a.smoke,
+            dd_bytes: if a.smoke { 100_000 } else { 2_000_000 },
+            dd_rounds: if a.smoke { 1 } else { 12 },
         }
     }
 }
@@ -253,6 +261,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             nginx::nginx(&ctx, &mut rep, "host").context("scenario 7 (nginx + wrk)")?;
         }
         nginx::in_guests(&ctx, &mut rep, &guests.guests).context("scenario 7 (nginx + wrk) in the guests")?;
+    }
+    if want(8) {
+        syscalls::syscalls(&ctx, &mut rep).context("scenario 8 (system calls)")?;
     }
     let table = render_table(&rep);
     println!("{table}");
@@ -403,7 +414,10 @@ fn write_markdown(rep: &Report, table: &str, z: &Sizes) -> Result<()> {
          again when every TIME_WAIT of the run has expired (creation to expiry), divided by wrk's requests. On the fentry path each program belongs to one end \
          of a loopback connection: the TIME_WAIT's own hooks to the side holding it, `inet_hash_connect` to the side that connected, `inet_put_port` \
          to both (one run each). In the guests (Debian's kernels under qemu, TCG, 2 vCPUs) the host runs `xtask bench --in-guest` and adds the rows it prints; \
-         emulated rates are not comparable with the host's, the ratio in one guest is.\n",
+         emulated rates are not comparable with the host's, the ratio in one guest is.\n\
+         - Scenario 8: `dd if=/dev/zero of=/dev/null bs=1 count={}` (a read and a write per byte, nothing TCP) in a namespace, without the daemon, \
+         with it, and with it and `--syscall-tracepoints`, {} rounds in rotating order (each daemon started and ready before dd starts); \
+         wall time over system calls, median per variant.\n",
         z.remotes,
         z.threads,
         SS_PIPELINE,
@@ -415,7 +429,9 @@ fn write_markdown(rep: &Report, table: &str, z: &Sizes) -> Result<()> {
         z.steady.as_secs(),
         z.sockets,
         z.nginx_secs,
-        z.nginx_pairs
+        z.nginx_pairs,
+        z.dd_bytes,
+        z.dd_rounds
     );
     let _ = writeln!(md, "## Results\n\n{table}");
     for n in &rep.notes {
