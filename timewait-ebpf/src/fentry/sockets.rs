@@ -113,13 +113,7 @@ fn takeover(cfg: &Config, sk: u64) {
         return;
     }
     kill.pid_tgid = 0;
-    let same = |sk: u64| -> Result<bool, i64> {
-        let family: u16 = read(sk, cfg.offsets.skc_family)?;
-        let lport: u16 = read(sk, cfg.offsets.skc_num)?;
-        let rport: u16 = read(sk, cfg.offsets.skc_dport)?;
-        Ok(family == kill.family && lport == kill.lport && rport == kill.rport && remote_of(cfg, sk, family)? == kill.remote)
-    };
-    if same(sk) != Ok(true) {
+    if same_tuple(cfg, sk, kill) != Ok(true) {
         return;
     }
     unbump(counter::CLOSED_OTHER);
@@ -128,6 +122,17 @@ fn takeover(cfg: &Config, sk: u64) {
         unobserve_lifetime(counter::CLOSED_OTHER, kill.lifetime_ns);
         observe_lifetime(counter::CLOSED_REUSED_BY_CONNECT, kill.lifetime_ns);
     }
+}
+
+/// Whether `sk` has the 4-tuple of the minisocket `kill` was. A function, not
+/// a closure: LLVM may outline a closure into a BPF-to-BPF call, and 5.10's
+/// verifier caps the stack of a program and its calls at 512 bytes together.
+#[inline(always)]
+fn same_tuple(cfg: &Config, sk: u64, kill: &timewait_common::LastKill) -> Result<bool, i64> {
+    let family: u16 = read(sk, cfg.offsets.skc_family)?;
+    let lport: u16 = read(sk, cfg.offsets.skc_num)?;
+    let rport: u16 = read(sk, cfg.offsets.skc_dport)?;
+    Ok(family == kill.family && lport == kill.lport && rport == kill.rport && remote_of(cfg, sk, family)? == kill.remote)
 }
 
 #[fexit(function = "inet_bind")]
