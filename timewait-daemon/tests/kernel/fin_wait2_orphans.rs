@@ -32,25 +32,33 @@ fn fin_wait2_orphans() {
         || ns.ss_fw2_orphan_series(&[8080]),
         || daemon.scrape().series_map("timewait_fin_wait2_orphans"),
     );
+    // Every connection is in FIN_WAIT2, most as minisockets. The kernel keeps
+    // a few as full sockets: when the peer's ACK of our FIN is processed
+    // while close() still owns the socket (its backlog, on loopback), the
+    // FIN_WAIT1 -> FIN_WAIT2 step cannot hand over to a minisocket and arms
+    // the keepalive timer instead (`tcp_rcv_state_process`, "Bad case").
+    // ci13 and ci19 (6.12 guest) read 39 minisockets of 40, the daemon
+    // agreeing; that this is the cause is read from the kernel source, and
+    // the 40 in all below is what would show it wrong.
+    let minisockets = fw2.values().sum::<u64>();
+    let all_fw2 = ns.ss("fin-wait-2").len() as u64;
+    eprintln!("fin_wait2_orphans: {minisockets} minisockets, {} full sockets in FIN_WAIT2", all_fw2.saturating_sub(minisockets));
     // An orphan lives tcp_fin_timeout (60 s, and it cannot be raised without
-    // making the orphans full sockets first: tcp_close). Under an emulated,
-    // loaded guest the first ones can expire before this point; the daemon
-    // must then still equal ss (above), but 40 cannot be asserted.
-    let n = if started.elapsed() < FIN_TIMEOUT_MARGIN {
-        40
+    // making the orphans full sockets first: tcp_close); under an emulated,
+    // loaded guest the first ones could expire before this point.
+    if started.elapsed() < FIN_TIMEOUT_MARGIN {
+        assert_eq!(all_fw2, 40, "ss shows 40 FIN-WAIT-2 in all (minisockets and full sockets)");
+        assert!(minisockets >= 30, "most of the 40 are minisockets: {minisockets}");
     } else {
-        let left = fw2.values().sum::<u64>();
-        eprintln!(
-            "fin_wait2_orphans: {:?} since the first orphan, so some may have expired: asserting ss's {left}, not 40",
-            started.elapsed()
-        );
-        left
-    };
+        eprintln!("fin_wait2_orphans: {:?} since the first orphan, so some may have expired: not asserting 40", started.elapsed());
+    }
+    let n = minisockets;
     let expected_fw2: std::collections::BTreeMap<_, u64> =
         [(("inbound".to_string(), "127.0.0.2".to_string(), 8080), n)].into();
     assert_maps_equal("FIN_WAIT2 orphans", &expected_fw2, &fw2);
-    let all_fw2 = ns.ss("fin-wait-2").len() as u64;
-    assert_eq!(all_fw2, n, "ss shows {n} FIN-WAIT-2 in all (no full-socket ones)");
+    // After the FIN every one of the 40 is a minisocket in TIME_WAIT.
+    let expected_tw: std::collections::BTreeMap<_, u64> =
+        [(("inbound".to_string(), "127.0.0.2".to_string(), 8080), 40)].into();
     let tw = quiet_equal(
         "timewait_sockets vs ss while the peers are open",
         || ns.ss_tw_total(),
@@ -75,7 +83,7 @@ fn fin_wait2_orphans() {
     );
     // Every orphan alive when its client closed is now TIME_WAIT.
     if dropped_after < FIN_TIMEOUT_MARGIN {
-        assert_maps_equal("TIME_WAIT after FIN", &expected_fw2, &tw);
+        assert_maps_equal("TIME_WAIT after FIN", &expected_tw, &tw);
     } else {
         eprintln!("fin_wait2_orphans: clients closed {dropped_after:?} after the first orphan: TIME_WAIT asserted against ss only");
     }
