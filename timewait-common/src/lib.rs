@@ -13,10 +13,14 @@ pub const AF_INET6: u16 = 10;
 pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_SYN_SENT: u8 = 2;
 pub const TCP_SYN_RECV: u8 = 3;
+pub const TCP_FIN_WAIT1: u8 = 4;
 pub const TCP_FIN_WAIT2: u8 = 5;
 pub const TCP_TIME_WAIT: u8 = 6;
 pub const TCP_CLOSE: u8 = 7;
 pub const TCP_LISTEN: u8 = 10;
+pub const TCP_CLOSING: u8 = 11;
+/// A request socket (`struct request_sock`) hashed in the established table.
+pub const TCP_NEW_SYN_RECV: u8 = 12;
 pub const IPPROTO_TCP: u16 = 6;
 
 pub const DIRECTION_INBOUND: u8 = 0;
@@ -71,35 +75,58 @@ pub struct ErrKey {
     pub _pad: u32,
 }
 
-/// Entry state: the minisocket's timer is pending.
-pub const TW_LIVE: u32 = 1;
-/// Its timer was cancelled; what follows says whether that was a re-arm, the
-/// expiry or a kill. Until then it is not counted in the gauges.
-/// See `timewait-ebpf/src/timer.rs`.
-pub const TW_CANCELLED: u32 = 2;
+/// Bits of `ROLES[0]`: what the `inet_sock_set_state` program does, set by
+/// the daemon as it attaches each signal.
+/// Full sockets: listeners, active opens, connect() failures.
+pub const ROLE_SOCKETS: u32 = 1;
+/// The tracepoint lifecycle: minisockets created from the close of their
+/// full socket, taken over by a SYN or a `connect()` (`TW_INDEX`).
+pub const ROLE_LIFECYCLE: u32 = 2;
 
-/// What the kernel side has learned about why a cancelled minisocket went away
-/// (set from the segment that followed the cancel). Resolved into a `reason`.
-pub const HINT_NONE: u32 = 0;
-/// An RST (received, or sent by the minisocket in answer to a SYN) followed.
-pub const HINT_RESET: u32 = 1;
-/// A listener took the SYN for the same 4-tuple right after the cancel.
-pub const HINT_SYN: u32 = 2;
-/// Cancelled inside a `connect()` toward the minisocket's remote address and
-/// port: `tcp_tw_reuse` handed its port to the new connection.
-pub const HINT_CONNECT: u32 = 3;
+/// Key of `TW_INDEX` (tracepoint lifecycle): a minisocket by what the next
+/// socket with its 4-tuple shares with it: namespace, the kernel's own
+/// ehash value of the 4-tuple (`skc_hash`, salted per namespace), remote port.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IndexKey {
+    pub netns: u32,
+    pub hash: u32,
+    /// Network byte order, as in `skc_dport`.
+    pub rport: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
 
-/// The close reason (`counter::CLOSED_*`) a kill resolves to, from the hint
-/// the programs left after its timer cancel. Used by the programs and by the
-/// daemon's sweeper alike.
-#[inline(always)]
-pub const fn kill_reason(hint: u32) -> u32 {
-    match hint {
-        HINT_RESET => counter::CLOSED_RESET,
-        HINT_SYN => counter::CLOSED_REUSED_BY_SYN,
-        HINT_CONNECT => counter::CLOSED_REUSED_BY_CONNECT,
-        _ => counter::CLOSED_OTHER,
-    }
+/// Value of `TW_INDEX`: the followed minisocket (`TW_SOCKS` key) and what
+/// tells it from a later one at the same address.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct IndexVal {
+    pub timer: u64,
+    pub created_ns: u64,
+    pub lport: u16,
+    pub _pad: [u16; 3],
+}
+
+/// Value of `UNTOLD` (tracepoint lifecycle, by the `IndexKey` of the
+/// 4-tuple): a full socket closed toward TIME_WAIT and no minisocket was
+/// left to find in its bucket. Either it made none (an RST, a full
+/// `tcp_max_tw_buckets`), or a SYN took the minisocket over on another CPU
+/// between its hashing and this close. The connection that SYN starts tells
+/// which: its initial sequence number is `isn`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Untold {
+    /// What the minisocket would have been counted under.
+    pub key: AggKey,
+    /// `bpf_ktime_get_ns()` at the close.
+    pub closed_ns: u64,
+    /// `snd_nxt + 65537` (1 for 0), the ISN of a connection that takes the
+    /// minisocket over (`tcp_timewait_state_process`, `tcp_twsk_unique`).
+    pub isn: u32,
+    /// Local port, host byte order.
+    pub lport: u16,
+    pub _pad: u16,
 }
 
 /// Key of the per-remote SYN counters (`SYNS`).
@@ -237,21 +264,45 @@ pub struct TwEntry {
     pub key: AggKey,
     /// `bpf_ktime_get_ns()` when the minisocket was first seen.
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last timer cancel (0 when none pending).
-    pub cancel_ns: u64,
-    /// `TW_LIVE` or `TW_CANCELLED`.
-    pub state: u32,
-    /// `HINT_*`.
-    pub hint: u32,
+    /// `TW_INDEX` key parts of a minisocket indexed by the tracepoint
+    /// lifecycle (`indexed` 1): its `skc_hash` and raw remote port.
+    pub index_hash: u32,
+    pub index_rport: u16,
+    pub indexed: u16,
+    /// Tracepoint lifecycle: the initial sequence number of a connection
+    /// that takes this minisocket over (`tw_snd_nxt + 65537`, never 0;
+    /// 0 when unknown).
+    pub isn: u32,
+    pub _pad: u32,
     /// The reconciliation walk that last found this minisocket in the
     /// kernel's tables (`EPOCH[EPOCH_WALK]` then), see `iter.rs`.
     pub seen: u32,
     /// 1 while the minisocket is counted under `key` in the gauges (0 when
     /// it is cancelled).
     pub counted: u16,
-    /// 1 when it was found by a walk (start-up snapshot or reconciliation)
-    /// rather than created under watch.
+    /// How it came to be followed: `FOLLOWED_AT_CREATION` (0),
+    /// `FOUND_BY_WALK` (1: the start-up snapshot or a reconciliation) or
+    /// `FOUND_BY_SEGMENT` (2: a segment reached it before its creation was
+    /// told, tracepoint path).
     pub from_snapshot: u16,
+}
+
+/// `TwEntry::from_snapshot`: followed when it was created.
+pub const FOLLOWED_AT_CREATION: u16 = 0;
+/// `TwEntry::from_snapshot`: found by a walk; its age is unknown.
+pub const FOUND_BY_WALK: u16 = 1;
+/// `TwEntry::from_snapshot`: found by the first segment it dropped, on
+/// another CPU than the one creating it, before that CPU told its creation
+/// (`tcp_time_wait()` hashes the minisocket, then closes the socket). Its
+/// creation is counted then; the socket's close takes it over.
+pub const FOUND_BY_SEGMENT: u16 = 2;
+
+impl TwEntry {
+    /// Its `TW_INDEX` key (meaningful when `indexed` is 1): the eBPF programs
+    /// and the daemon's reconciliation both remove entries by it.
+    pub const fn index_key(&self) -> IndexKey {
+        IndexKey { netns: self.key.netns, hash: self.index_hash, rport: self.index_rport, family: self.key.family, _pad: 0 }
+    }
 }
 
 /// Value of `CONNS`: a full socket of an active open.
@@ -303,7 +354,11 @@ pub mod counter {
     /// Minisockets and active opens a reconciliation walk found unfollowed
     /// (their creation was lost).
     pub const RECONCILE_FOUND: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// Tracepoint lifecycle: minisockets another CPU reached between their
+    /// hashing and their socket's close, whose life was told from there (a
+    /// segment's find, a SYN takeover found by its ISN).
+    pub const OUT_OF_ORDER: u32 = 18;
+    pub const COUNT: u32 = 19;
 }
 
 /// Kernel struct offsets, read from the running kernel's BTF by the daemon and
@@ -346,8 +401,8 @@ pub struct Offsets {
     pub skb_transport_header: u32,
     /// `timer_list.entry.pprev`: non-NULL while the timer is pending.
     pub timer_pprev: u32,
-    /// `request_sock.rsk_timer`
-    pub rsk_timer: u32,
+    /// `sock_common.skc_hash`: the 4-tuple's ehash value.
+    pub skc_hash: u32,
     /// `sk_buff.network_header`
     pub skb_network_header: u32,
     /// `task_struct.nsproxy`
@@ -365,6 +420,31 @@ pub struct Offsets {
     /// `tcp_sock.segs_out`: 0 at SYN_SENT -> CLOSE when `connect()` failed
     /// before its SYN left (tracepoint path: `inet_hash_connect` found no port).
     pub tcp_segs_out: u32,
+    /// `sock_common.skc_nulls_node`: where the ehash chain points into a socket.
+    pub skc_nulls_node: u32,
+    /// `net.ipv4.tcp_death_row`; `death_row_is_ptr` 1 when it is a pointer
+    /// (5.18 to 6.0) rather than embedded.
+    pub net_death_row: u32,
+    pub death_row_is_ptr: u32,
+    /// `inet_timewait_death_row.hashinfo`
+    pub death_row_hashinfo: u32,
+    /// `inet_hashinfo.ehash`, `inet_hashinfo.ehash_mask`
+    pub hashinfo_ehash: u32,
+    pub hashinfo_ehash_mask: u32,
+    /// `sizeof(struct inet_ehash_bucket)`
+    pub ehash_bucket_size: u32,
+    /// `tcp_sock.snd_nxt`, `tcp_sock.snd_una`: a takeover's initial sequence
+    /// number is the minisocket's `tw_snd_nxt + 65537` (`Untold`).
+    pub tcp_snd_nxt: u32,
+    pub tcp_snd_una: u32,
+    /// `tcp_sock.bytes_acked` (`snd_una` less it is the ISN + 1 once
+    /// established) and `tcp_request_sock.snt_isn`.
+    pub tcp_bytes_acked: u32,
+    pub reqsk_snt_isn: u32,
+    /// `inet_sock.inet_sport`: a closing socket's local port once
+    /// `inet_put_port` has zeroed `skc_num` (before `inet_sock_set_state`
+    /// tells the CLOSE).
+    pub inet_sport: u32,
     pub _pad: u32,
 }
 
@@ -375,8 +455,6 @@ pub struct Config {
     pub offsets: Offsets,
     /// Address of `tw_timer_handler` (from `/proc/kallsyms`).
     pub tw_timer_handler: u64,
-    /// Address of `reqsk_timer_handler` (0 when unknown: no SYN-reuse reason).
-    pub reqsk_timer_handler: u64,
     /// Network namespace to watch (inode number); 0 watches all.
     pub netns: u32,
     /// `net.ipv4.ip_local_port_range` of the daemon's namespace at start-up
@@ -386,7 +464,32 @@ pub struct Config {
     pub port_hi: u16,
     /// 1: keys carry the owning cgroup (`--attribute-cgroups`).
     pub cgroups: u32,
-    pub _pad: u32,
+    /// 1 when the head of `sock_common` has the layout of `SockHead` in this
+    /// kernel's BTF (every kernel since 3.x): the programs read it in one go.
+    pub head_fast: u32,
+}
+
+/// The first 20 bytes of `struct sock_common` (`inet_timewait_sock` and
+/// `sock` both begin with it), as laid out since Linux 3.x: the daemon
+/// checks the BTF offsets against it (`Config::head_fast`), else the
+/// programs read the fields one by one at their BTF offsets.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct SockHead {
+    pub daddr: [u8; 4],
+    pub rcv_saddr: [u8; 4],
+    pub hash: u32,
+    /// Network byte order.
+    pub dport: u16,
+    pub num: u16,
+    pub family: u16,
+    pub state: u8,
+    pub _flags: u8,
+}
+
+impl SockHead {
+    /// (daddr, rcv_saddr, hash, dport, num, family, state) offsets of this layout.
+    pub const OFFSETS: [u32; 7] = [0, 4, 8, 12, 14, 16, 18];
 }
 
 impl Offsets {
@@ -408,7 +511,7 @@ impl Offsets {
         skb_head: 0,
         skb_transport_header: 0,
         timer_pprev: 0,
-        rsk_timer: 0,
+        skc_hash: 0,
         skb_network_header: 0,
         task_nsproxy: 0,
         nsproxy_net_ns: 0,
@@ -416,6 +519,18 @@ impl Offsets {
         cgroup_kn: 0,
         kernfs_node_id: 0,
         tcp_segs_out: 0,
+        skc_nulls_node: 0,
+        net_death_row: 0,
+        death_row_is_ptr: 0,
+        death_row_hashinfo: 0,
+        hashinfo_ehash: 0,
+        hashinfo_ehash_mask: 0,
+        ehash_bucket_size: 0,
+        tcp_snd_nxt: 0,
+        tcp_snd_una: 0,
+        tcp_bytes_acked: 0,
+        reqsk_snt_isn: 0,
+        inet_sport: 0,
         _pad: 0,
     };
 }
@@ -425,12 +540,11 @@ impl Config {
     pub const ZERO: Self = Self {
         offsets: Offsets::ZERO,
         tw_timer_handler: 0,
-        reqsk_timer_handler: 0,
         netns: 0,
         port_lo: 0,
         port_hi: 0,
         cgroups: 0,
-        _pad: 0,
+        head_fast: 0,
     };
 }
 
@@ -442,9 +556,13 @@ const _: () = assert!(core::mem::size_of::<LastKill>() == 40);
 const _: () = assert!(core::mem::size_of::<ConnectDst>() == 16);
 const _: () = assert!(core::mem::size_of::<SegmentSlot>() == 40);
 const _: () = assert!(core::mem::size_of::<ConnEntry>() == 56);
+const _: () = assert!(core::mem::size_of::<IndexKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockHead>() == 20);
+const _: () = assert!(core::mem::size_of::<IndexVal>() == 24);
 const _: () = assert!(core::mem::size_of::<TwEntry>() == 40 + 8 * 2 + 4 * 4);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 26 * 4);
-const _: () = assert!(core::mem::size_of::<Config>() == 104 + 32);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 38 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 152 + 24);
+const _: () = assert!(core::mem::size_of::<Untold>() == 40 + 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -465,4 +583,8 @@ mod pod {
     unsafe impl aya::Pod for super::ErrKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IndexKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IndexVal {}
 }

@@ -71,16 +71,6 @@ pub fn main(args: &RunArgs) -> ExitCode {
     match kernel::timer_functions() {
         Ok(f) => {
             lines.push(line("tw_timer_handler", Status::Ok, format!("{:#x}", f.tw_timer_handler)));
-            let ok = f.reqsk_timer_handler != 0;
-            lines.push(line(
-                "reqsk_timer_handler",
-                ok_or(ok, Status::Partial),
-                if ok {
-                    format!("{:#x}", f.reqsk_timer_handler)
-                } else {
-                    "missing: on the tracepoint path SYN reuse would read reason=\"other\"".into()
-                },
-            ));
         }
         Err(e) => lines.push(line("tw_timer_handler", Status::Missing, e.to_string())),
     }

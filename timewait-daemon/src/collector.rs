@@ -1,5 +1,5 @@
-//! Reads the kernel's maps at scrape time, and resolves kills that nothing in
-//! the kernel resolved (the sweeper).
+//! Reads the kernel's maps at scrape time, and closes what the kernel side
+//! lost (the reconciliation).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,8 +12,8 @@ use std::{
 
 use serde::Serialize;
 use timewait_common::{
-    AggKey, EADDRINUSE, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, RemoteKey, SynCounts, TW_CANCELLED,
-    TwEntry, counter, lifetime_slot,
+    AggKey, EADDRINUSE, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, IndexKey, IndexVal, RemoteKey, SynCounts,
+    TwEntry, counter,
 };
 use tracing::warn;
 
@@ -32,12 +32,6 @@ pub const REASONS: [(&str, u32); 5] = [
     ("other", counter::CLOSED_OTHER),
 ];
 
-/// How long after a timer cancel with no re-arm and no expiry following it the
-/// sweeper calls it a kill. A re-arm's start follows its cancel inside one
-/// locked section and an expiry's handler within the same softirq, i.e.
-/// microseconds: this is a bound on scheduling, not a guess at the reason.
-pub const KILL_GRACE: Duration = Duration::from_millis(100);
-
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Counters {
     pub created_inbound: u64,
@@ -50,6 +44,8 @@ pub struct Counters {
     pub substate_changes: u64,
     /// Minisockets whose direction the connection's history corrected.
     pub direction_from_history: u64,
+    /// Minisockets told from another CPU's event before their creation was.
+    pub out_of_order: u64,
     /// Segments dropped by minisockets, as in `SEGMENT_KINDS`.
     pub segments: [u64; 5],
     pub reconcile_runs: u64,
@@ -127,9 +123,9 @@ pub struct Collector {
     /// The object, whose iterator programs the reconciliation runs (None:
     /// no walks). Locked alone, never with `probes` held.
     walker: Mutex<Walker>,
-    /// Closes the sweeper resolved, by `counter::CLOSED_*` index.
+    /// Closes the reconciliation made, by `counter::CLOSED_*` index.
     swept: [AtomicU64; counter::COUNT as usize],
-    /// Lifetimes of the closes the sweeper resolved (layout of `LIFETIME`).
+    /// Lifetimes of the closes the reconciliation made (layout of `LIFETIME`).
     swept_lifetime: Vec<AtomicU64>,
     /// Map reads that failed (a kernel error, not a lost event).
     pub read_errors: AtomicU64,
@@ -485,7 +481,7 @@ impl Collector {
         let mut read = |t: &aya::maps::HashMap<aya::maps::MapData, u64, TwEntry>,
                         c: &aya::maps::HashMap<aya::maps::MapData, u64, timewait_common::ConnEntry>| {
             for_each_entry(t, &self.read_errors, |timer, e| {
-                if e.state == timewait_common::TW_LIVE && e.seen != walk && e.created_ns < began {
+                if e.seen != walk && e.created_ns < began {
                     tw.insert(timer);
                 }
             });
@@ -530,12 +526,12 @@ impl Collector {
             // removed, we uncount, directly in the drained gauges.
             for timer in first.tw.intersection(&second.tw) {
                 if let Ok(e) = probes.tw_socks.get(timer, 0)
-                    && e.state == timewait_common::TW_LIVE
                     && probes.tw_socks.remove(timer).is_ok()
                 {
                     if e.counted == 1 {
                         uncount(&mut t.gauges, e.key);
                     }
+                    unindex(&mut probes.tw_index, *timer, &e);
                     self.swept[counter::CLOSED_OTHER as usize].fetch_add(1, Ordering::Relaxed);
                     removed += 1;
                 }
@@ -710,6 +706,7 @@ impl Collector {
             snapshot_listeners: sum(counter::SNAPSHOT_LISTENERS),
             substate_changes: sum(counter::SUBSTATE_CHANGES),
             direction_from_history: sum(counter::DIRECTION_FROM_HISTORY),
+            out_of_order: sum(counter::OUT_OF_ORDER),
             segments: SEGMENT_KINDS.map(|(_, idx)| sum(idx)),
             reconcile_runs: rec.0,
             reconcile_errors: rec.1,
@@ -815,50 +812,17 @@ impl Collector {
             estimates,
         }
     }
+}
 
-    /// Resolves cancels that neither a re-arm, an expiry nor a reuse of the
-    /// memory followed within `KILL_GRACE`: the minisocket was killed. Removal
-    /// from TW_SOCKS is the claim, so a kernel program resolving the same
-    /// minisocket at the same moment cannot make it count twice.
-    pub fn sweep(&self) -> usize {
-        let mut probes = self.lock();
-        let now = clock_monotonic_ns();
-        let grace = KILL_GRACE.as_nanos() as u64;
-        let due: Vec<(u64, u64)> = probes
-            .pending
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, at)| now.saturating_sub(*at) >= grace)
-            .collect();
-        let mut resolved = 0;
-        for (timer, cancelled_at) in due {
-            let entry: Option<TwEntry> = probes.tw_socks.get(&timer, 0).ok();
-            if let Some(e) = entry
-                && e.state == TW_CANCELLED
-                && e.cancel_ns == cancelled_at
-                && probes.tw_socks.remove(&timer).is_ok()
-            {
-                let reason = timewait_common::kill_reason(e.hint);
-                self.swept[reason as usize].fetch_add(1, Ordering::Relaxed);
-                if e.from_snapshot == 0 {
-                    // The kill happened at the cancel, not now.
-                    let ns = e.cancel_ns.saturating_sub(e.created_ns);
-                    let base = (reason - counter::CLOSED_EXPIRED) * LIFETIME_SLOTS;
-                    self.swept_lifetime[(base + lifetime_slot(ns)) as usize].fetch_add(1, Ordering::Relaxed);
-                    self.swept_lifetime[(base + LIFETIME_SLOTS - 1) as usize].fetch_add(ns, Ordering::Relaxed);
-                }
-                resolved += 1;
-            }
-            // Only if it is still this cancel: a re-arm and a new cancel may
-            // have replaced it meanwhile.
-            if probes.pending.get(&timer, 0).ok() == Some(cancelled_at)
-                && let Err(e) = probes.pending.remove(&timer)
-                && !matches!(e, aya::maps::MapError::KeyNotFound)
-            {
-                warn!(error = %e, "removing a resolved pending cancel failed");
-            }
-        }
-        resolved
+/// Removes the `TW_INDEX` entry of an entry the reconciliation closed, if it
+/// is still that minisocket's (as `unindex` in the eBPF crate's `tw.rs`).
+fn unindex(index: &mut aya::maps::HashMap<aya::maps::MapData, IndexKey, IndexVal>, timer: u64, e: &TwEntry) {
+    if e.indexed == 0 {
+        return;
+    }
+    let key = e.index_key();
+    if index.get(&key, 0).is_ok_and(|v| v.timer == timer && v.created_ns == e.created_ns) {
+        let _ = index.remove(&key);
     }
 }
 

@@ -25,21 +25,24 @@ pub enum KernelError {
 /// structs, and returns its byte offset.
 fn offset_of(btf: &Btf, name: &str, path: &str) -> Result<u32, KernelError> {
     let missing = || KernelError::Field(format!("{name}.{path}"));
-    let types = btf.resolve_types_by_name(name).map_err(|_| missing())?;
-    let mut ty = types
-        .into_iter()
-        .find(|t| matches!(t, Type::Struct(_)))
-        .ok_or_else(missing)?;
-    let mut bits = 0u32;
-    for field in path.split('.') {
-        let (off, next) = find_member(btf, &ty, field).ok_or_else(missing)?;
-        bits += off;
-        ty = next;
-    }
+    let (bits, _) = member(btf, name, path).ok_or_else(missing)?;
     if !bits.is_multiple_of(8) {
         return Err(missing());
     }
     Ok(bits / 8)
+}
+
+/// `path` inside struct `name`: its bit offset and its type (typedefs and
+/// qualifiers stripped).
+fn member(btf: &Btf, name: &str, path: &str) -> Option<(u32, Type)> {
+    let mut ty = btf.resolve_types_by_name(name).ok()?.into_iter().find(|t| matches!(t, Type::Struct(_)))?;
+    let mut bits = 0u32;
+    for field in path.split('.') {
+        let (off, next) = find_member(btf, &ty, field)?;
+        bits += off;
+        ty = next;
+    }
+    Some((bits, ty))
 }
 
 /// Member `field` of struct/union `ty`: (bit offset, its type with typedefs
@@ -99,6 +102,9 @@ pub fn offsets(btf: &Btf) -> Result<Offsets, KernelError> {
     let sc = |f: &str| offset_of(btf, "sock_common", f);
     let entry = offset_of(btf, "timer_list", "entry")?;
     let pprev = offset_of(btf, "hlist_node", "pprev")?;
+    // `netns_ipv4.tcp_death_row`: embedded, except from 5.18 to 6.0 (a pointer).
+    let net_death_row = offset_of(btf, "net", "ipv4.tcp_death_row")?;
+    let death_row_is_ptr = member(btf, "net", "ipv4.tcp_death_row").is_some_and(|(_, t)| matches!(t, Type::Ptr(_)));
     Ok(Offsets {
         timer_function: offset_of(btf, "timer_list", "function")?,
         tw_timer: offset_of(btf, "inet_timewait_sock", "tw_timer")?,
@@ -117,7 +123,7 @@ pub fn offsets(btf: &Btf) -> Result<Offsets, KernelError> {
         skb_head: offset_of(btf, "sk_buff", "head")?,
         skb_transport_header: offset_of(btf, "sk_buff", "transport_header")?,
         timer_pprev: entry + pprev,
-        rsk_timer: offset_of(btf, "request_sock", "rsk_timer")?,
+        skc_hash: sc("skc_hash")?,
         skb_network_header: offset_of(btf, "sk_buff", "network_header")?,
         task_nsproxy: offset_of(btf, "task_struct", "nsproxy")?,
         nsproxy_net_ns: offset_of(btf, "nsproxy", "net_ns")?,
@@ -126,8 +132,32 @@ pub fn offsets(btf: &Btf) -> Result<Offsets, KernelError> {
         cgroup_kn: 0,
         kernfs_node_id: 0,
         tcp_segs_out: offset_of(btf, "tcp_sock", "segs_out")?,
+        skc_nulls_node: sc("skc_nulls_node")?,
+        net_death_row,
+        death_row_is_ptr: u32::from(death_row_is_ptr),
+        death_row_hashinfo: offset_of(btf, "inet_timewait_death_row", "hashinfo")?,
+        hashinfo_ehash: offset_of(btf, "inet_hashinfo", "ehash")?,
+        hashinfo_ehash_mask: offset_of(btf, "inet_hashinfo", "ehash_mask")?,
+        ehash_bucket_size: struct_size(btf, "inet_ehash_bucket")?,
+        tcp_snd_nxt: offset_of(btf, "tcp_sock", "snd_nxt")?,
+        tcp_snd_una: offset_of(btf, "tcp_sock", "snd_una")?,
+        tcp_bytes_acked: offset_of(btf, "tcp_sock", "bytes_acked")?,
+        reqsk_snt_isn: offset_of(btf, "tcp_request_sock", "snt_isn")?,
+        inet_sport: offset_of(btf, "inet_sock", "inet_sport")?,
         _pad: 0,
     })
+}
+
+/// Byte size of struct `name`.
+fn struct_size(btf: &Btf, name: &str) -> Result<u32, KernelError> {
+    let types = btf.resolve_types_by_name(name).map_err(|_| KernelError::Field(name.to_string()))?;
+    types
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) => Some(s.size() as u32),
+            _ => None,
+        })
+        .ok_or_else(|| KernelError::Field(name.to_string()))
 }
 
 /// `sock.sk_cgrp_data`, `cgroup.kn`, `kernfs_node.id`: where a socket's
@@ -146,28 +176,23 @@ pub fn cgroup_offsets(btf: &Btf) -> Result<(u32, u32, u32), KernelError> {
 pub struct TimerFunctions {
     /// Every minisocket's timer.
     pub tw_timer_handler: u64,
-    /// A request socket's timer (0 when absent: SYN reuse then reads `other`).
-    pub reqsk_timer_handler: u64,
 }
 
 pub fn timer_functions() -> Result<TimerFunctions, KernelError> {
     let path = "/proc/kallsyms";
     let text = fs::read_to_string(path).map_err(|err| KernelError::Read { path: path.into(), err })?;
-    let (mut tw, mut reqsk) = (0, 0);
+    let mut tw = 0;
     for l in text.lines() {
         let mut it = l.split_whitespace();
         let (Some(addr), Some(_kind), Some(name)) = (it.next(), it.next(), it.next()) else { continue };
-        let slot = match name {
-            "tw_timer_handler" => &mut tw,
-            "reqsk_timer_handler" => &mut reqsk,
-            _ => continue,
-        };
-        *slot = u64::from_str_radix(addr, 16).unwrap_or(0);
+        if name == "tw_timer_handler" {
+            tw = u64::from_str_radix(addr, 16).unwrap_or(0);
+        }
     }
     if tw == 0 {
         return Err(KernelError::TwTimerHandler);
     }
-    Ok(TimerFunctions { tw_timer_handler: tw, reqsk_timer_handler: reqsk })
+    Ok(TimerFunctions { tw_timer_handler: tw })
 }
 
 /// Inode number of this process's network namespace.
@@ -274,6 +299,7 @@ mod tests {
         assert_eq!(o.timer_pprev, 8, "hlist_node.pprev");
         assert!(o.skc_v6_daddr > o.skc_net, "{o:?}");
         assert!(o.tcp_segs_out > o.sk_protocol, "tcp_sock.segs_out after its struct sock: {o:?}");
+        assert!(o.tcp_snd_nxt > o.sk_protocol && o.tcp_snd_una > o.sk_protocol, "tcp_sock's sequence numbers after its struct sock: {o:?}");
         assert!(offset_of(&btf, "sock_common", "no_such_field").is_err());
         let (sk_cgrp, kn, id) = cgroup_offsets(&btf).expect("cgroup offsets");
         assert!(sk_cgrp > 0, "sock.sk_cgrp_data after sock_common");

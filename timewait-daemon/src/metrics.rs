@@ -338,6 +338,14 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     hist.sample(&[], c.direction_from_history as f64);
     fams.push(hist);
 
+    let mut ooo = Family::new(
+        "timewait_out_of_order_total",
+        "Minisockets another CPU reached between their hashing and their socket's close (tracepoint path), told from that CPU's event: a segment they dropped, or the connection that took them over.",
+        COUNTER,
+    );
+    ooo.sample(&[], c.out_of_order as f64);
+    fams.push(ooo);
+
     let sys = &view.sysctls;
     if let Some(max) = sys.max_buckets {
         let mut f = Family::new("timewait_max_buckets", "net.ipv4.tcp_max_tw_buckets.", GAUGE);

@@ -1,5 +1,5 @@
 //! The daemon: serve HTTP at once (/readyz says 503), attach the probes and
-//! load the start-up snapshot, sweep unresolved kills, stop on SIGTERM/SIGINT.
+//! load the start-up snapshot, stop on SIGTERM/SIGINT.
 
 use std::{
     io::IsTerminal as _,
@@ -20,8 +20,6 @@ use crate::{
     server::{AppState, VERSION, router},
 };
 
-/// How often unresolved cancels are looked at (see collector::KILL_GRACE).
-const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// How often the SYN tables are drained and lost events looked for.
 const TICK: Duration = Duration::from_secs(1);
 /// At most this share of the time goes to walks triggered by lost events
@@ -221,12 +219,6 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     let _ = state.collector.set(collector.clone());
     info!("ready");
 
-    let sweeper = every(SWEEP_EVERY, stop_rx.clone(), {
-        let c = collector.clone();
-        move || {
-            c.sweep();
-        }
-    });
     // Every second: drain the kernel's gauge and SYN tables; reconcile
     // when an event was lost (at once, unless the walks would then take
     // more than LOSS_WALK_SHARE of the time: a host whose kernel keeps
@@ -267,7 +259,6 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     }
     info!("stopping: detaching probes");
     let _ = stop_tx.send(true);
-    let _ = sweeper.await;
     let _ = reconciler.await;
     // serve() itself gives requests in flight 2 s.
     if tokio::time::timeout(Duration::from_secs(3), server).await.is_err() {

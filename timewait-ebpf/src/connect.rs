@@ -3,9 +3,10 @@
 //! task through the slow path, 50 ns a call here: bench scenario 8):
 //! - CLOSE -> SYN_SENT (`tcp_v4_connect`/`tcp_v6_connect`, in the caller's
 //!   context, destination set, before `inet_hash_connect`) notes the socket
-//!   and the task in `CONNECTING`, so a minisocket cancelled inside that
-//!   `inet_hash_connect` with the socket's 4-tuple is known to be taken over
-//!   by `tcp_tw_reuse` (`__inet_check_established`, net/ipv4/inet_hashtables.c);
+//!   and the task in `CONNECTING`, so that a kprobe/fentry lifecycle killing
+//!   a minisocket inside that `inet_hash_connect` with the socket's 4-tuple
+//!   knows it taken over by `tcp_tw_reuse` (`__inet_check_established`,
+//!   net/ipv4/inet_hashtables.c); the tracepoint lifecycle has `TW_INDEX`;
 //! - SYN_SENT -> CLOSE with no segment sent (`tcp_sock.segs_out` 0) is a
 //!   `connect()` that failed before its SYN: `inet_hash_connect` found no
 //!   free port (-EADDRNOTAVAIL), the one such failure that is not a
@@ -75,6 +76,13 @@ pub fn connect_ended(cfg: &Config, sk: u64, netns: u32) -> Result<(), i64> {
     if read::<u32>(sk, cfg.offsets.tcp_segs_out)? != 0 {
         return Ok(());
     }
+    count_no_port(cfg, sk, netns)
+}
+
+/// Counts the connect() of `sk` that found no local port (EADDRNOTAVAIL),
+/// by the calling task's name; with attribution, with its destination.
+#[inline(always)]
+pub fn count_no_port(cfg: &Config, sk: u64, netns: u32) -> Result<(), i64> {
     let dest = if cfg.cgroups != 0 {
         let family: u16 = read(sk, cfg.offsets.skc_family)?;
         Some((family, read::<u16>(sk, cfg.offsets.skc_dport)?, remote_of(cfg, sk, family)?))

@@ -7,17 +7,20 @@
 //!   right after the minisocket is created, which then holds the port;
 //! - that CLOSE also gives the new minisocket its direction from the
 //!   connection's own history (`direction_from_history`);
-//! - an active open's start and a connect() that failed for want of a port
-//!   (`connect`).
+//! - a connect() that failed for want of a port (`connect`);
+//! - on the tracepoint lifecycle (`ROLE_LIFECYCLE`), the creation and the
+//!   takeovers of minisockets (`tracepoint::lifecycle`).
+//! What it serves is `ROLES[0]`: the full-socket part only when the fentry
+//! hooks of the sockets signal did not attach.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use timewait_common::{
-    AggKey, Config, ConnEntry, DIRECTION_INBOUND, DIRECTION_OUTBOUND, IPPROTO_TCP, SUBSTATE_CONNECTION, TCP_CLOSE,
-    TCP_LISTEN, TCP_SYN_SENT, counter,
+    AggKey, Config, ConnEntry, DIRECTION_INBOUND, DIRECTION_OUTBOUND, IPPROTO_TCP, ROLE_LIFECYCLE, ROLE_SOCKETS,
+    SUBSTATE_CONNECTION, TCP_CLOSE, TCP_LISTEN, TCP_SYN_SENT, counter,
 };
 
 use crate::{
-    maps::{BPF_NOEXIST, CONNS, LAST_FOLLOW, LISTEN_PORTS, LISTENERS, TW_SOCKS, add, bump, config, count, read, walk},
+    maps::{BPF_NOEXIST, CONNS, LAST_FOLLOW, LISTEN_PORTS, LISTENERS, TW_SOCKS, add, bump, config, count, read, roles, walk},
     sock::{cgroup_of, listen_key, netns_of, remote_of, watched},
 };
 
@@ -31,11 +34,16 @@ pub fn tw_sock_set_state(ctx: BtfTracePointContext) -> u32 {
 fn try_set_state(sk: u64, old: i32, new: i32) -> Result<(), i64> {
     let (listen, close) = (TCP_LISTEN as i32, TCP_CLOSE as i32);
     let syn_sent = TCP_SYN_SENT as i32;
-    if new == close {
-        let active = connection_closed(sk);
-        direction_from_history(sk, active);
+    let roles = roles();
+    let sockets = roles & ROLE_SOCKETS != 0;
+    let mut active = None;
+    if sockets && new == close {
+        active = Some(closed(sk));
     }
-    if new != listen && old != listen && new != syn_sent && !(old == syn_sent && new == close) {
+    let for_sockets =
+        sockets && (new == listen || old == listen || new == syn_sent || (old == syn_sent && new == close));
+    let for_lifecycle = roles & ROLE_LIFECYCLE != 0 && crate::tracepoint::lifecycle::wanted(old, new);
+    if !for_sockets && !for_lifecycle {
         return Ok(());
     }
     let cfg = config();
@@ -43,22 +51,50 @@ fn try_set_state(sk: u64, old: i32, new: i32) -> Result<(), i64> {
     if proto != IPPROTO_TCP {
         return Ok(());
     }
-    let netns = netns_of(&cfg, sk)?;
-    if !watched(&cfg, netns) {
+    let netns = netns_of(cfg, sk)?;
+    if !watched(cfg, netns) {
         return Ok(());
     }
+    if for_lifecycle {
+        crate::tracepoint::lifecycle::state_changed(cfg, sk, netns, old, new, active);
+    }
+    if for_sockets {
+        sockets_changed(cfg, sk, netns, ((old as u32 & 0xff) << 8) | (new as u32 & 0xff));
+    }
+    Ok(())
+}
+
+// The parts of the program are functions of their own (BPF-to-BPF calls,
+// at most 5 arguments, nothing returned through memory): 5.10's verifier
+// counts 512 bytes of stack for a program and the functions it calls
+// together, and the program with everything inlined took more.
+
+/// `sk` went to CLOSE: forgets it as an active open; whether it was one.
+#[inline(never)]
+fn closed(sk: u64) -> bool {
+    let active = connection_closed(sk);
+    direction_from_history(sk, active);
+    active
+}
+
+/// A TCP socket of a watched namespace went `states` (`old << 8 | new`):
+/// listeners, active opens, connect() failures.
+#[inline(never)]
+fn sockets_changed(cfg: &Config, sk: u64, netns: u32, states: u32) {
+    let (old, new) = ((states >> 8) as i32, (states & 0xff) as i32);
+    let (listen, syn_sent) = (TCP_LISTEN as i32, TCP_SYN_SENT as i32);
     if new == syn_sent {
         crate::connect::connect_started(sk);
-        connection_added(&cfg, sk, netns)?;
+        let _ = connection_added(cfg, sk, netns);
     } else if old == syn_sent {
-        crate::connect::connect_ended(&cfg, sk, netns)?;
+        let _ = crate::connect::connect_ended(cfg, sk, netns);
     } else if new == listen {
-        let port: u16 = read(sk, cfg.offsets.skc_num)?;
-        listener_added(sk, listen_key(netns, port));
+        if let Ok(port) = read::<u16>(sk, cfg.offsets.skc_num) {
+            listener_added(sk, listen_key(netns, port));
+        }
     } else {
         listener_removed(sk);
     }
-    Ok(())
 }
 
 /// Forgets listener `sk`, if it was one.
@@ -84,13 +120,13 @@ pub fn listener_added(sk: u64, key: u64) {
 /// (once: the snapshot and the tracepoint may both see it).
 #[inline(always)]
 pub fn connection_added(cfg: &Config, sk: u64, netns: u32) -> Result<bool, i64> {
-    let family: u16 = read(sk, cfg.offsets.skc_family)?;
+    let h = crate::sock::head(cfg, sk)?;
     let key = AggKey {
-        remote: remote_of(cfg, sk, family)?,
+        remote: crate::sock::remote_in(cfg, sk, &h)?,
         cgroup: cgroup_of(cfg, sk),
         netns,
-        port: u16::from_be(read::<u16>(sk, cfg.offsets.skc_dport)?),
-        family,
+        port: u16::from_be(h.dport),
+        family: h.family,
         direction: DIRECTION_OUTBOUND,
         substate: SUBSTATE_CONNECTION,
         _pad: [0; 6],

@@ -4,8 +4,9 @@
 //! `sock`, `tw`):
 //! - `fentry`: programs on the TIME_WAIT functions themselves (fentry/fexit,
 //!   or kprobes on the same functions), wherever the kernel allows them;
-//! - `tracepoint`: a minisocket followed through its timer and the segments it
-//!   drops, for kernels that lock fentry and kprobes away.
+//! - `tracepoint`: a minisocket followed from its full socket's close, the
+//!   connection that takes its 4-tuple over, its timer's expiry and the
+//!   segments it drops, for kernels that lock fentry and kprobes away.
 //! The daemon picks one per signal by trying to attach. Either way a
 //! minisocket is tracked in `TW_SOCKS` by the address of its `tw_timer` from
 //! creation to end. Listeners and connections (`listen`), `connect()`

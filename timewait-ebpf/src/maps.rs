@@ -5,11 +5,11 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use timewait_common::{
-    AggKey, Config, ConnEntry, ConnectDst, EPOCH_TABLES, EPOCH_WALK, ErrKey, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, LastKill,
-    RemoteKey, SegmentSlot, SynCounts, TwEntry, counter,
+    AggKey, Config, ConnEntry, ConnectDst, EPOCH_TABLES, EPOCH_WALK, ErrKey, IndexKey, IndexVal, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, LastKill,
+    RemoteKey, SegmentSlot, SynCounts, TwEntry, Untold, counter,
 };
 
 /// Start-up configuration; the daemon sets it with `EbpfLoader::set_global`.
@@ -21,11 +21,47 @@ static CONFIG: Config = Config::ZERO;
 #[map]
 pub static TW_SOCKS: HashMap<u64, TwEntry> = HashMap::with_max_entries(1 << 18, 0);
 
-/// Minisockets whose timer was cancelled and nothing has said why yet (a
-/// kill). The daemon resolves what is still here after a grace period.
-/// Value: `bpf_ktime_get_ns()` of the cancel.
+/// Tracepoint lifecycle: the followed minisockets by what the next socket
+/// with the same 4-tuple shares with them (`IndexKey`), so that a connection
+/// accepted from a SYN that took one over, or a `connect()` that took one
+/// over (`tcp_tw_reuse`), finds it: no tracepoint shows those kills. Empty on
+/// the fentry path; allocated as used (`BPF_F_NO_PREALLOC`), sized by the
+/// daemon as `TW_SOCKS`.
 #[map]
-pub static PENDING: HashMap<u64, u64> = HashMap::with_max_entries(1 << 14, 0);
+pub static TW_INDEX: HashMap<IndexKey, IndexVal> = HashMap::with_max_entries(1 << 18, BPF_F_NO_PREALLOC);
+
+/// Tracepoint lifecycle: minisockets a segment found (`FOUND_BY_SEGMENT`) and
+/// closed before the CPU that created them told the creation, by timer
+/// address, with `bpf_ktime_get_ns()` then: that CPU must not follow them
+/// (`lifecycle::created`). Rare (a SYN and an RST within microseconds of the
+/// minisocket's hashing); least recently used first out.
+#[map]
+pub static ENDED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(1024, 0);
+
+/// Tracepoint lifecycle: closes toward TIME_WAIT that found no minisocket
+/// (`timewait_common::Untold`), by the 4-tuple's `IndexKey`, for the
+/// connection that may have taken it over to tell (`lifecycle::told_late`).
+/// Least recently used first out; `UNTOLD_AT[0]` is the time of the last
+/// insert, so that connections look here only within a second of one.
+#[map]
+pub static UNTOLD: LruHashMap<IndexKey, Untold> = LruHashMap::with_max_entries(1024, 0);
+#[map]
+pub static UNTOLD_AT: Array<u64> = Array::with_max_entries(1, 0);
+/// Per-CPU room to build an `UNTOLD` value in, off the stack.
+#[map]
+pub static UNTOLD_SCRATCH: PerCpuArray<Untold> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room for the entries a program builds or copies (`tw::follow_key`,
+/// `tw::entry_copy`), off the 512-byte stack.
+#[map]
+pub static SCRATCH: PerCpuArray<TwEntry> = PerCpuArray::with_max_entries(2, 0);
+pub const SCRATCH_NEW: u32 = 0;
+pub const SCRATCH_OLD: u32 = 1;
+
+/// `ROLE_*` bits: what `inet_sock_set_state` serves (the daemon sets them as
+/// it attaches each signal).
+#[map]
+pub static ROLES: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Listening sockets, keyed by `struct sock *`; value: `listen_key()`.
 #[map]
@@ -83,16 +119,10 @@ pub static LIFETIME: PerCpuArray<[u64; (LIFETIME_REASONS * LIFETIME_SLOTS) as us
 #[map]
 pub static SEGMENT: PerCpuArray<SegmentSlot> = PerCpuArray::with_max_entries(1, 0);
 
-/// The last minisocket cancelled on this CPU (tracepoint path, see
-/// `tracepoint::timer::tw_timer_start`).
-#[map]
-pub static LAST_CANCEL: PerCpuArray<LastCancel> = PerCpuArray::with_max_entries(1, 0);
-
-/// The active open last started on each CPU (tracepoint path: CLOSE ->
-/// SYN_SENT): its task and socket. A per-CPU slot, not a hash map: it is
-/// written on every connect() of the system. A caller that migrates CPUs
-/// between that state change and `inet_hash_connect` loses its hint
-/// (reason other).
+/// The active open last started on each CPU (sockets on the tracepoint path:
+/// CLOSE -> SYN_SENT): its task and socket, for a kprobe/fentry lifecycle to
+/// tell a `tcp_tw_reuse` takeover. A per-CPU slot, not a hash map: it is
+/// written on every connect() of the system.
 #[map]
 pub static CONNECTING: PerCpuArray<ConnectDst> = PerCpuArray::with_max_entries(1, 0);
 
@@ -112,13 +142,27 @@ pub static CONNS: HashMap<u64, ConnEntry> = HashMap::with_max_entries(1 << 18, 0
 pub static CONNECT_ERRORS: HashMap<ErrKey, i64> = HashMap::with_max_entries(1024, 0);
 
 pub const BPF_NOEXIST: u64 = 1;
+pub const BPF_ANY: u64 = 0;
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// `ROLES[0]`.
+#[inline(always)]
+pub fn roles() -> u32 {
+    ROLES.get(0).copied().unwrap_or(0)
+}
 const EEXIST: i64 = 17;
 
+/// The configuration, read in place (not copied: it is 152 bytes of a
+/// 512-byte stack).
 #[inline(always)]
-pub fn config() -> Config {
-    // SAFETY: CONFIG is a plain read-only global; the volatile read keeps the
-    // compiler from folding in the compiled-in zero value.
-    unsafe { core::ptr::read_volatile(&raw const CONFIG) }
+pub fn config() -> &'static Config {
+    let p: *const Config = &raw const CONFIG;
+    // SAFETY: reads a local. The volatile read makes the pointer opaque, so
+    // the compiler cannot fold in the compiled-in zero value of CONFIG; the
+    // loads through it happen at run time, from the value the daemon set.
+    let p = unsafe { core::ptr::read_volatile(&p) };
+    // SAFETY: p is CONFIG's address; it is read-only and lives forever.
+    unsafe { &*p }
 }
 
 /// Reads a `T` at `base + off` in kernel memory.

@@ -2,9 +2,7 @@
 //! (`struct sock_common` is the first member of both) through the offsets the
 //! daemon found in the running kernel's BTF.
 
-use timewait_common::{
-    AF_INET, AF_INET6, AggKey, Config, DIRECTION_INBOUND, DIRECTION_OUTBOUND,
-};
+use timewait_common::{AF_INET, AF_INET6, AggKey, Config, DIRECTION_INBOUND, DIRECTION_OUTBOUND, SockHead};
 
 use timewait_common::counter;
 
@@ -112,6 +110,37 @@ pub fn is_listening(netns: u32, port: u16) -> bool {
     unsafe { LISTEN_PORTS.get(listen_key(netns, port)) }.is_some_and(|n| *n > 0)
 }
 
+/// The head of `sk`'s `sock_common`: one read where the layout is the usual
+/// one (`Config::head_fast`), field by field at the BTF offsets otherwise.
+#[inline(always)]
+pub fn head(cfg: &Config, sk: u64) -> Result<SockHead, i64> {
+    if cfg.head_fast != 0 {
+        return read::<SockHead>(sk, 0);
+    }
+    let o = &cfg.offsets;
+    Ok(SockHead {
+        daddr: read(sk, o.skc_daddr)?,
+        rcv_saddr: read(sk, o.skc_rcv_saddr)?,
+        hash: read(sk, o.skc_hash)?,
+        dport: read(sk, o.skc_dport)?,
+        num: read(sk, o.skc_num)?,
+        family: read(sk, o.skc_family)?,
+        state: read(sk, o.skc_state)?,
+        _flags: 0,
+    })
+}
+
+/// Remote address of a socket whose head is `h` (IPv4 in the first 4 bytes).
+#[inline(always)]
+pub fn remote_in(cfg: &Config, sk: u64, h: &SockHead) -> Result<[u8; 16], i64> {
+    if h.family != AF_INET {
+        return remote_of(cfg, sk, h.family);
+    }
+    let mut remote = [0u8; 16];
+    remote[..4].copy_from_slice(&h.daddr);
+    Ok(remote)
+}
+
 /// Remote address of a socket (IPv4 in the first 4 bytes).
 #[inline(always)]
 pub fn remote_of(cfg: &Config, sk: u64, family: u16) -> Result<[u8; 16], i64> {
@@ -145,19 +174,23 @@ pub fn unseen_inbound(cfg: &Config, lport: u16, rport: u16) -> bool {
 /// `ip_local_port_range` and a remote port outside it is an active open
 /// (outbound), anything else was accepted (inbound, on its local port).
 #[inline(always)]
-pub fn tw_key(cfg: &Config, tw: u64, netns: u32, unseen: bool) -> Result<AggKey, i64> {
-    let o = &cfg.offsets;
-    let family: u16 = read(tw, o.skc_family)?;
-    let substate: u8 = read(tw, o.tw_substate)?;
-    let lport: u16 = read(tw, o.skc_num)?;
-    let rport = u16::from_be(read::<u16>(tw, o.skc_dport)?);
+pub fn tw_key_in(cfg: &Config, tw: u64, h: &SockHead, netns: u32, unseen: bool) -> Result<AggKey, i64> {
+    let substate: u8 = read(tw, cfg.offsets.tw_substate)?;
+    key_in(cfg, tw, h, netns, unseen, substate)
+}
+
+/// The aggregation key of socket or minisocket `s` (head `h`) under
+/// `substate`, as `tw_key_in` says.
+#[inline(always)]
+pub fn key_in(cfg: &Config, s: u64, h: &SockHead, netns: u32, unseen: bool, substate: u8) -> Result<AggKey, i64> {
+    let (lport, rport) = (h.num, u16::from_be(h.dport));
     let mut key = AggKey {
         netns,
-        family,
+        family: h.family,
         substate,
         ..AggKey::default()
     };
-    key.remote = remote_of(cfg, tw, family)?;
+    key.remote = remote_in(cfg, s, h)?;
     let inbound = is_listening(netns, lport) || (unseen && unseen_inbound(cfg, lport, rport));
     if inbound {
         key.direction = DIRECTION_INBOUND;

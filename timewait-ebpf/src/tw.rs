@@ -1,7 +1,7 @@
 //! The life of a followed minisocket, shared by both paths into the kernel:
 //! start following it, re-key it (its substate changed), close it for a
 //! reason. `TW_SOCKS` is keyed by the address of `tw->tw_timer` on both
-//! paths, so the start-up snapshot (`iter.rs`) and the daemon's sweeper need
+//! paths, so the start-up snapshot (`iter.rs`) and the reconciliation need
 //! not know which path is attached.
 //!
 //! Every change of what an entry counts goes with a +1/-1 in the gauges'
@@ -11,15 +11,20 @@
 //! makes the daemon reconcile with the kernel's socket tables at once.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use timewait_common::{AggKey, Config, DIRECTION_INBOUND, LastCancel, RemoteKey, TW_LIVE, TwEntry, counter};
+use timewait_common::{
+    AggKey, Config, DIRECTION_INBOUND, FOLLOWED_AT_CREATION, FOUND_BY_WALK, IndexVal, LastCancel, ROLE_LIFECYCLE, RemoteKey, SockHead, TwEntry, counter,
+};
 
 use crate::{
-    maps::{BPF_NOEXIST, LAST_FOLLOW, PENDING, TW_SOCKS, bump, count, is_eexist, move_count, observe_lifetime, walk},
-    sock::tw_key,
+    maps::{
+        BPF_ANY, BPF_NOEXIST, LAST_FOLLOW, SCRATCH, SCRATCH_NEW, SCRATCH_OLD, TW_INDEX, TW_SOCKS, bump, count, is_eexist, move_count, observe_lifetime,
+        roles, walk,
+    },
+    sock::{head, tw_key_in},
 };
 
 /// Closes a followed minisocket for `reason` if this call is the one that
-/// removes it from `TW_SOCKS` (removal is the claim: the daemon's sweeper and
+/// removes it from `TW_SOCKS` (removal is the claim: the reconciliation and
 /// the programs can race for the same entry, only one wins). Returns the
 /// lifetime it observed (u64::MAX: none, a minisocket of the start-up
 /// snapshot) when it closed it.
@@ -37,13 +42,13 @@ pub fn close(timer: u64, entry: &TwEntry, reason: u32) -> Option<u64> {
     }
     bump(reason);
     let mut lifetime = u64::MAX;
-    if entry.from_snapshot == 0 {
+    if entry.from_snapshot != FOUND_BY_WALK {
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
         lifetime = now.saturating_sub(entry.created_ns);
         observe_lifetime(reason, lifetime);
     }
-    let _ = PENDING.remove(timer);
+    unindex(timer, entry);
     Some(lifetime)
 }
 
@@ -60,40 +65,97 @@ pub fn close_timer(timer: u64, reason: u32) {
 /// Starts following minisocket `tw` (timer `timer`). Returns its key, or
 /// None when it was already followed or could not be. One created under
 /// watch (`from_snapshot` 0) is remembered on this CPU until its full socket
-/// closes, which tells its direction from history.
+/// closes, which tells its direction from history (fentry path).
 #[inline(always)]
 pub fn follow(cfg: &Config, tw: u64, timer: u64, netns: u32, from_snapshot: u32) -> Option<AggKey> {
-    let key = tw_key(cfg, tw, netns, from_snapshot == 1).ok()?;
-    let entry = TwEntry {
-        key,
-        // SAFETY: helper without preconditions.
-        created_ns: unsafe { bpf_ktime_get_ns() },
-        state: TW_LIVE,
-        seen: walk(),
-        counted: 1,
-        from_snapshot: from_snapshot as u16,
-        ..TwEntry::default()
-    };
-    if let Err(e) = TW_SOCKS.insert(timer, entry, BPF_NOEXIST) {
-        if !is_eexist(e.into()) {
-            bump(counter::LOST);
-        }
-        return None;
-    }
-    if !count(&key, 1) {
-        // Not counted, so not followed either: the next walk follows it.
-        let _ = TW_SOCKS.remove(timer);
+    let h = head(cfg, tw).ok()?;
+    // One found, not seen created, may have lost its listener meanwhile.
+    let key = tw_key_in(cfg, tw, &h, netns, from_snapshot != FOLLOWED_AT_CREATION as u32).ok()?;
+    if !follow_key(&h, timer, &key, from_snapshot, 0) {
         return None;
     }
     if from_snapshot == 0
         && let Some(slot) = LAST_FOLLOW.get_ptr_mut(0)
     {
-        let lport: u16 = crate::maps::read(tw, cfg.offsets.skc_num).unwrap_or(0);
-        let rport: u16 = crate::maps::read(tw, cfg.offsets.skc_dport).unwrap_or(0);
         // SAFETY: this CPU's slot; tracing programs do not migrate.
-        unsafe { *slot = LastCancel { timer, remote: key.remote, lport, rport, _pad: 0 } };
+        unsafe { *slot = LastCancel { timer, remote: key.remote, lport: h.num, rport: h.dport, _pad: 0 } };
     }
     Some(key)
+}
+
+/// Follows the minisocket whose head is `h` (timer `timer`) under `key`: its
+/// entry, its count and, on the tracepoint lifecycle, its `TW_INDEX` entry
+/// (`isn`: that of a connection that takes it over, 0 when unknown).
+/// False when it was already followed or could not be.
+#[inline(always)]
+pub fn follow_key(h: &SockHead, timer: u64, key: &AggKey, from_snapshot: u32, isn: u32) -> bool {
+    // Built in this CPU's scratch slot, not on the stack (5.10's verifier
+    // counts 512 bytes for a program and the functions it calls together).
+    let Some(slot) = SCRATCH.get_ptr_mut(SCRATCH_NEW) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; tracing programs do not migrate, and nothing
+    // else on this CPU runs between these writes and the insert.
+    let entry = unsafe { &mut *slot };
+    // SAFETY: helper without preconditions.
+    let created_ns = unsafe { bpf_ktime_get_ns() };
+    let indexed = roles() & ROLE_LIFECYCLE != 0;
+    entry.key = *key;
+    entry.created_ns = created_ns;
+    entry.isn = isn;
+    entry._pad = 0;
+    entry.seen = walk();
+    entry.counted = 1;
+    entry.from_snapshot = from_snapshot as u16;
+    entry.index_hash = if indexed { h.hash } else { 0 };
+    entry.index_rport = if indexed { h.dport } else { 0 };
+    entry.indexed = u16::from(indexed);
+    if let Err(e) = TW_SOCKS.insert(timer, &*entry, BPF_NOEXIST) {
+        if !is_eexist(e.into()) {
+            bump(counter::LOST);
+        }
+        return false;
+    }
+    if !count(key, 1) {
+        // Not counted, so not followed either: the next walk follows it.
+        let _ = TW_SOCKS.remove(timer);
+        return false;
+    }
+    if indexed {
+        let val = IndexVal { timer, created_ns, lport: h.num, _pad: [0; 3] };
+        if TW_INDEX.insert(&entry.index_key(), &val, BPF_ANY).is_err() {
+            // Its takeover, if any, will not be told: the walks close it.
+            bump(counter::LOST);
+        }
+    }
+    true
+}
+
+/// A copy of `TW_SOCKS`'s entry for `timer` in this CPU's scratch slot (a
+/// stable copy for `close`, which removes the entry first), if it has one.
+#[inline(always)]
+pub fn entry_copy(timer: u64) -> Option<&'static TwEntry> {
+    let slot = SCRATCH.get_ptr_mut(SCRATCH_OLD)?;
+    // SAFETY: read-only view of the map value, copied at once.
+    let e = unsafe { TW_SOCKS.get(timer) }?;
+    // SAFETY: this CPU's slot; tracing programs do not migrate.
+    unsafe {
+        *slot = *e;
+        Some(&*slot)
+    }
+}
+
+/// Removes the `TW_INDEX` entry of a closed minisocket, if it is still its.
+#[inline(always)]
+fn unindex(timer: u64, entry: &TwEntry) {
+    if entry.indexed == 0 {
+        return;
+    }
+    let key = entry.index_key();
+    // SAFETY: read-only copy of a plain value.
+    if unsafe { TW_INDEX.get(&key) }.is_some_and(|v| v.timer == timer && v.created_ns == entry.created_ns) {
+        let _ = TW_INDEX.remove(&key);
+    }
 }
 
 /// Counts a minisocket created under watch.

@@ -81,7 +81,9 @@ pub const GUEST_TESTS: &[matrix::GuestRun] = &[
     // state changes, tcp_tw_reuse takeovers told from the active open).
     ("6.1", "kprobe", &["check_paths", "server_side_500", "syn_reuse", "syn_rejected", "reset", "exhaustion", "connect_reuse"]),
     ("5.10", "tracepoint", &["check_paths", "netns_isolation"]),
-    ("6.12", "tracepoint", &["check_paths", "server_side_500", "syn_rejected", "reset"]),
+    // The tracepoint lifecycle: creation from the close, takeovers told by
+    // the next connection with the 4-tuple, resets from kfree_skb's rx_sk.
+    ("6.12", "tracepoint", &["check_paths", "server_side_500", "syn_reuse", "syn_rejected", "reset", "connect_reuse"]),
 ];
 
 /// Counts vs `ss` per remote, direction, IPv6, FIN_WAIT2, pre-existing and

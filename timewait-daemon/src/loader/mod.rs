@@ -12,7 +12,7 @@ use aya::{
     programs::{Iter, TracePoint},
 };
 use thiserror::Error;
-use timewait_common::{AggKey, Config, ConnEntry, ErrKey, RemoteKey, SynCounts, TwEntry};
+use timewait_common::{AggKey, Config, ConnEntry, ErrKey, IndexKey, IndexVal, RemoteKey, SynCounts, TwEntry};
 use tracing::{debug, info};
 
 use crate::kernel::{self, KernelError};
@@ -108,7 +108,8 @@ pub struct Probes {
     pub ebpf: Option<Ebpf>,
     pub tw_socks: HashMap<MapData, u64, TwEntry>,
     pub conns: HashMap<MapData, u64, ConnEntry>,
-    pub pending: HashMap<MapData, u64, u64>,
+    /// Tracepoint lifecycle: followed minisockets by 4-tuple (`IndexKey`).
+    pub tw_index: HashMap<MapData, IndexKey, IndexVal>,
     pub counters: PerCpuArray<MapData, [u64; timewait_common::counter::COUNT as usize]>,
     /// The two gauge-delta and two SYN tables, by epoch (see `COUNTS_0` in
     /// the eBPF crate).
@@ -322,12 +323,14 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     let config = Config {
         offsets,
         tw_timer_handler: functions.tw_timer_handler,
-        reqsk_timer_handler: functions.reqsk_timer_handler,
         netns: if opts.all_netns { 0 } else { netns },
         port_lo: port_range.0,
         port_hi: port_range.1,
         cgroups: u32::from(opts.attribute_cgroups),
-        _pad: 0,
+        head_fast: u32::from(
+            [offsets.skc_daddr, offsets.skc_rcv_saddr, offsets.skc_hash, offsets.skc_dport, offsets.skc_num, offsets.skc_family, offsets.skc_state]
+                == timewait_common::SockHead::OFFSETS,
+        ),
     };
     debug!(?config, "kernel configuration");
     let tracked = opts.max_tracked_sockets.unwrap_or_else(default_tracked);
@@ -336,6 +339,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         .btf(Some(&btf))
         .override_global("CONFIG", &config, true)
         .map_max_entries("TW_SOCKS", tracked)
+        .map_max_entries("TW_INDEX", tracked)
         .map_max_entries("COUNTS_0", opts.max_series)
         .map_max_entries("COUNTS_1", opts.max_series)
         .map_max_entries("SYNS_0", syn_capacity(opts.max_series))
@@ -357,7 +361,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     // 2. Minisockets: their lifecycle and segments, each on the path that
     //    attaches, then the snapshot of those that already exist. The
     //    snapshot inserts with BPF_NOEXIST: no double count.
-    let lifecycle = paths::lifecycle(&mut ebpf, &btf, opts.probe_path)?;
+    let lifecycle = paths::lifecycle(&mut ebpf, &btf, opts.probe_path, sockets.path)?;
     let segments = paths::segments(
         &mut ebpf,
         &btf,
@@ -399,7 +403,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         programs,
         tw_socks: take(&mut ebpf, "TW_SOCKS")?,
         conns: take(&mut ebpf, "CONNS")?,
-        pending: take(&mut ebpf, "PENDING")?,
+        tw_index: take(&mut ebpf, "TW_INDEX")?,
         counters: take(&mut ebpf, "COUNTERS")?,
         counts: [take(&mut ebpf, "COUNTS_0")?, take(&mut ebpf, "COUNTS_1")?],
         syns: [take(&mut ebpf, "SYNS_0")?, take(&mut ebpf, "SYNS_1")?],

@@ -4,19 +4,22 @@
 //!
 //! | signal | fentry path | kprobe fallback | tracepoint path |
 //! | --- | --- | --- | --- |
-//! | lifecycle: creation, re-arm, kill, expiry | fentry on `inet_twsk_deschedule_put`, `tw_timer_handler`, `__inet_twsk_schedule` | kprobes on the same functions | `tp_btf/timer_init`, `timer_cancel`, `timer_expire_entry`, `timer_start` |
+//! | lifecycle: creation, re-arm, kill, expiry | fentry on `inet_twsk_deschedule_put`, `tw_timer_handler`, `__inet_twsk_schedule` | kprobes on the same functions | `tp_btf/inet_sock_set_state` (creation from the full socket's close, takeovers from the next connection's start), `timer_expire_entry` |
 //! | segments: SYN verdicts, segment kinds, reset kills | fentry + fexit on `tcp_timewait_state_process` | kprobe + kretprobe on it | `tp_btf/kfree_skb` with `rx_sk` (6.11+) |
 //!
 //! Per function of the lifecycle, fentry first, then a kprobe. The tracepoint
 //! lifecycle is one state machine over the timer events, so it is taken
-//! whole, when any lifecycle function can be had neither way. Segments follow
+//! whole, when any lifecycle function can be had neither way; what the
+//! `inet_sock_set_state` program serves is told by `ROLES`. Segments follow
 //! the lifecycle's path; where none of their hooks attaches they are
 //! reported unavailable (never as zeros).
 
 use aya::{
     Btf, Ebpf,
+    maps::{Array, MapData},
     programs::{BtfTracePoint, FEntry, FExit, KProbe, Program},
 };
+use timewait_common::{ROLE_LIFECYCLE, ROLE_SOCKETS};
 
 use super::{LoadError, error_chain};
 
@@ -138,11 +141,21 @@ pub fn sockets(ebpf: &mut Ebpf, btf: &Btf, want: ProbePath) -> Result<SignalPath
         }
         sp.hooks.clear();
     }
+    add_roles(ebpf, ROLE_SOCKETS)?;
     let (program, tp) = super::LISTEN_PROGRAM;
     tp_btf(ebpf, btf, program, tp).map_err(|err| LoadError::Program { program, step: "attach", err })?;
     sp.hooks.push(format!("tp_btf/{tp}"));
     sp.path = Path::Tracepoint;
     Ok(sp)
+}
+
+/// Adds `bits` to `ROLES[0]`: what the `inet_sock_set_state` program serves.
+fn add_roles(ebpf: &mut Ebpf, bits: u32) -> Result<(), LoadError> {
+    let map = ebpf.map_mut("ROLES").ok_or(LoadError::Map("ROLES", "not in object".into()))?;
+    let mut roles: Array<&mut MapData, u32> =
+        Array::try_from(map).map_err(|e| LoadError::Map("ROLES", super::error_chain(&e)))?;
+    let now = roles.get(&0, 0).unwrap_or(0);
+    roles.set(0, now | bits, 0).map_err(|e| LoadError::Map("ROLES", super::error_chain(&e)))
 }
 
 /// A kernel function of the fast path and its two programs.
@@ -160,14 +173,11 @@ const LIFECYCLE_FUNCTIONS: [Function; 3] = [
     Function { kernel: "__inet_twsk_schedule", fentry: "fentry_twsk_schedule", kprobe: "kprobe_twsk_schedule" },
 ];
 
-/// Tracepoint lifecycle: (program, tracepoint). timer_init first (it resolves
-/// kills before a reused minisocket starts), timer_start last.
-pub const TIMER_PROGRAMS: &[(&str, &str)] = &[
-    ("tw_timer_init", "timer_init"),
-    ("tw_timer_cancel", "timer_cancel"),
-    ("tw_timer_expire", "timer_expire_entry"),
-    ("tw_timer_start", "timer_start"),
-];
+/// Tracepoint lifecycle: the expiry (program, tracepoint); creation and
+/// takeovers are `inet_sock_set_state`'s (`ROLE_LIFECYCLE`), turned on after it.
+/// The timer tracepoints that fire for every timer armed or stopped
+/// (`timer_init`, `timer_start`, `timer_cancel`) are not used.
+pub const TIMER_PROGRAMS: &[(&str, &str)] = &[("tw_timer_expire", "timer_expire_entry")];
 const KFREE_SKB: (&str, &str) = ("tw_kfree_skb", "kfree_skb");
 
 const STATE_PROCESS: &str = "tcp_timewait_state_process";
@@ -256,8 +266,10 @@ fn unload(ebpf: &mut Ebpf, program: &str) {
 }
 
 /// Attaches the lifecycle hooks: per function fentry, then a kprobe; the
-/// tracepoint lifecycle when a function can be had neither way.
-pub fn lifecycle(ebpf: &mut Ebpf, btf: &Btf, want: ProbePath) -> Result<SignalPath, LoadError> {
+/// tracepoint lifecycle when a function can be had neither way (`sockets`:
+/// the path of the sockets signal, whose `inet_sock_set_state` program it
+/// shares).
+pub fn lifecycle(ebpf: &mut Ebpf, btf: &Btf, want: ProbePath, sockets: Path) -> Result<SignalPath, LoadError> {
     let mut sp = SignalPath { signal: LIFECYCLE, path: Path::Fentry, hooks: Vec::new(), refused: Vec::new() };
     let mut attached: Vec<&'static str> = Vec::new();
     let mut complete = want != ProbePath::Tracepoint;
@@ -295,11 +307,20 @@ pub fn lifecycle(ebpf: &mut Ebpf, btf: &Btf, want: ProbePath) -> Result<SignalPa
     if !want.allows(Path::Tracepoint) {
         return Err(refused(want, &sp));
     }
+    // The expiry first, creation last: from then on every new minisocket is
+    // followed to its end.
     for (program, tp) in TIMER_PROGRAMS {
         tp_btf(ebpf, btf, program, tp)
             .map_err(|err| LoadError::Program { program, step: "attach", err })?;
         sp.hooks.push(format!("tp_btf/{tp}"));
     }
+    add_roles(ebpf, ROLE_LIFECYCLE)?;
+    let (program, tp) = super::LISTEN_PROGRAM;
+    if sockets != Path::Tracepoint {
+        // Full sockets are followed by fentry: the program serves only this.
+        tp_btf(ebpf, btf, program, tp).map_err(|err| LoadError::Program { program, step: "attach", err })?;
+    }
+    sp.hooks.insert(0, format!("tp_btf/{tp}"));
     sp.path = Path::Tracepoint;
     Ok(sp)
 }

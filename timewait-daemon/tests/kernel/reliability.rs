@@ -101,7 +101,9 @@ fn kill9_leaves_nothing_behind() {
     let d = Daemon::start(&ns, &[]);
     let ids = bpf_ids(d.pid());
     let progs = ids.iter().filter(|(k, _)| k == "prog_id").count();
-    assert!(progs >= 8, "expected the daemon's programs among its fds, got {ids:?}");
+    // Tracepoint path: three iterators, inet_sock_set_state, the expiry and
+    // kfree_skb; the fentry path has more.
+    assert!(progs >= 5, "expected the daemon's programs among its fds, got {ids:?}");
     assert!(ids.iter().all(|(k, id)| bpf_object_exists(k, *id)), "{ids:?} should exist while it runs");
     let listener = ns.listen("127.0.0.1:8080".parse().unwrap());
     ns.server_closes_first(&listener, &[("127.0.0.2".parse().unwrap(), 30)]);

@@ -23,7 +23,7 @@ use timewait_common::{Config, EADDRINUSE, EADDRNOTAVAIL, IPPROTO_TCP, TCP_LISTEN
 use crate::{
     connect::count_failed,
     listen::{connection_added, connection_closed, direction_from_history, listener_added, listener_removed},
-    maps::{CONNECT_ERRORS, LAST_KILL, add, bump, config, observe_lifetime, read, unbump, unobserve_lifetime},
+    maps::{LAST_KILL, bump, config, observe_lifetime, read, unbump, unobserve_lifetime},
     sock::{listen_key, netns_of, remote_of, watched},
 };
 
@@ -89,13 +89,7 @@ fn connect_exit(sk: u64, ret: i32) -> Result<(), i64> {
     if ret == 0 {
         connection_added(&cfg, sk, netns)?;
     } else if ret == -(EADDRNOTAVAIL as i32) {
-        let dest = if cfg.cgroups != 0 {
-            let family: u16 = read(sk, cfg.offsets.skc_family)?;
-            Some((family, read::<u16>(sk, cfg.offsets.skc_dport)?, remote_of(&cfg, sk, family)?))
-        } else {
-            None
-        };
-        add(&CONNECT_ERRORS, &crate::connect::err_key(&cfg, EADDRNOTAVAIL, netns, dest)?, 1);
+        crate::connect::count_no_port(&cfg, sk, netns)?;
     }
     Ok(())
 }
