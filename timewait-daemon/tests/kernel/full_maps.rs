@@ -32,8 +32,12 @@ fn tiny_maps_reconcile_to_exact() {
         || ns.ss_tw_by_remote(),
         || d.scrape().tw_by_remote(),
     );
-    assert_eq!(n.values().sum::<u64>(), 300);
-    eprintln!("healed in {:?}", start.elapsed());
+    // The daemon equals `ss`, whatever the load left: in a CI guest (6.1,
+    // TCG) one of the 300 connections once left no TIME_WAIT (ss and the
+    // daemon agreed on 299).
+    let total = n.values().sum::<u64>();
+    assert!((295..=300).contains(&total), "the load left {total} TIME_WAIT of 300");
+    eprintln!("healed in {:?} ({total} TIME_WAIT)", start.elapsed());
     let m = d.scrape();
     let lost = m.sum("timewait_events_lost_total", &[]);
     assert!(lost >= 1.0, "300 keys into tables of 64: something was lost ({lost})");

@@ -131,7 +131,14 @@ fn estimate_meets_the_first_eaddrnotavail() {
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
         .unwrap_or_else(|e| panic!("ramp: {e}"));
     eprintln!("connect() failed with EADDRNOTAVAIL at {:.2} s, after {made} connections", failed_at.as_secs_f64());
-    assert_eq!(made, RANGE, "the range really runs out after {RANGE} connections");
+    // The kernel's premise, not the daemon's: the ramp's own TIME_WAIT hold
+    // the range (tcp_tw_reuse is 0 in test namespaces). In a CI guest (6.12,
+    // TCG) one connection more once got through (one minisocket ended early);
+    // the estimate is compared with the real failure below either way.
+    assert!(
+        (RANGE..=RANGE + 1).contains(&made),
+        "the range really runs out after {RANGE} connections (made {made})"
+    );
     for (t, est) in reads {
         let actual = failed_at.saturating_sub(t).as_secs_f64();
         assert!(
