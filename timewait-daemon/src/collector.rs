@@ -435,8 +435,9 @@ impl Collector {
     }
 
     /// The gauges: what the drains moved out plus what both delta tables
-    /// hold now. Called with the probes lock held, which a drain holds
-    /// throughout: each change is seen exactly once.
+    /// hold now. Called with the probes lock held, which a drain holds while
+    /// it moves changes from a table into the totals: each change is seen
+    /// exactly once.
     fn raw_counts(&self, probes: &Probes) -> HashMap<AggKey, i64> {
         let mut raw = self.totals.lock().unwrap_or_else(|e| e.into_inner()).gauges.clone();
         for table in &probes.counts {
@@ -615,7 +616,14 @@ impl Collector {
             warn!(error = %e, "flipping the kernel's tables failed");
             return;
         }
-        if let Err(e) = grace.wait() {
+        // Not under the lock: the grace period takes milliseconds, and a
+        // scrape meanwhile reads the totals and both tables, whose changes
+        // have not moved yet (only drains move them, one at a time, from the
+        // tick task). Reconciliations only take from the totals.
+        drop(probes);
+        let waited = grace.wait();
+        let mut probes = self.lock();
+        if let Err(e) = waited {
             // Not drained this time; the other pair gets drained next time
             // only once this wait has succeeded: flip back.
             warn!(error = %e, "waiting for running programs failed; the tables are drained at the next tick");
