@@ -52,7 +52,10 @@ fn netns_isolation() {
         || ns.ss_tw_total(),
         || daemon.scrape().count("timewait_sockets", &[]),
     );
-    assert_eq!(total, 30, "only the namespace's 30");
+    // Equal to `ss` in the namespace (above) is the isolation; the count is
+    // the load's: in a CI guest (6.12, TCG) one of the 30 connections once
+    // left no TIME_WAIT (ss and the daemon agreed on 29, none half-closed).
+    assert!((28..=30).contains(&total), "only the namespace's 30 (ss and the daemon: {total})");
     let m = daemon.scrape();
     let hp = host_port.to_string();
     let leaked: Vec<_> = m
