@@ -297,6 +297,13 @@ pub const FOUND_BY_WALK: u16 = 1;
 /// creation is counted then; the socket's close takes it over.
 pub const FOUND_BY_SEGMENT: u16 = 2;
 
+impl AggKey {
+    /// The per-remote key (SYN counters) of what is counted under this key.
+    pub const fn remote_key(&self) -> RemoteKey {
+        RemoteKey { remote: self.remote, netns: self.netns, family: self.family, _pad: [0; 2] }
+    }
+}
+
 impl TwEntry {
     /// Its `TW_INDEX` key (meaningful when `indexed` is 1): the eBPF programs
     /// and the daemon's reconciliation both remove entries by it.

@@ -737,7 +737,7 @@ impl Collector {
         // A remote that holds minisockets has its SYN series from then on
         // (at 0), so `increase()` sees its first SYN.
         for k in counts.keys().filter(|k| k.substate != timewait_common::SUBSTATE_CONNECTION) {
-            syns.entry(RemoteKey { remote: k.remote, netns: k.netns, family: k.family, _pad: [0; 2] }).or_default();
+            syns.entry(k.remote_key()).or_default();
         }
         let mut names = self.cgroups.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
         let mut connect_errors: Vec<ConnectErrors> = probes

@@ -193,5 +193,5 @@ pub fn move_to(entry: &mut TwEntry, key: AggKey) {
 /// The per-remote key of `entry` (SYN counters).
 #[inline(always)]
 pub fn remote_key(entry: &TwEntry) -> RemoteKey {
-    RemoteKey { remote: entry.key.remote, netns: entry.key.netns, family: entry.key.family, _pad: [0; 2] }
+    entry.key.remote_key()
 }

@@ -33,7 +33,7 @@
 //!   when the connection fails) with it: found the same way.
 
 use timewait_common::{
-    AggKey, Config, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FOLLOWED_AT_CREATION, FOUND_BY_WALK, IndexKey, RemoteKey, SockHead, TCP_CLOSE, TCP_CLOSING,
+    AggKey, Config, DIRECTION_INBOUND, DIRECTION_OUTBOUND, FOLLOWED_AT_CREATION, FOUND_BY_WALK, IndexKey, SockHead, TCP_CLOSE, TCP_CLOSING,
     TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_NEW_SYN_RECV, TCP_FIN_WAIT2, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, counter,
 };
 
@@ -390,7 +390,7 @@ fn tell_takeover(key: &AggKey, lifetime: u64) {
     bump_created(key);
     bump(counter::CLOSED_REUSED_BY_SYN);
     observe_lifetime(counter::CLOSED_REUSED_BY_SYN, lifetime);
-    add_syn(&RemoteKey { remote: key.remote, netns: key.netns, family: key.family, _pad: [0; 2] }, false);
+    add_syn(&key.remote_key(), false);
 }
 
 /// A connection left SYN_RECV with the 4-tuple of a close that found no
