@@ -19,7 +19,7 @@ use tracing::warn;
 
 use crate::{
     kernel,
-    aggregate::{AggOptions, Series, SynSeries, aggregate, aggregate_syns},
+    aggregate::{AggOptions, Series, SynSeries, aggregate},
     loader::Probes,
 };
 
@@ -114,6 +114,25 @@ pub struct View {
     pub sysctls: Sysctls,
     /// Time to exhaustion per outbound series of this namespace.
     pub estimates: Vec<Estimate>,
+    /// Per outbound series of this namespace, the port-exhaustion ratio of
+    /// its busiest real destination (never of the series' sum).
+    pub ratios: Vec<crate::aggregate::Worst>,
+    /// Per remote series (inbound), the inbound ratio of its busiest real
+    /// remote address.
+    pub inbound_ratios: Vec<InboundRatio>,
+}
+
+/// `timewait_inbound_remote_port_ratio` of one series: its busiest real
+/// remote's TIME_WAIT over the ports one remote can use.
+#[derive(Debug, Clone, Serialize)]
+pub struct InboundRatio {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+    pub remote: String,
+    pub ratio: f64,
+    /// The real remote address behind the ratio, and how many the series sums.
+    pub worst: String,
+    pub destinations: u64,
 }
 
 
@@ -196,13 +215,25 @@ struct Reconcile {
 }
 
 /// What the drains moved out of the kernel: the gauges (keys at 0 are
-/// dropped) and the per-remote SYN counters (beyond the bound, the smallest
-/// fold into `other`).
+/// dropped) and the per-remote SYN counts, which go to the ledger at the
+/// next read.
 #[derive(Default)]
 struct Totals {
     gauges: HashMap<AggKey, i64>,
-    syns: HashMap<RemoteKey, SynCounts>,
+    /// SYNs drained and not yet in the ledger (beyond the bound, the
+    /// smallest fold into `other`).
+    syn_pending: HashMap<RemoteKey, SynCounts>,
+    /// Per SYN table (by index): what of each key's count a read has
+    /// already put in the ledger. Cleared when that table is drained.
+    syn_seen: [HashMap<RemoteKey, SynCounts>; 2],
+    /// The SYN counter series (`SynLedger`: they never go back).
+    ledger: crate::aggregate::SynLedger,
     drains: u64,
+}
+
+/// `v - seen`, per field, never below 0.
+fn syn_delta(v: SynCounts, seen: SynCounts) -> SynCounts {
+    SynCounts { total: (v.total - seen.total).max(0), rejected: (v.rejected - seen.rejected).max(0) }
 }
 
 /// The remote key of folded SYN counters (`remote="other"`): family 0.
@@ -388,50 +419,66 @@ impl Collector {
     }
 
     /// The estimates of the outbound series of this namespace (none without
-    /// its port range, or before the first walk).
-    fn estimates(&self, series: &[Series], range: Option<u64>, opts: &AggOptions) -> Vec<Estimate> {
-        use crate::aggregate::{Direction, OTHER, PORT_OTHER, remote_addr, remote_label};
-        let Some(range) = range.filter(|r| *r > 0) else { return Vec::new() };
+    /// its port range, or before the first walk). Each real destination
+    /// gets its own time to exhaustion (its ports, its rate, its expiry
+    /// schedule, against the whole range); a series shows the soonest of
+    /// its destinations, and the sums of their rates and expiries.
+    fn estimates(
+        &self,
+        counts: &HashMap<AggKey, i64>,
+        series: &[Series],
+        fold: &crate::aggregate::Fold,
+        range: Option<u64>,
+        opts: &AggOptions,
+    ) -> Vec<Estimate> {
+        use crate::aggregate::{Direction, remote_addr, remote_label};
+        let Some(range) = range else { return Vec::new() };
+        if opts.per_netns {
+            return Vec::new();
+        }
         let s = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
         if s.at_ns == 0 {
             return Vec::new();
         }
         let age = Duration::from_nanos(clock_monotonic_ns().saturating_sub(s.at_ns));
-        let outbound: Vec<&Series> =
-            series.iter().filter(|x| x.direction == Some(Direction::Outbound) && x.netns.is_none()).collect();
-        let kept: HashSet<(&str, u16)> = outbound.iter().map(|x| (x.remote.as_str(), x.port)).collect();
-        let remotes: HashSet<&str> = outbound.iter().map(|x| x.remote.as_str()).collect();
-        // Raw keys onto the series' labels, folded as the series were.
-        let mut per_series: HashMap<(String, u16), crate::exhaustion::Schedule> = HashMap::new();
-        for (k, sched) in &s.by_key {
-            let label = remote_label(remote_addr(k), opts);
-            let remote = if remotes.contains(label.as_str()) { label } else { OTHER.to_string() };
-            let port = if kept.contains(&(remote.as_str(), k.port)) { k.port } else { PORT_OTHER };
-            per_series.entry((remote, port)).or_default().merge(sched);
+        let dest = |k: &AggKey| AggKey { substate: 0, cgroup: 0, ..*k };
+        let mut in_use: HashMap<AggKey, u64> = HashMap::new();
+        for (k, n) in counts.iter().filter(|(k, _)| k.direction == timewait_common::DIRECTION_OUTBOUND) {
+            *in_use.entry(dest(k)).or_default() += u64::try_from(*n).unwrap_or(0);
         }
-        // One destination's ports, whichever cgroups hold them.
-        let mut in_use: std::collections::BTreeMap<(&str, u16), u64> = std::collections::BTreeMap::new();
-        for x in outbound {
-            *in_use.entry((x.remote.as_str(), x.port)).or_default() += x.ports_in_use();
+        // The series that hold ports now get an estimate.
+        let mut out: std::collections::BTreeMap<(String, u16), Estimate> = std::collections::BTreeMap::new();
+        for x in series.iter().filter(|x| x.direction == Some(Direction::Outbound) && x.netns.is_none()) {
+            if x.ports_in_use() > 0 {
+                out.entry((x.remote.clone(), x.port)).or_insert_with(|| Estimate {
+                    remote: x.remote.clone(),
+                    port: x.port,
+                    seconds_left: None,
+                    rate: 0.0,
+                    freed_10s: 0,
+                    freed_60s: 0,
+                });
+            }
         }
         let empty = crate::exhaustion::Schedule::default();
-        in_use
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|((remote, port), n)| {
-                let sched = per_series.get(&(remote.to_string(), port)).unwrap_or(&empty);
-                let rate = sched.rate();
+        let keys: HashSet<AggKey> = in_use.keys().chain(s.by_key.keys()).copied().collect();
+        for k in keys {
+            let label = remote_label(remote_addr(&k), opts);
+            let Some(e) = out.get_mut(&fold.series_of(None, Direction::Outbound, label, k.port)) else { continue };
+            let sched = s.by_key.get(&k).unwrap_or(&empty);
+            let rate = sched.rate();
+            e.rate += rate;
+            e.freed_10s += sched.freed_within(age, 10);
+            e.freed_60s += sched.freed_within(age, 60);
+            let n = in_use.get(&k).copied().unwrap_or(0);
+            if n > 0 {
                 let left = crate::exhaustion::seconds_left(n, range, rate, sched, age);
-                Estimate {
-                    remote: remote.to_string(),
-                    port,
-                    seconds_left: left.is_finite().then_some(left),
-                    rate,
-                    freed_10s: sched.freed_within(age, 10),
-                    freed_60s: sched.freed_within(age, 60),
+                if left.is_finite() {
+                    e.seconds_left = Some(e.seconds_left.map_or(left, |l: f64| l.min(left)));
                 }
-            })
-            .collect()
+            }
+        }
+        out.into_values().collect()
     }
 
     /// The gauges: what the drains moved out plus what both delta tables
@@ -640,10 +687,13 @@ impl Collector {
                 t.gauges.remove(k);
             }
         }
+        // What a read already put in the ledger is not pending again.
+        let mut seen = std::mem::take(&mut t.syn_seen[current]);
         for (k, v) in &syns {
-            let slot = t.syns.entry(*k).or_default();
-            slot.total += v.total;
-            slot.rejected += v.rejected;
+            let d = syn_delta(*v, seen.remove(k).unwrap_or_default());
+            let slot = t.syn_pending.entry(*k).or_default();
+            slot.total += d.total;
+            slot.rejected += d.rejected;
         }
         // Only now that they are counted: the kernel's copies go.
         for (k, _) in &counts {
@@ -662,8 +712,8 @@ impl Collector {
         }
         t.drains += 1;
         let bound = crate::loader::syn_capacity(self.max_series as u32) as usize;
-        if t.syns.len() > bound {
-            fold_smallest(&mut t.syns, bound * 3 / 4);
+        if t.syn_pending.len() > bound {
+            fold_smallest(&mut t.syn_pending, bound * 3 / 4);
         }
     }
 
@@ -723,22 +773,28 @@ impl Collector {
             schedule_walk_micros: self.schedule.lock().unwrap_or_else(|e| e.into_inner()).cost.as_micros() as u64,
             recursion_misses,
         };
-        // Drained totals plus what both tables hold now, under the probes
-        // lock a drain holds throughout: each SYN is seen exactly once.
-        let mut syns: HashMap<RemoteKey, SynCounts> =
-            self.totals.lock().unwrap_or_else(|e| e.into_inner()).syns.clone();
-        for table in &probes.syns {
+        // The SYNs since the last read: what the drains moved out, and what
+        // the tables gained, under the probes lock a drain holds while it
+        // moves them: each SYN goes to the ledger exactly once.
+        let mut syns: HashMap<RemoteKey, SynCounts> = HashMap::new();
+        let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        let t = &mut *totals;
+        for (k, v) in t.syn_pending.drain() {
+            let slot = syns.entry(k).or_default();
+            slot.total += v.total;
+            slot.rejected += v.rejected;
+        }
+        for (i, table) in probes.syns.iter().enumerate() {
             for (k, v) in read_all(table, &self.read_errors) {
+                let seen = t.syn_seen[i].entry(k).or_default();
+                let d = syn_delta(v, *seen);
+                *seen = v;
                 let slot = syns.entry(k).or_default();
-                slot.total += v.total;
-                slot.rejected += v.rejected;
+                slot.total += d.total;
+                slot.rejected += d.rejected;
             }
         }
-        // A remote that holds minisockets has its SYN series from then on
-        // (at 0), so `increase()` sees its first SYN.
-        for k in counts.keys().filter(|k| k.substate != timewait_common::SUBSTATE_CONNECTION) {
-            syns.entry(k.remote_key()).or_default();
-        }
+        drop(totals);
         let mut names = self.cgroups.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
         let mut connect_errors: Vec<ConnectErrors> = probes
             .connect_errors
@@ -803,15 +859,31 @@ impl Collector {
             overflow: kernel::netstat("TcpExt", "TCPTimeWaitOverflow"),
         };
         let series = match names.as_deref_mut() {
-            Some(n) => crate::aggregate::aggregate_with(counts, opts, |id| Some(n.label(id))),
-            None => aggregate(counts, opts),
+            Some(n) => crate::aggregate::aggregate_with(counts.iter().map(|(k, v)| (*k, *v)), opts, |id| Some(n.label(id))),
+            None => aggregate(counts.iter().map(|(k, v)| (*k, *v)), opts),
         };
         drop(names);
-        let estimates = self.estimates(&series, sysctls.local_port_range_size, opts);
+        let fold = crate::aggregate::Fold::of(&series);
+        let range = sysctls.local_port_range_size.filter(|r| *r > 0);
+        let estimates = self.estimates(&counts, &series, &fold, range, opts);
+        let (ratios, inbound_ratios) = worst_ratios(&counts, &fold, range, opts);
         let kept: HashSet<String> =
             series.iter().filter(|s| s.remote != crate::aggregate::OTHER).map(|s| s.remote.clone()).collect();
+        // A remote that holds minisockets has its SYN series from then on
+        // (at 0), so `increase()` sees its first SYN.
+        let holders: HashSet<(Option<u32>, String)> = counts
+            .iter()
+            .filter(|(k, n)| k.substate != timewait_common::SUBSTATE_CONNECTION && **n > 0)
+            .map(|(k, _)| {
+                (opts.per_netns.then_some(k.netns), crate::aggregate::remote_label(crate::aggregate::remote_addr(k), opts))
+            })
+            .collect();
+        let now = Duration::from_nanos(clock_monotonic_ns());
+        let syns = self.totals.lock().unwrap_or_else(|e| e.into_inner()).ledger.add(syns, opts, &kept, &holders, now);
         View {
-            syns: aggregate_syns(syns, opts, &kept),
+            syns,
+            ratios,
+            inbound_ratios,
             series,
             counters,
             lifetimes,
@@ -820,6 +892,57 @@ impl Collector {
             estimates,
         }
     }
+}
+
+/// The ratios of the series, each of one real destination: per outbound
+/// series of this namespace the highest `ports in use / range` of the
+/// destinations (address:port) it sums, and per remote series the highest
+/// `inbound TIME_WAIT / --remote-port-range-size` of the addresses it sums.
+fn worst_ratios(
+    counts: &HashMap<AggKey, i64>,
+    fold: &crate::aggregate::Fold,
+    range: Option<u64>,
+    opts: &AggOptions,
+) -> (Vec<crate::aggregate::Worst>, Vec<InboundRatio>) {
+    use crate::aggregate::{Direction, remote_addr, remote_label, worst_per_series};
+    use std::collections::BTreeMap;
+    let mut outbound: BTreeMap<(std::net::IpAddr, u16), u64> = BTreeMap::new();
+    let mut inbound: BTreeMap<(Option<u32>, std::net::IpAddr), u64> = BTreeMap::new();
+    for (k, n) in counts {
+        let Ok(n) = u64::try_from(*n) else { continue };
+        if k.direction == timewait_common::DIRECTION_OUTBOUND {
+            // The port range is this namespace's: other namespaces (with
+            // --all-netns) may have their own, so no ratio for them.
+            if !opts.per_netns {
+                *outbound.entry((remote_addr(k), k.port)).or_default() += n;
+            }
+        } else if k.substate == timewait_common::TCP_TIME_WAIT {
+            *inbound.entry((opts.per_netns.then_some(k.netns), remote_addr(k))).or_default() += n;
+        }
+    }
+    let ratios = match range {
+        Some(range) => worst_per_series(
+            outbound.into_iter().filter(|(_, n)| *n > 0).map(|((addr, port), n)| {
+                let series = fold.series_of(None, Direction::Outbound, remote_label(addr, opts), port);
+                (series, std::net::SocketAddr::new(addr, port).to_string(), n)
+            }),
+            range,
+        )
+        .into_iter()
+        .map(|((remote, port), (ratio, worst, destinations))| crate::aggregate::Worst { remote, port, ratio, worst, destinations })
+        .collect(),
+        None => Vec::new(),
+    };
+    let inbound_ratios = worst_per_series(
+        inbound.into_iter().filter(|(_, n)| *n > 0).map(|((netns, addr), n)| {
+            ((netns, fold.remote(remote_label(addr, opts))), addr.to_string(), n)
+        }),
+        opts.remote_port_range_size,
+    )
+    .into_iter()
+    .map(|((netns, remote), (ratio, worst, destinations))| InboundRatio { netns, remote, ratio, worst, destinations })
+    .collect();
+    (ratios, inbound_ratios)
 }
 
 /// Removes the `TW_INDEX` entry of an entry the reconciliation closed, if it

@@ -72,14 +72,6 @@ impl Schedule {
         }
     }
 
-    pub fn merge(&mut self, other: &Schedule) {
-        for (a, b) in self.expiring.iter_mut().zip(other.expiring) {
-            *a += b;
-        }
-        self.taken += other.taken;
-        self.span = self.span.max(other.span);
-    }
-
     /// Ports taken per second lately.
     pub fn rate(&self) -> f64 {
         f64::from(self.taken) / self.span.max(Duration::from_secs(1)).as_secs_f64()
@@ -208,9 +200,5 @@ mod tests {
         assert_eq!(s.taken, 2, "the new TIME_WAIT and the new connection");
         assert_eq!(s.span, secs(3));
         assert_eq!(s.rate(), 2.0 / 3.0);
-        let mut m = Schedule::default();
-        m.merge(&s);
-        m.merge(&s);
-        assert_eq!((m.expiring[0], m.taken), (4, 4));
     }
 }

@@ -16,7 +16,6 @@ pub struct Static<'a> {
     pub hooks: &'a [(String, bool)],
     pub signals: &'a [crate::loader::paths::SignalPath],
     pub read_errors: u64,
-    pub remote_port_range_size: u64,
 }
 
 struct Family(MetricFamily);
@@ -137,36 +136,22 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         "timewait_outbound_ports_in_use / timewait_local_port_range_size, 0..1.",
         GAUGE,
     );
-    let range = view.sysctls.local_port_range_size.filter(|n| *n > 0);
-    let mut inbound: std::collections::BTreeMap<(Option<String>, &str), u64> = std::collections::BTreeMap::new();
-    // The ratio is per destination, whoever holds the ports (the cgroups
-    // share the range).
-    let mut per_dest: std::collections::BTreeMap<(Option<u32>, &str, u16), u64> = std::collections::BTreeMap::new();
     for s in &view.series {
-        let netns = s.netns.map(|n| n.to_string());
-        match s.direction {
-            Some(crate::aggregate::Direction::Outbound) if s.ports_in_use() > 0 => {
-                let port = crate::aggregate::port_label(s.port);
-                let mut labels = with_netns(&[("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
-                if let Some(c) = &s.cgroup {
-                    labels.push(("cgroup", c.as_str()));
-                }
-                in_use.sample(&labels, s.ports_in_use() as f64);
-                *per_dest.entry((s.netns, s.remote.as_str(), s.port)).or_default() += s.ports_in_use();
+        if s.direction == Some(crate::aggregate::Direction::Outbound) && s.ports_in_use() > 0 {
+            let netns = s.netns.map(|n| n.to_string());
+            let port = crate::aggregate::port_label(s.port);
+            let mut labels = with_netns(&[("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
+            if let Some(c) = &s.cgroup {
+                labels.push(("cgroup", c.as_str()));
             }
-            Some(crate::aggregate::Direction::Inbound) if s.time_wait > 0 => {
-                *inbound.entry((netns, s.remote.as_str())).or_default() += s.time_wait;
-            }
-            _ => {}
+            in_use.sample(&labels, s.ports_in_use() as f64);
         }
     }
-    // The port range is this namespace's: other namespaces (with
-    // --all-netns) may have their own, so no ratio for them.
-    if let Some(r) = range {
-        for ((_, remote, port), n) in per_dest.into_iter().filter(|((netns, _, _), _)| netns.is_none()) {
-            let port = crate::aggregate::port_label(port);
-            ratio.sample(&[("remote", remote), ("port", port.as_str())], (n as f64 / r as f64).min(1.0));
-        }
+    // Per destination, whoever holds the ports (the cgroups share the
+    // range); a folded series shows its busiest real destination's.
+    for w in &view.ratios {
+        let port = crate::aggregate::port_label(w.port);
+        ratio.sample(&[("remote", w.remote.as_str()), ("port", port.as_str())], w.ratio);
     }
     fams.push(in_use);
     fams.push(ratio);
@@ -203,9 +188,9 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         "Inbound TIME_WAIT sockets from one remote / the source ports one remote can use (--remote-port-range-size).",
         GAUGE,
     );
-    for ((netns, remote), n) in inbound {
-        let labels = with_netns(&[("remote", remote)], &netns);
-        inbound_ratio.sample(&labels, (n as f64 / st.remote_port_range_size as f64).min(1.0));
+    for r in &view.inbound_ratios {
+        let netns = r.netns.map(|n| n.to_string());
+        inbound_ratio.sample(&with_netns(&[("remote", r.remote.as_str())], &netns), r.ratio);
     }
     fams.push(inbound_ratio);
 

@@ -72,7 +72,6 @@ async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {
                 hooks: &hooks,
                 signals: &signals,
                 read_errors: c.read_errors.load(std::sync::atomic::Ordering::Relaxed),
-                remote_port_range_size: agg.remote_port_range_size,
             },
         )
     })

@@ -57,6 +57,18 @@ pub struct Snapshot {
     pub connect_errors: Vec<ConnectErrorJ>,
     pub sysctls: SysctlsJ,
     pub estimates: Vec<EstimateJ>,
+    /// Per outbound series, the ratio of its busiest real destination
+    /// (collector.rs `View::ratios`; absent from daemons before issue 25).
+    pub ratios: Vec<RatioJ>,
+}
+
+/// The port-exhaustion ratio of one outbound series (aggregate.rs `Worst`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct RatioJ {
+    pub remote: String,
+    pub port: u16,
+    pub ratio: f64,
 }
 
 /// Time to exhaustion of one outbound series (collector.rs `Estimate`).
@@ -257,7 +269,10 @@ pub fn exhaustion_rows(s: &Snapshot) -> Vec<ExhaustionRow> {
     let mut rows: Vec<ExhaustionRow> = by_dest
         .into_values()
         .map(|(mut row, owners)| {
-            row.ratio = range.map(|r| row.in_use as f64 / r as f64);
+            // The daemon's: of the busiest real destination in a folded
+            // row (never the row's sum over the range).
+            let daemon = s.ratios.iter().find(|w| w.remote == row.remote && w.port == row.port).map(|w| w.ratio);
+            row.ratio = daemon.or_else(|| range.map(|r| (row.in_use as f64 / r as f64).min(1.0)));
             row.busiest = owners.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0))).map(|(c, _)| c.to_string());
             row
         })

@@ -56,3 +56,7 @@ mod dead_listener_70k;
 // Issue 14: attribution and time to exhaustion.
 mod time_to_exhaustion;
 mod attribution;
+
+// Issue 25: folded series that tell the truth, counters that never go back.
+mod support_counters;
+mod folded;

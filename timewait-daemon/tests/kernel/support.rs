@@ -614,6 +614,9 @@ pub struct Daemon<'a> {
     ns: &'a NetNs,
     child: Option<Child>,
     pub log: PathBuf,
+    /// Every counter and histogram sample of this daemon's last scrape:
+    /// each scrape checks that none went back (issue 25).
+    counters: std::sync::Mutex<crate::support_counters::Seen>,
 }
 
 impl<'a> Daemon<'a> {
@@ -671,6 +674,7 @@ impl<'a> Daemon<'a> {
             ns,
             child: Some(child),
             log,
+            counters: Default::default(),
         };
         d.wait_ready();
         if !extra.contains(&"--probe-path") {
@@ -814,7 +818,14 @@ impl<'a> Daemon<'a> {
     pub fn scrape(&self) -> Metrics {
         let addr: SocketAddr = WEB_ADDR.parse().unwrap();
         match self.ns.run(|| http_get(addr, "/metrics")) {
-            Ok((200, body)) => Metrics::parse(&body),
+            Ok((200, body)) => {
+                let m = Metrics::parse(&body);
+                let mut seen = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = seen.advance(&m) {
+                    panic!("{e}\n{}", self.log_tail());
+                }
+                m
+            }
             Ok((code, body)) => panic!("GET /metrics: {code}: {body}\n{}", self.log_tail()),
             Err(e) => panic!(
                 "GET /metrics: {e}; {}\n{}",
@@ -1079,6 +1090,8 @@ pub fn assert_scrape_leaves_no_timewait(ns: &NetNs, daemon: &Daemon) {
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     samples: Vec<(String, BTreeMap<String, String>, f64)>,
+    /// `# TYPE` of each family.
+    pub types: BTreeMap<String, String>,
 }
 
 impl Metrics {
@@ -1086,8 +1099,15 @@ impl Metrics {
     #[track_caller]
     pub fn parse(text: &str) -> Metrics {
         let mut samples = Vec::new();
+        let mut types = BTreeMap::new();
         for line in text.lines() {
             let line = line.trim();
+            if let Some(t) = line.strip_prefix("# TYPE ") {
+                if let Some((name, kind)) = t.split_once(' ') {
+                    types.insert(name.to_string(), kind.trim().to_string());
+                }
+                continue;
+            }
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
@@ -1095,7 +1115,7 @@ impl Metrics {
                 parse_sample(line).unwrap_or_else(|e| panic!("bad metrics line {line:?}: {e}")),
             );
         }
-        Metrics { samples }
+        Metrics { samples, types }
     }
 
     fn matching<'s>(
@@ -1126,6 +1146,11 @@ impl Metrics {
     /// Sum over every series of `name` whose labels include `filters`.
     pub fn sum(&self, name: &str, filters: &[(&str, &str)]) -> f64 {
         self.matching(name, filters).map(|s| s.2).sum()
+    }
+
+    /// Every sample: (name, labels, value).
+    pub fn samples(&self) -> &[(String, BTreeMap<String, String>, f64)] {
+        &self.samples
     }
 
     pub fn series(&self, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {

@@ -1,0 +1,201 @@
+//! Issue 25: what folded series say is true of one real destination, and
+//! counters never go back while the folding moves.
+//!
+//! - Four outbound destinations holding 70, 60, 60 and 60 ports of a 100-port
+//!   range, shown with `--top-remotes 1 --top-ports 1` (and with
+//!   `--aggregate-ipv4-prefix 24`): the folded series sum 120 or 190 ports,
+//!   yet no ratio is above the busiest real destination's 0.70 and no time
+//!   to exhaustion is 0 while no range is full; once one destination inside
+//!   a fold does fill its range, that series reads 1.0 and 0 s.
+//! - SYNs hitting TIME_WAIT from remotes whose rank changes (`--top-remotes
+//!   1`): no counter or histogram series decreases between two scrapes
+//!   (every scrape a test takes is checked, `support_counters.rs`), and the
+//!   series sum to every SYN sent.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::support::{Daemon, Metrics, NetNs, require_root, segments_available, v4};
+use crate::support_ports::{set_port_range, ss_outbound_in_use};
+use crate::support_syn::{sa4, wait_count};
+use crate::syn_reuse::reconnect_from_fixed_port;
+
+const LO: u16 = 40000;
+const HI: u16 = 40099;
+
+/// (remote, port) label -> value of one family.
+fn by_series(m: &Metrics, name: &str) -> BTreeMap<(String, String), f64> {
+    m.series(name)
+        .into_iter()
+        .map(|(l, v)| ((l["remote"].clone(), l["port"].clone()), v))
+        .collect()
+}
+
+fn key(remote: &str, port: &str) -> (String, String) {
+    (remote.to_string(), port.to_string())
+}
+
+/// The four destinations of the issue, `n` client-first closes each: their
+/// client side holds the ports in TIME_WAIT. Returns once the daemon's
+/// ports in use sum to what `ss` shows, 250.
+fn four_destinations(ns: &NetNs, daemon: &Daemon) -> Vec<std::net::TcpListener> {
+    let dests: [(IpAddr, u16, usize); 4] =
+        [(v4(127, 0, 0, 1), 5000, 70), (v4(127, 0, 0, 1), 5001, 60), (v4(127, 0, 0, 2), 5000, 60), (v4(127, 0, 0, 3), 5000, 60)];
+    let mut listeners = Vec::new();
+    for (ip, port, n) in dests {
+        let l = ns.listen(SocketAddr::new(ip, port));
+        ns.client_closes_first(&l, None, n);
+        listeners.push(l);
+    }
+    let agreed = crate::support::quiet_equal(
+        "ports in use toward the four destinations, summed",
+        || ss_outbound_in_use(ns, LO, HI).values().sum::<u64>(),
+        // Less the scrape's own connection (toward 127.0.0.1:19868, folded
+        // into port="other" with the others), which ss never sees.
+        || by_series(&daemon.scrape(), "timewait_outbound_ports_in_use").values().sum::<f64>() as u64 - 1,
+    );
+    assert_eq!(agreed, 250, "70 + 60 + 60 + 60 ports held; ss: {:?}", ss_outbound_in_use(ns, LO, HI));
+    listeners
+}
+
+/// A scrape with a time to exhaustion for every series that has a ratio
+/// (the estimates follow the first walk of the per-socket tables, within a
+/// second or so of the load).
+#[track_caller]
+fn with_estimates(daemon: &Daemon) -> Metrics {
+    let mut m = daemon.scrape();
+    crate::support::wait_until(std::time::Duration::from_secs(10), "an estimate for every series with a ratio", || {
+        m = daemon.scrape();
+        let ratios: Vec<_> = by_series(&m, "timewait_port_exhaustion_ratio").into_keys().collect();
+        let secs: Vec<_> = by_series(&m, "timewait_port_exhaustion_seconds").into_keys().collect();
+        !ratios.is_empty() && ratios == secs
+    });
+    m
+}
+
+/// Every ratio is of one real destination: exactly `want`, and no time to
+/// exhaustion of 0 unless some series' ratio is 1.
+#[track_caller]
+fn assert_worst(m: &Metrics, want: &BTreeMap<(String, String), f64>) {
+    let ratios = by_series(m, "timewait_port_exhaustion_ratio");
+    assert_eq!(&ratios, want, "ratio per series = its busiest real destination's (in use per series: {:?})",
+        by_series(m, "timewait_outbound_ports_in_use"));
+    for ((remote, port), secs) in by_series(m, "timewait_port_exhaustion_seconds") {
+        let full = ratios.get(&(remote.clone(), port.clone())).is_some_and(|r| *r >= 1.0);
+        assert!(
+            full || secs > 0.0,
+            "timewait_port_exhaustion_seconds{{remote={remote},port={port}}} = {secs} while no destination in it is full \
+             (ratios {ratios:?})"
+        );
+    }
+}
+
+/// Fills the range toward 127.0.0.3:5000 (60 + 40 = 100): the fold holding
+/// it must now say 1.0 and 0 s, the others stay as they were.
+fn fill_one(ns: &NetNs, daemon: &Daemon, listeners: &[std::net::TcpListener], series: (String, String)) {
+    ns.client_closes_first(&listeners[3], None, 40);
+    let mut last = BTreeMap::new();
+    crate::support::wait_until(std::time::Duration::from_secs(10), "the fold holding the full destination at 1.0", || {
+        last = by_series(&daemon.scrape(), "timewait_port_exhaustion_ratio");
+        last.get(&series) == Some(&1.0)
+    });
+    let secs = by_series(&with_estimates(daemon), "timewait_port_exhaustion_seconds");
+    assert_eq!(secs.get(&series), Some(&0.0), "{series:?} is full: 0 s left; all: {secs:?}");
+}
+
+/// The 100-port range of the issue, with no TIME_WAIT reuse on loopback
+/// (it would let connect() take held ports).
+fn hundred_ports(ns: &NetNs) {
+    set_port_range(ns, LO, HI);
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+}
+
+#[test]
+fn ratios_of_folded_remotes_and_ports() {
+    if !require_root("folded::ratios_of_folded_remotes_and_ports") {
+        return;
+    }
+    let ns = NetNs::new();
+    hundred_ports(&ns);
+    let daemon = Daemon::start(&ns, &["--top-remotes", "1", "--top-ports", "1"]);
+    let listeners = four_destinations(&ns, &daemon);
+    let m = with_estimates(&daemon);
+    // 127.0.0.1 (130 ports) is kept with its port 5000; its 5001 folds into
+    // port="other"; 127.0.0.2 and .3 fold into remote="other" (120 ports).
+    let want: BTreeMap<_, _> =
+        [(key("127.0.0.1", "5000"), 0.7), (key("127.0.0.1", "other"), 0.6), (key("other", "5000"), 0.6)].into();
+    assert_eq!(
+        by_series(&m, "timewait_outbound_ports_in_use"),
+        [(key("127.0.0.1", "5000"), 70.0), (key("127.0.0.1", "other"), 61.0), (key("other", "5000"), 120.0)].into(),
+        "the folded sums themselves (port=\"other\" of 127.0.0.1 also holds the scrape's own connection)"
+    );
+    assert_worst(&m, &want);
+    fill_one(&ns, &daemon, &listeners, key("other", "5000"));
+}
+
+#[test]
+fn ratios_of_cidr_blocks() {
+    if !require_root("folded::ratios_of_cidr_blocks") {
+        return;
+    }
+    let ns = NetNs::new();
+    hundred_ports(&ns);
+    let daemon = Daemon::start(&ns, &["--aggregate-ipv4-prefix", "24", "--top-ports", "1"]);
+    let listeners = four_destinations(&ns, &daemon);
+    let m = with_estimates(&daemon);
+    let block = "127.0.0.0/24";
+    assert_eq!(
+        by_series(&m, "timewait_outbound_ports_in_use"),
+        [(key(block, "5000"), 190.0), (key(block, "other"), 61.0)].into(),
+        "the block's sums"
+    );
+    assert_worst(&m, &[(key(block, "5000"), 0.7), (key(block, "other"), 0.6)].into());
+    fill_one(&ns, &daemon, &listeners, key(block, "5000"));
+}
+
+/// SYN totals of every `timewait_syn_total` series, summed.
+fn syn_sum(m: &Metrics) -> u64 {
+    m.count("timewait_syn_total", &[])
+}
+
+#[test]
+fn syn_counters_never_go_back() {
+    if !require_root("folded::syn_counters_never_go_back") || !segments_available("folded::syn_counters_never_go_back") {
+        return;
+    }
+    let ns = NetNs::new();
+    let listener = ns.listen("127.0.0.1:8080".parse().unwrap());
+    let daemon = Daemon::start(&ns, &["--top-remotes", "1"]);
+    // Three remotes reconnect from one port each: 10, 5 and 2 SYNs meet
+    // the server's TIME_WAIT. The busiest by SYNs (.2) is kept; .3 and .4
+    // share remote="other" (7 SYNs by the old folding).
+    let mut sent = 0;
+    for (last, k) in [(2u8, 11u64), (3, 6), (4, 3)] {
+        reconnect_from_fixed_port(&ns, &listener, sa4([127, 0, 0, last], 50000), k);
+        sent += k - 1;
+        daemon.scrape();
+    }
+    wait_count(&daemon, "timewait_syn_total", &[], sent);
+    // .3 now holds the most TIME_WAIT (the server closes 30 connections from
+    // it first): the socket series keep it, so by the old folding its 5
+    // SYNs left other, which fell from 7 to 2.
+    ns.server_closes_first(&listener, &[(v4(127, 0, 0, 3), 30)]);
+    crate::support::wait_until(std::time::Duration::from_secs(10), "127.0.0.3 the busiest remote", || {
+        daemon.scrape().tw_by_remote().get("127.0.0.3").copied().unwrap_or(0) >= 30
+    });
+    // And back: .4 sends the most SYNs now, .2 holds the most sockets.
+    // Its earlier TIME_WAIT is still there: all 13 SYNs meet one.
+    reconnect_from_fixed_port(&ns, &listener, sa4([127, 0, 0, 4], 50000), 13);
+    sent += 13;
+    ns.server_closes_first(&listener, &[(v4(127, 0, 0, 2), 40)]);
+    for _ in 0..5 {
+        daemon.scrape();
+    }
+    let m = wait_count(&daemon, "timewait_syn_total", &[], sent);
+    assert_eq!(syn_sum(&m), sent, "the series sum to every SYN sent: {:?}", m.series("timewait_syn_total"));
+    assert!(
+        m.series("timewait_syn_total").len() <= 4,
+        "at most --top-remotes own series per thing that keeps them, plus other: {:?}",
+        m.series("timewait_syn_total")
+    );
+}
