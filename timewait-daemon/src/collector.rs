@@ -53,6 +53,9 @@ pub struct Counters {
     /// Sum of |change| of the corrections applied.
     pub reconcile_corrections: u64,
     pub reconcile_last_micros: u64,
+    /// Walks that could not enter some network namespace (`--all-netns`):
+    /// that namespace's entries were kept as they were.
+    pub reconcile_netns_skipped: u64,
     /// What the last walk for the time-to-exhaustion schedule took.
     pub schedule_walk_micros: u64,
     /// Program runs the kernel skipped (recursion on a CPU), per program. Not
@@ -212,6 +215,8 @@ struct Reconcile {
     /// when either grows, an event was lost and a reconciliation runs at once.
     last_lost: u64,
     last_misses: u64,
+    /// Walks (with `--all-netns`) that could not enter some namespace.
+    netns_skipped: u64,
 }
 
 /// What the drains moved out of the kernel: the gauges (keys at 0 are
@@ -516,12 +521,34 @@ impl Collector {
             return Ok(Unseen { tw: HashSet::new(), conns: HashSet::new() });
         };
         crate::loader::run_iter(ebpf, "iter_reconcile")?;
-        if let Some(own) = all_netns {
-            for ns in crate::loader::other_namespaces(own) {
-                // A namespace gone meanwhile has no sockets left to find.
-                let _ = crate::loader::in_netns(&ns, || crate::loader::run_iter(ebpf, "iter_reconcile"));
+        let looked = match all_netns {
+            None => None,
+            Some(own) => {
+                let mut looked = crate::loader::netns::Walked::own(own);
+                for ns in crate::loader::other_namespaces(own) {
+                    use std::os::unix::fs::MetadataExt as _;
+                    // Gone meanwhile: it has no sockets left to find.
+                    let Ok(inode) = std::fs::metadata(&ns).map(|m| m.ino() as u32) else { continue };
+                    looked.listed.insert(inode);
+                    match crate::loader::in_netns(&ns, || crate::loader::run_iter(ebpf, "iter_reconcile")) {
+                        Ok(()) => {
+                            looked.walked.insert(inode);
+                        }
+                        Err(e) => {
+                            looked.complete = false;
+                            tracing::debug!(netns = %ns.display(), error = %e, "namespace not walked: its entries are kept");
+                        }
+                    }
+                }
+                if !looked.complete {
+                    self.reconcile.lock().unwrap_or_else(|e| e.into_inner()).netns_skipped += 1;
+                }
+                Some(looked)
             }
-        }
+        };
+        // Only entries of namespaces this walk looked into (or that are
+        // gone) may be taken for ended: one it could not enter keeps them.
+        let removable = |netns: u32| looked.as_ref().is_none_or(|w| w.may_remove(netns));
         // Read through the walker's own handles where it has them: reading a
         // million entries takes a while, and scrapes need the probes lock.
         // Only what this walk did not see is kept.
@@ -529,12 +556,12 @@ impl Collector {
         let mut read = |t: &aya::maps::HashMap<aya::maps::MapData, u64, TwEntry>,
                         c: &aya::maps::HashMap<aya::maps::MapData, u64, timewait_common::ConnEntry>| {
             for_each_entry(t, &self.read_errors, |timer, e| {
-                if e.seen != walk && e.created_ns < began {
+                if e.seen != walk && e.created_ns < began && removable(e.key.netns) {
                     tw.insert(timer);
                 }
             });
             for_each_entry(c, &self.read_errors, |sk, e| {
-                if e.seen != walk && e.created_ns < began {
+                if e.seen != walk && e.created_ns < began && removable(e.key.netns) {
                     conns.insert(sk);
                 }
             });
@@ -734,7 +761,7 @@ impl Collector {
     pub fn read(&self, opts: &AggOptions) -> View {
         let rec = {
             let r = self.reconcile.lock().unwrap_or_else(|e| e.into_inner());
-            (r.runs, r.errors, r.corrections, r.last_micros)
+            (r.runs, r.errors, r.corrections, r.last_micros, r.netns_skipped)
         };
         let probes = self.lock();
         let counts = self.raw_counts(&probes);
@@ -770,6 +797,7 @@ impl Collector {
             reconcile_errors: rec.1,
             reconcile_corrections: rec.2,
             reconcile_last_micros: rec.3,
+            reconcile_netns_skipped: rec.4,
             schedule_walk_micros: self.schedule.lock().unwrap_or_else(|e| e.into_inner()).cost.as_micros() as u64,
             recursion_misses,
         };

@@ -289,6 +289,13 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     let mut rerr = Family::new("timewait_reconcile_errors_total", "Reconciliations that failed (the dump could not be read).", COUNTER);
     rerr.sample(&[], c.reconcile_errors as f64);
     fams.push(rerr);
+    let mut skipped = Family::new(
+        "timewait_reconcile_netns_skipped_total",
+        "Reconciliation walks (--all-netns) that could not enter some network namespace; its counts were kept, not removed.",
+        COUNTER,
+    );
+    skipped.sample(&[], c.reconcile_netns_skipped as f64);
+    fams.push(skipped);
     let mut corr = Family::new(
         "timewait_reconcile_corrections_total",
         "How much reconciliation corrected the counts (sum of absolute changes): what the programs missed.",

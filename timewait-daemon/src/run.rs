@@ -80,6 +80,11 @@ pub fn main(args: &RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    if cfg.all_netns
+        && let Some(why) = crate::loader::netns::all_netns_unavailable()
+    {
+        return fail(why);
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&cfg.log_level) {
         Ok(f) => f,
         Err(e) => return fail(format!("invalid log.level {:?}: {e}", cfg.log_level)),

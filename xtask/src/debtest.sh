@@ -124,6 +124,27 @@ else
 fi
 check "inactive after stop" sh -c '! systemctl is-active -q timewaitd'
 
+# --- --all-netns under the unit: refused at start with one line --------------
+# The unit gives no CAP_SYS_ADMIN and RestrictNamespaces=yes: the daemon cannot
+# enter other namespaces, so it must refuse (exit 2, not restarted) rather
+# than show and then wipe their counts (issue 25).
+mkdir -p /etc/systemd/system/timewaitd.service.d
+printf '[Service]\nExecStart=\nExecStart=/usr/bin/timewaitd run --config /etc/timewait/timewaitd.toml --all-netns\n' \
+    > /etc/systemd/system/timewaitd.service.d/all-netns.conf
+systemctl daemon-reload
+systemctl start timewaitd
+if wait_for 30 sh -c 'systemctl show -p ExecMainStatus --value timewaitd | grep -qx 2'; then
+    ok "--all-netns under the unit: exit 2"
+else
+    fail "--all-netns under the unit: $(systemctl status timewaitd --no-pager | tail -3 | tr '\n' ' ')"
+fi
+check "--all-netns under the unit: one line says why" sh -c \
+    'journalctl -u timewaitd -o cat | grep -q -- "--all-netns: cannot enter network namespaces"'
+check "--all-netns under the unit: not restarted" sh -c '! systemctl is-active -q timewaitd'
+rm -r /etc/systemd/system/timewaitd.service.d
+systemctl daemon-reload
+systemctl reset-failed timewaitd 2>/dev/null || true
+
 # --- purge -------------------------------------------------------------------
 if DEBIAN_FRONTEND=noninteractive apt-get purge -y timewaitd > /tmp/purge.log 2>&1; then ok "apt purge"; else fail "apt purge: $(tail -3 /tmp/purge.log | tr '\n' ' ')"; fi
 check "purge removed the binary" sh -c '! test -e /usr/bin/timewaitd'

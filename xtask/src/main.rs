@@ -79,11 +79,11 @@ pub const GUEST_TESTS: &[matrix::GuestRun] = &[
     ("6.12", "auto", FENTRY_TESTS),
     // kprobes: the sockets signal on its tracepoint (connect() errors from
     // state changes, tcp_tw_reuse takeovers told from the active open).
-    ("6.1", "kprobe", &["check_paths", "server_side_500", "syn_reuse", "syn_rejected", "reset", "exhaustion", "connect_reuse"]),
+    ("6.1", "kprobe", &["check_paths", "server_side_500", "syn_reuse", "syn_rejected", "reset", "exhaustion", "connect_reuse", "folded::"]),
     ("5.10", "tracepoint", &["check_paths", "netns_isolation"]),
     // The tracepoint lifecycle: creation from the close, takeovers told by
     // the next connection with the 4-tuple, resets from kfree_skb's rx_sk.
-    ("6.12", "tracepoint", &["check_paths", "server_side_500", "syn_reuse", "syn_rejected", "reset", "connect_reuse"]),
+    ("6.12", "tracepoint", &["check_paths", "server_side_500", "syn_reuse", "syn_rejected", "reset", "connect_reuse", "folded::"]),
 ];
 
 /// Counts vs `ss` per remote, direction, IPv6, FIN_WAIT2, pre-existing and
@@ -114,6 +114,9 @@ const FENTRY_TESTS: &[&str] = &[
     // healed by walks (issue 12); "direction" above also runs
     // direction_history (direction from the connection's own history).
     "tiny_maps_reconcile_to_exact",
+    // Folded series' ratios and estimates of one real destination, SYN
+    // counters that never go back while the busiest change (issue 25).
+    "folded::",
 ];
 
 fn main() -> ExitCode {

@@ -2,6 +2,7 @@
 //! programs in the order that leaves no gap (each signal on the path that
 //! attaches, see `paths`), and runs the start-up snapshot.
 
+pub mod netns;
 pub mod paths;
 
 use std::io::Read as _;
