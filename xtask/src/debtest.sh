@@ -141,6 +141,29 @@ fi
 check "--all-netns under the unit: one line says why" sh -c \
     'journalctl -u timewaitd -o cat | grep -q -- "--all-netns: cannot enter network namespaces"'
 check "--all-netns under the unit: not restarted" sh -c '! systemctl is-active -q timewaitd'
+# With the drop-in README "Every namespace" gives, it works: it enters a
+# namespace made before it started (start-up snapshot) without a warning.
+ip netns add twtest
+cat >> /etc/systemd/system/timewaitd.service.d/all-netns.conf <<'DROPIN'
+CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_SYSLOG CAP_DAC_READ_SEARCH CAP_SYS_ADMIN CAP_SYS_PTRACE
+AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_SYSLOG CAP_DAC_READ_SEARCH CAP_SYS_ADMIN CAP_SYS_PTRACE
+RestrictNamespaces=net
+ProtectProc=default
+SystemCallFilter=setns
+DROPIN
+systemctl daemon-reload
+systemctl reset-failed timewaitd 2>/dev/null || true
+since=$(date '+%Y-%m-%d %H:%M:%S')
+systemctl start timewaitd
+if wait_for 180 ready; then ok "--all-netns with the README's drop-in: active and ready"; else
+    fail "--all-netns with the drop-in: $(journalctl -u timewaitd -o cat --since "$since" | tail -3 | tr '\n' ' ')"; fi
+if journalctl -u timewaitd -o cat --since "$since" | grep -qE ' (WARN|ERROR) '; then
+    fail "--all-netns with the drop-in: $(journalctl -u timewaitd -o cat --since "$since" | grep -E ' (WARN|ERROR) ' | head -2 | tr '\n' '|')"
+else
+    ok "--all-netns with the drop-in: every namespace entered, no warning"
+fi
+systemctl stop timewaitd
+ip netns del twtest
 rm -r /etc/systemd/system/timewaitd.service.d
 systemctl daemon-reload
 systemctl reset-failed timewaitd 2>/dev/null || true
