@@ -4,7 +4,7 @@
 use std::{
     io::IsTerminal as _,
     process::ExitCode,
-    sync::{Arc, OnceLock},
+    sync::Arc,
     time::Duration,
 };
 
@@ -156,11 +156,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         Some(w) => (w.tls, w.auth),
         None => (None, None),
     };
-    let state = Arc::new(AppState {
-        collector: OnceLock::new(),
-        agg: std::sync::RwLock::new(cfg.agg.clone()),
-        kernel_release: kernel::release(),
-    });
+    let state = Arc::new(AppState::new(cfg.agg.clone(), kernel::release()));
     let mut sigterm = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot handle SIGTERM: {e}")),
@@ -226,9 +222,15 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     // --reconcile-interval seconds anyway.
     let reconciler = {
         let c = collector.clone();
-        let interval = walk_interval(cfg.reconcile_interval, &c.signals());
+        let app = state.clone();
+        let interval = walk_interval(cfg.reconcile_interval, c.signals());
         let state = Arc::new(std::sync::Mutex::new(WalkState::default()));
+        let stall = Arc::new(std::sync::Mutex::new(test_stall_drain()));
         every(TICK, stop_rx.clone(), move || {
+            if let Some(d) = stall.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                warn!(secs = d.as_secs(), "TIMEWAITD_TEST_STALL_DRAIN: stalling this drain, holding its lock");
+                c.stall_holding_lock(d);
+            }
             c.drain();
             c.refresh_schedule();
             let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -244,6 +246,9 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
             let result = c.reconcile();
             (s.last, s.cost, s.owed) = (Some(started), started.elapsed(), false);
             drop(s);
+            if result.is_ok() {
+                *app.reconciled_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(started);
+            }
             match result {
                 Ok(n) if n > 0 => info!(corrected = n, after_loss, "reconciliation corrected the counts"),
                 Ok(_) => {}
@@ -269,6 +274,15 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     drop(collector);
     info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Test-only knob, read once at start: `TIMEWAITD_TEST_STALL_DRAIN=SECS`
+/// makes the first drain hold the lock it takes for SECS seconds, as a drain
+/// stuck in the kernel would (the health test, tests/kernel/health.rs).
+/// Not a flag: nobody should turn it on outside a test.
+fn test_stall_drain() -> Option<Duration> {
+    let secs: u64 = std::env::var("TIMEWAITD_TEST_STALL_DRAIN").ok()?.parse().ok()?;
+    Some(Duration::from_secs(secs))
 }
 
 /// Runs blocking `job` every `period` (first after one period) until `stop`.

@@ -39,6 +39,7 @@ mod deploy_metrics;
 mod all_netns;
 mod prometheus_server;
 mod reliability;
+mod health;
 mod full_maps;
 
 // Issue 11: the kernel matrix.
