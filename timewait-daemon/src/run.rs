@@ -174,17 +174,8 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     let shutdown = async move {
         let _ = server_stop.wait_for(|s| *s).await;
     };
-    let limits = crate::server::Limits::default();
-    let server = match tls {
-        Some(acceptor) => {
-            let tls_listener = match crate::web::TlsListener::new(listener, acceptor) {
-                Ok(l) => l,
-                Err(e) => return fail(format!("cannot listen on {}: {e}", cfg.listen)),
-            };
-            tokio::spawn(crate::server::serve(tls_listener, app, limits, shutdown))
-        }
-        None => tokio::spawn(crate::server::serve(listener, app, limits, shutdown)),
-    };
+    let limits = crate::conns::Limits::default().fit_fd_limit();
+    let server = tokio::spawn(crate::conns::serve(listener, tls, app, limits, shutdown));
     info!(
         version = VERSION,
         listen = %cfg.listen,

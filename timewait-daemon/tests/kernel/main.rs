@@ -35,6 +35,7 @@ mod inbound_ratio;
 mod overflow;
 mod port_range_change;
 mod web_tls;
+mod web_limits;
 mod deploy_metrics;
 mod all_netns;
 mod prometheus_server;

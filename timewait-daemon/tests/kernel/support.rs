@@ -1375,7 +1375,7 @@ pub fn connect_fresh_port(local: IpAddr, remote: SocketAddr, (lo, hi): (u16, u16
     Err(io::Error::other(format!("{local} -> {remote}: every port of {lo}-{hi} is held")))
 }
 
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {
