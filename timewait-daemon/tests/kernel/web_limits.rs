@@ -284,3 +284,56 @@ fn zero_window_clients_do_not_starve_a_scrape() {
     drop(stuck);
     d.stop();
 }
+
+/// `GET /metrics` with basic auth `user:pass`: (status, time to the status line).
+fn auth_get(addr: SocketAddr, user: &str, pass: &str) -> io::Result<(u16, Duration)> {
+    use base64::Engine as _;
+    let cred = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let t = Instant::now();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {cred}\r\n\r\n")?;
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf)?;
+    let took = t.elapsed();
+    let code = String::from_utf8_lossy(&buf[9..12]).parse().map_err(io::Error::other)?;
+    abortive_close(s)?;
+    Ok((code, took))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+fn unknown_users_take_as_long_as_wrong_passwords() {
+    if !require_root("unknown_users_take_as_long_as_wrong_passwords") {
+        return;
+    }
+    let ns = NetNs::new();
+    // Cost 8: each check is tens of ms in the debug build, far above the
+    // noise of a loopback request.
+    let dir = tls_dir(&ns, false, 8);
+    let _d = WebDaemon::start(&ns, &dir);
+    let addr: SocketAddr = WEB_ADDR.parse().unwrap();
+    wait_until(Duration::from_secs(60), "readyz with the right password", || {
+        ns.run(|| auth_get(addr, "prometheus", "s3cret")).is_ok_and(|(c, _)| c == 200)
+    });
+    let (mut unknown, mut wrong) = (Vec::new(), Vec::new());
+    // Interleaved, so that the machine's load falls on both alike.
+    for _ in 0..9 {
+        let (c, t) = ns.run(|| auth_get(addr, "nobody", "s3cret")).unwrap();
+        assert_eq!(c, 401, "unknown user");
+        unknown.push(t);
+        let (c, t) = ns.run(|| auth_get(addr, "prometheus", "wrong")).unwrap();
+        assert_eq!(c, 401, "wrong password");
+        wrong.push(t);
+    }
+    let (u, w) = (median(unknown.clone()), median(wrong.clone()));
+    eprintln!("401 in: unknown user median {u:?} {unknown:?}; wrong password median {w:?} {wrong:?}");
+    let (lo, hi) = (u.min(w).as_secs_f64(), u.max(w).as_secs_f64());
+    assert!(hi <= lo * 1.2, "unknown user {u:?} vs wrong password {w:?}: more than 20 % apart");
+    // The right password still gets in (and, remembered, without a bcrypt).
+    assert_eq!(ns.run(|| auth_get(addr, "prometheus", "s3cret")).unwrap().0, 200);
+}
