@@ -33,7 +33,7 @@ use tokio::{
     sync::{Notify, Semaphore},
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// Limits that keep one client from hurting the others.
 #[derive(Debug, Clone, Copy)]
@@ -100,10 +100,11 @@ impl Limits {
         }
         let fit = usize::try_from(lim.rlim_cur.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX).max(16);
         if fit < self.max_connections {
-            warn!(
+            // Not a warning: the daemon works, idle clients give way sooner.
+            info!(
                 open_files = lim.rlim_cur,
                 connections = fit,
-                "the open-file limit allows fewer HTTP connections than {} (LimitNOFILE=)",
+                "the open-file limit allows fewer HTTP connections than {} (raise LimitNOFILE= / ulimit -n)",
                 self.max_connections
             );
             self.max_connections = fit;
@@ -139,6 +140,22 @@ impl Table {
     /// The longest in one of `phases`, if any.
     fn oldest(&self, phases: &[Phase]) -> Option<u64> {
         self.conns.iter().filter(|(_, e)| phases.contains(&e.phase)).min_by_key(|(_, e)| e.since).map(|(id, _)| *id)
+    }
+
+    /// Sheds up to `n` of the longest idle (or handshaking); how many.
+    fn shed_idle(&mut self, n: usize) -> usize {
+        let mut idle: Vec<(Instant, u64)> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| e.phase != Phase::Busy)
+            .map(|(id, e)| (e.since, *id))
+            .collect();
+        idle.sort_unstable();
+        idle.truncate(n);
+        for (_, id) in &idle {
+            self.shed(*id);
+        }
+        idle.len()
     }
 
     fn shed(&mut self, id: u64) {
@@ -298,6 +315,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
     }
 }
 
+/// Idle connections closed at once when accept() fails.
+const ACCEPT_ERROR_SHED: usize = 32;
+
 /// hyper's smallest read buffer: a request whose headers do not fit gets 431.
 const MAX_REQUEST_HEAD: usize = 8192;
 
@@ -340,16 +360,16 @@ pub async fn serve(
             c = listener.accept() => match c {
                 Ok((tcp, _peer)) => tcp,
                 Err(e) => {
-                    // Out of file descriptors (EMFILE/ENFILE) or memory:
-                    // make room by closing the longest idle connection.
+                    // Out of file descriptors (EMFILE/ENFILE: the limit was
+                    // lowered, or something else holds them) or memory: make
+                    // room by closing the longest idle connections, a batch
+                    // at a time (the accept queue behind may hold a scrape).
                     debug!(error = %e, "accept failed");
-                    {
-                        let mut t = reg.table();
-                        if let Some(victim) = t.oldest(&[Phase::Idle, Phase::Handshake]) {
-                            t.shed(victim);
-                        }
+                    if reg.table().shed_idle(ACCEPT_ERROR_SHED) > 0 {
+                        tokio::task::yield_now().await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             },

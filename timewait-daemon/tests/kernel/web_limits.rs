@@ -101,6 +101,35 @@ fn idle_plain_connections_do_not_starve_a_scrape() {
     d.stop();
 }
 
+/// Out of file descriptors, the daemon closes its longest idle connections
+/// to take new ones: its open-file limit is lowered under it (`prlimit`),
+/// so that accept() fails with EMFILE, then 500 idle connections come.
+#[test]
+fn out_of_descriptors_idle_connections_give_way() {
+    if !require_root("out_of_descriptors_idle_connections_give_way") {
+        return;
+    }
+    raise_nofile(4096);
+    let ns = NetNs::new();
+    let d = Daemon::start(&ns, &[]);
+    let base = open_fds(d.pid());
+    let limit = base + 100;
+    run_cmd("prlimit", &["--pid", &d.pid().to_string(), &format!("--nofile={limit}:{limit}")]);
+    eprintln!("daemon holds {base} descriptors; limit lowered to {limit}");
+    let addr: SocketAddr = WEB_ADDR.parse().unwrap();
+    let idle: Vec<TcpStream> = ns.run(|| {
+        (0..500).filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()).collect()
+    });
+    eprintln!("{} of 500 idle connections made", idle.len());
+    let slowest = scrapes_answer_fast(&ns, "out of descriptors", 5, || http_get(addr, "/metrics").map(|r| r.0));
+    eprintln!("out of descriptors, 500 idle connections: slowest of 5 scrapes {slowest:?}");
+    assert!(open_fds(d.pid()) as u64 <= limit as u64, "the daemon stays within its limit");
+    for s in idle {
+        let _ = abortive_close(s);
+    }
+    d.stop();
+}
+
 /// A self-signed certificate for 127.0.0.1 and a web config with one user.
 fn tls_dir(ns: &NetNs, tls: bool, cost: u32) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tw-weblim-{}-{}", std::process::id(), ns.name()));
