@@ -349,20 +349,32 @@ fn unknown_users_take_as_long_as_wrong_passwords() {
     wait_until(Duration::from_secs(60), "readyz with the right password", || {
         ns.run(|| auth_get(addr, "prometheus", "s3cret")).is_ok_and(|(c, _)| c == 200)
     });
-    let (mut unknown, mut wrong) = (Vec::new(), Vec::new());
-    // Interleaved, so that the machine's load falls on both alike.
-    for _ in 0..9 {
-        let (c, t) = ns.run(|| auth_get(addr, "nobody", "s3cret")).unwrap();
-        assert_eq!(c, 401, "unknown user");
-        unknown.push(t);
-        let (c, t) = ns.run(|| auth_get(addr, "prometheus", "wrong")).unwrap();
-        assert_eq!(c, 401, "wrong password");
-        wrong.push(t);
+    // On a machine shared with other builds a round's medians can still be
+    // pushed apart by load: up to 3 rounds, and one within 20 % passes (a
+    // leak is not noise: before the decoy, every round was 100x apart).
+    let mut rounds = Vec::new();
+    for round in 0..3 {
+        let (mut unknown, mut wrong) = (Vec::new(), Vec::new());
+        // Interleaved, so that the machine's load falls on both alike.
+        for _ in 0..9 {
+            let (c, t) = ns.run(|| auth_get(addr, "nobody", "s3cret")).unwrap();
+            assert_eq!(c, 401, "unknown user");
+            unknown.push(t);
+            let (c, t) = ns.run(|| auth_get(addr, "prometheus", "wrong")).unwrap();
+            assert_eq!(c, 401, "wrong password");
+            wrong.push(t);
+        }
+        let (u, w) = (median(unknown.clone()), median(wrong.clone()));
+        eprintln!("round {round}: 401 in: unknown user median {u:?} {unknown:?}; wrong password median {w:?} {wrong:?}");
+        let (lo, hi) = (u.min(w).as_secs_f64(), u.max(w).as_secs_f64());
+        rounds.push((u, w));
+        if hi <= lo * 1.2 {
+            break;
+        }
     }
-    let (u, w) = (median(unknown.clone()), median(wrong.clone()));
-    eprintln!("401 in: unknown user median {u:?} {unknown:?}; wrong password median {w:?} {wrong:?}");
+    let &(u, w) = rounds.last().unwrap();
     let (lo, hi) = (u.min(w).as_secs_f64(), u.max(w).as_secs_f64());
-    assert!(hi <= lo * 1.2, "unknown user {u:?} vs wrong password {w:?}: more than 20 % apart");
+    assert!(hi <= lo * 1.2, "unknown user vs wrong password medians more than 20 % apart in every round: {rounds:?}");
     // The right password still gets in (and, remembered, without a bcrypt).
     assert_eq!(ns.run(|| auth_get(addr, "prometheus", "s3cret")).unwrap().0, 200);
 }
