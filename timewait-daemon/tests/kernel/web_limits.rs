@@ -284,12 +284,16 @@ fn zero_window_clients_do_not_starve_a_scrape() {
         return;
     }
     let ns = NetNs::new();
+    // Send buffers of at most 64 KB in this namespace: loopback's autotuning
+    // otherwise grows them past a megabyte, and the answers would all fit
+    // in the kernel without any write stopping.
+    ns.sysctl("net.ipv4.tcp_wmem", "4096 16384 65536");
     let d = Daemon::start(&ns, &[]);
     let addr: SocketAddr = WEB_ADDR.parse().unwrap();
     let base = open_fds(d.pid());
     // 100 pipelined requests each: the answers (about 10 KB each) outgrow
     // the client's window and the server's send buffer, so the server's
-    // writes stop, whatever the kernel's buffer autotuning does.
+    // writes stop.
     let requests = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
     let stuck: Vec<TcpStream> = ns
         .run(|| {
@@ -305,6 +309,19 @@ fn zero_window_clients_do_not_starve_a_scrape() {
     let sent = Instant::now();
     let slowest = scrapes_answer_fast(&ns, "64 zero-window clients", 5, || http_get(addr, "/metrics").map(|r| r.0));
     eprintln!("64 zero-window clients: slowest of 5 scrapes {slowest:?}");
+    // The server's writes to them are stuck: data waits in each send queue.
+    let stuck_writes = || {
+        ns.exec(&["ss", "-Htn", "sport", "= :19868"])
+            .lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.first() == Some(&"ESTAB") && f.get(2).and_then(|q| q.parse::<u64>().ok()).is_some_and(|q| q > 0)
+            })
+            .count()
+    };
+    let n = stuck_writes();
+    eprintln!("{n} server-side connections with unsent data {:?} after the clients asked", sent.elapsed());
+    assert!(n >= 60, "the server's writes to the zero-window clients should be stuck: {n} of 64");
     // The write timeout (10 s) frees them: the daemon's descriptors go back.
     wait_until(Duration::from_secs(25), "the daemon to close the zero-window connections", || {
         open_fds(d.pid()) <= base + 2
