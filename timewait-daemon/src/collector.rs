@@ -169,6 +169,14 @@ pub struct Collector {
     started_ns: u64,
     /// Cgroup names, with `--attribute-cgroups`.
     cgroups: Option<Mutex<crate::cgroups::Names>>,
+    /// Copies of what the loader attached: they never change after load, so
+    /// the landing page and /metrics read them without the probes lock
+    /// (which a stuck drain may hold).
+    hooks: Vec<(String, bool)>,
+    signals: Vec<crate::loader::paths::SignalPath>,
+    /// `clock_monotonic_ns()` of the last drain that looked at the kernel's
+    /// tables and finished (moving something or finding nothing to move).
+    drained_ns: AtomicU64,
 }
 
 /// The last walk for the time-to-exhaustion estimates.
@@ -346,6 +354,7 @@ impl Collector {
                 None
             }
         };
+        let (hooks, signals) = (probes.hooks.clone(), probes.signals.clone());
         Self {
             probes: Mutex::new(probes),
             walker,
@@ -359,6 +368,9 @@ impl Collector {
             schedule: Mutex::new(Schedules::default()),
             started_ns: clock_monotonic_ns(),
             cgroups,
+            hooks,
+            signals,
+            drained_ns: AtomicU64::new(clock_monotonic_ns()),
         }
     }
 
@@ -682,8 +694,10 @@ impl Collector {
         let mut probes = self.lock();
         let epoch = probes.epoch.get(&timewait_common::EPOCH_TABLES, 0).unwrap_or(0);
         let current = (epoch & 1) as usize;
-        // Nothing written since the last drain: nothing to do.
+        // Nothing written since the last drain: nothing to do (a look all
+        // the same: the drain is not behind).
         if probes.counts[current].keys().next().is_none() && probes.syns[current].keys().next().is_none() {
+            self.drained_ns.store(clock_monotonic_ns(), Ordering::Relaxed);
             return;
         }
         if let Err(e) = probes.epoch.set(timewait_common::EPOCH_TABLES, epoch.wrapping_add(1), 0) {
@@ -738,18 +752,35 @@ impl Collector {
             }
         }
         t.drains += 1;
+        self.drained_ns.store(clock_monotonic_ns(), Ordering::Relaxed);
         let bound = crate::loader::syn_capacity(self.max_series as u32) as usize;
         if t.syn_pending.len() > bound {
             fold_smallest(&mut t.syn_pending, bound * 3 / 4);
         }
     }
 
-    pub fn hooks(&self) -> Vec<(String, bool)> {
-        self.lock().hooks.clone()
+    /// How long ago the last drain finished looking at the kernel's tables;
+    /// None when they are never drained (no map-in-map: nothing can fall
+    /// behind).
+    pub fn last_drain_age(&self) -> Option<Duration> {
+        self.grace.as_ref()?;
+        let at = self.drained_ns.load(Ordering::Relaxed);
+        Some(Duration::from_nanos(clock_monotonic_ns().saturating_sub(at)))
     }
 
-    pub fn signals(&self) -> Vec<crate::loader::paths::SignalPath> {
-        self.lock().signals.clone()
+    /// Test knob (`TIMEWAITD_TEST_STALL_DRAIN`, run.rs): holds the lock a
+    /// drain holds for `d`, as a drain stuck in a map syscall would.
+    pub fn stall_holding_lock(&self, d: Duration) {
+        let _probes = self.lock();
+        std::thread::sleep(d);
+    }
+
+    pub fn hooks(&self) -> &[(String, bool)] {
+        &self.hooks
+    }
+
+    pub fn signals(&self) -> &[crate::loader::paths::SignalPath] {
+        &self.signals
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Probes> {

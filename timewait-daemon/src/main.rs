@@ -7,6 +7,7 @@ mod check;
 mod cli;
 mod collector;
 mod config;
+mod conns;
 mod exhaustion;
 mod kernel;
 mod loader;

@@ -16,6 +16,10 @@ pub struct Static<'a> {
     pub hooks: &'a [(String, bool)],
     pub signals: &'a [crate::loader::paths::SignalPath],
     pub read_errors: u64,
+    /// Since the last drain of the kernel's tables (None: never drained).
+    pub drain_age: Option<std::time::Duration>,
+    /// Since the last successful reconciliation walk (None: none yet).
+    pub reconcile_age: Option<std::time::Duration>,
 }
 
 struct Family(MetricFamily);
@@ -313,6 +317,24 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     sdur.sample(&[], c.schedule_walk_micros as f64 / 1e6);
     fams.push(rdur);
     fams.push(sdur);
+    if let Some(age) = st.drain_age {
+        let mut f = Family::new(
+            "timewait_last_drain_age_seconds",
+            "Seconds since the kernel's gauge and SYN tables were last drained (every second; /healthz fails above 30).",
+            GAUGE,
+        );
+        f.sample(&[], age.as_secs_f64());
+        fams.push(f);
+    }
+    if let Some(age) = st.reconcile_age {
+        let mut f = Family::new(
+            "timewait_last_reconcile_age_seconds",
+            "Seconds since the last successful reconciliation walk.",
+            GAUGE,
+        );
+        f.sample(&[], age.as_secs_f64());
+        fams.push(f);
+    }
 
     let mut snap = Family::new(
         "timewait_snapshot_sockets_total",

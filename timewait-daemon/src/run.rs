@@ -4,7 +4,7 @@
 use std::{
     io::IsTerminal as _,
     process::ExitCode,
-    sync::{Arc, OnceLock},
+    sync::Arc,
     time::Duration,
 };
 
@@ -161,11 +161,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         Some(w) => (w.tls, w.auth),
         None => (None, None),
     };
-    let state = Arc::new(AppState {
-        collector: OnceLock::new(),
-        agg: std::sync::RwLock::new(cfg.agg.clone()),
-        kernel_release: kernel::release(),
-    });
+    let state = Arc::new(AppState::new(cfg.agg.clone(), kernel::release()));
     let mut sigterm = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot handle SIGTERM: {e}")),
@@ -183,17 +179,8 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     let shutdown = async move {
         let _ = server_stop.wait_for(|s| *s).await;
     };
-    let limits = crate::server::Limits::default();
-    let server = match tls {
-        Some(acceptor) => {
-            let tls_listener = match crate::web::TlsListener::new(listener, acceptor) {
-                Ok(l) => l,
-                Err(e) => return fail(format!("cannot listen on {}: {e}", cfg.listen)),
-            };
-            tokio::spawn(crate::server::serve(tls_listener, app, limits, shutdown))
-        }
-        None => tokio::spawn(crate::server::serve(listener, app, limits, shutdown)),
-    };
+    let limits = crate::conns::Limits::default().fit_fd_limit();
+    let server = tokio::spawn(crate::conns::serve(listener, tls, app, limits, shutdown));
     info!(
         version = VERSION,
         listen = %cfg.listen,
@@ -231,9 +218,15 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     // --reconcile-interval seconds anyway.
     let reconciler = {
         let c = collector.clone();
-        let interval = walk_interval(cfg.reconcile_interval, &c.signals());
+        let app = state.clone();
+        let interval = walk_interval(cfg.reconcile_interval, c.signals());
         let state = Arc::new(std::sync::Mutex::new(WalkState::default()));
+        let stall = Arc::new(std::sync::Mutex::new(test_stall_drain()));
         every(TICK, stop_rx.clone(), move || {
+            if let Some(d) = stall.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                warn!(secs = d.as_secs(), "TIMEWAITD_TEST_STALL_DRAIN: stalling this drain, holding its lock");
+                c.stall_holding_lock(d);
+            }
             c.drain();
             c.refresh_schedule();
             let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -249,6 +242,9 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
             let result = c.reconcile();
             (s.last, s.cost, s.owed) = (Some(started), started.elapsed(), false);
             drop(s);
+            if result.is_ok() {
+                *app.reconciled_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(started);
+            }
             match result {
                 Ok(n) if n > 0 => info!(corrected = n, after_loss, "reconciliation corrected the counts"),
                 Ok(_) => {}
@@ -274,6 +270,15 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     drop(collector);
     info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Test-only knob, read once at start: `TIMEWAITD_TEST_STALL_DRAIN=SECS`
+/// makes the first drain hold the lock it takes for SECS seconds, as a drain
+/// stuck in the kernel would (the health test, tests/kernel/health.rs).
+/// Not a flag: nobody should turn it on outside a test.
+fn test_stall_drain() -> Option<Duration> {
+    let secs: u64 = std::env::var("TIMEWAITD_TEST_STALL_DRAIN").ok()?.parse().ok()?;
+    Some(Duration::from_secs(secs))
 }
 
 /// Runs blocking `job` every `period` (first after one period) until `stop`.

@@ -26,13 +26,34 @@ pub struct AppState {
     /// Aggregation settings; SIGHUP replaces them (see run.rs).
     pub agg: std::sync::RwLock<AggOptions>,
     pub kernel_release: String,
+    /// When the last reconciliation walk succeeded (run.rs).
+    pub reconciled_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// A drain runs every second; one this far behind means the task that runs
+/// it (drains, then walks) is stuck, and `/healthz` says so.
+pub const DRAIN_STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl AppState {
+    pub fn new(agg: AggOptions, kernel_release: String) -> Self {
+        Self {
+            collector: OnceLock::new(),
+            agg: std::sync::RwLock::new(agg),
+            kernel_release,
+            reconciled_at: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn reconcile_age(&self) -> Option<std::time::Duration> {
+        self.reconciled_at.lock().unwrap_or_else(|e| e.into_inner()).map(|t| t.elapsed())
+    }
 }
 
 pub fn router(state: Arc<AppState>, auth: Option<Arc<crate::web::BasicAuth>>) -> Router {
     let router = Router::new()
         .route("/", get(index))
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/v1/snapshot", get(snapshot))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
@@ -45,6 +66,23 @@ pub fn router(state: Arc<AppState>, auth: Option<Arc<crate::web::BasicAuth>>) ->
 
 fn not_ready() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, "not ready: attaching probes and loading the start-up snapshot\n").into_response()
+}
+
+/// 200 while the process runs and its drains keep up; 503 with the reason
+/// once the last drain is more than [`DRAIN_STALE_AFTER`] old. Reads one
+/// atomic: never waits for the lock a stuck drain holds.
+async fn healthz(State(st): State<Arc<AppState>>) -> Response {
+    if let Some(age) = st.collector.get().and_then(|c| c.last_drain_age())
+        && age > DRAIN_STALE_AFTER
+    {
+        let msg = format!(
+            "unhealthy: the kernel's tables were last drained {} s ago (drains run every second; limit {} s): the drain or a walk is stuck\n",
+            age.as_secs(),
+            DRAIN_STALE_AFTER.as_secs()
+        );
+        return (StatusCode::SERVICE_UNAVAILABLE, msg).into_response();
+    }
+    "ok\n".into_response()
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
@@ -62,15 +100,15 @@ async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {
     let body = tokio::task::spawn_blocking(move || {
         let agg = st2.agg();
         let view = c.read(&agg);
-        let hooks = c.hooks();
-        let signals = c.signals();
         metrics::render(
             &view,
             &metrics::Static {
                 version: VERSION,
                 kernel: &st2.kernel_release,
-                hooks: &hooks,
-                signals: &signals,
+                hooks: c.hooks(),
+                signals: c.signals(),
+                drain_age: c.last_drain_age(),
+                reconcile_age: st2.reconcile_age(),
                 read_errors: c.read_errors.load(std::sync::atomic::Ordering::Relaxed),
             },
         )
@@ -109,75 +147,4 @@ async fn index(State(st): State<Arc<AppState>>) -> Html<String> {
          </body></html>",
         st.kernel_release
     ))
-}
-
-/// Limits that keep one client from hurting the others.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Connections served at once; more wait in the kernel's accept queue.
-    pub max_connections: usize,
-    /// A client must send its request headers within this time.
-    pub header_read_timeout: std::time::Duration,
-    /// A request must be answered within this time (408 otherwise).
-    pub request_timeout: std::time::Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_connections: 64,
-            header_read_timeout: std::time::Duration::from_secs(10),
-            request_timeout: std::time::Duration::from_secs(30),
-        }
-    }
-}
-
-/// hyper's smallest read buffer: a request whose headers do not fit gets 431.
-const MAX_REQUEST_HEAD: usize = 8192;
-
-/// Serves `app` on `listener` (plain TCP or TLS) until `stop`, then lets
-/// requests in flight finish for up to 2 s.
-pub async fn serve<L>(mut listener: L, app: Router, limits: Limits, stop: impl std::future::Future<Output = ()>)
-where
-    L: axum::serve::Listener,
-    L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    use hyper_util::{
-        rt::{TokioIo, TokioTimer},
-        server::graceful::GracefulShutdown,
-        service::TowerToHyperService,
-    };
-    let app = app.layer(tower_http::timeout::TimeoutLayer::with_status_code(
-        StatusCode::REQUEST_TIMEOUT,
-        limits.request_timeout,
-    ));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(MAX_REQUEST_HEAD)
-        .keep_alive(true);
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(stop);
-    loop {
-        // Take a permit before accepting: at the cap, new clients wait in the
-        // accept queue instead of being accepted and dropped.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            () = &mut stop => break,
-        };
-        let (io, _peer) = tokio::select! {
-            c = listener.accept() => c,
-            () = &mut stop => break,
-        };
-        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            // Errors here are the client's (reset, timeout, bad request).
-            let _ = conn.await;
-            drop(permit);
-        });
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), graceful.shutdown()).await;
 }

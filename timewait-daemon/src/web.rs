@@ -13,7 +13,6 @@ use std::{
     collections::{BTreeMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use axum::{
@@ -26,9 +25,7 @@ use base64::Engine as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use serde::Deserialize;
 use thiserror::Error;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tracing::debug;
+use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, Error)]
 pub enum WebConfigError {
@@ -62,25 +59,53 @@ pub struct WebConfig {
 
 /// Checks `Authorization: Basic` against bcrypt hashes. bcrypt is slow by
 /// design (tens of ms), so credentials that verified once are remembered
-/// (a bounded set of header values), as the exporter-toolkit does.
+/// (a bounded set of header values), and, as the exporter-toolkit does,
+/// one bcrypt runs at a time (wrong passwords cannot take every core) and
+/// an unknown user is checked against a decoy hash of the same cost (its
+/// answer takes as long as a wrong password's: user names cannot be probed).
 pub struct BasicAuth {
     users: BTreeMap<String, String>,
     verified: Mutex<HashSet<String>>,
+    /// A hash of no password anyone sends, at the users' cost (the highest
+    /// when they differ).
+    decoy: String,
+    /// One bcrypt at a time.
+    serial: tokio::sync::Mutex<()>,
 }
 
 const VERIFIED_CACHE: usize = 64;
 
+/// The cost of a bcrypt hash (`$2y$10$...`: 10).
+fn bcrypt_cost(hash: &str) -> Option<u32> {
+    hash.split('$').nth(2)?.parse().ok()
+}
+
 impl BasicAuth {
+    fn new(users: BTreeMap<String, String>) -> Result<Self, bcrypt::BcryptError> {
+        let cost = users.values().filter_map(|h| bcrypt_cost(h)).max().unwrap_or(bcrypt::DEFAULT_COST);
+        let decoy = bcrypt::hash("timewaitd: no such user", cost.clamp(4, 31))?;
+        Ok(Self { users, verified: Mutex::new(HashSet::new()), decoy, serial: tokio::sync::Mutex::new(()) })
+    }
+
+    /// Credentials that verified before (no bcrypt).
+    fn known_good(&self, header_value: &str) -> bool {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(header_value)
+    }
+
+    /// The full check: one bcrypt, known user or not.
     fn check(&self, header_value: &str) -> bool {
-        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(header_value) {
+        if self.known_good(header_value) {
             return true;
         }
         let Some(b64) = header_value.strip_prefix("Basic ") else { return false };
         let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else { return false };
         let Ok(raw) = String::from_utf8(raw) else { return false };
         let Some((user, pass)) = raw.split_once(':') else { return false };
-        let Some(hash) = self.users.get(user) else { return false };
-        if !bcrypt::verify(pass, hash).unwrap_or(false) {
+        let (hash, known) = match self.users.get(user) {
+            Some(h) => (h.as_str(), true),
+            None => (self.decoy.as_str(), false),
+        };
+        if !(bcrypt::verify(pass, hash).unwrap_or(false) && known) {
             return false;
         }
         let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
@@ -96,7 +121,10 @@ impl BasicAuth {
 pub async fn require_auth(State(auth): State<Arc<BasicAuth>>, req: Request, next: Next) -> Response {
     let header_value = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let ok = match header_value {
+        Some(v) if auth.known_good(&v) => true,
         Some(v) => {
+            // Waiting here holds no thread; the request timeout bounds it.
+            let _one_at_a_time = auth.serial.lock().await;
             let auth = auth.clone();
             tokio::task::spawn_blocking(move || auth.check(&v)).await.unwrap_or(false)
         }
@@ -126,7 +154,8 @@ pub fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
                     return Err(invalid(format!("basic_auth_users.{user} is not a bcrypt hash (htpasswd -nBC 10 \"\" | tr -d ':\\n')")));
                 }
             }
-            Some(Arc::new(BasicAuth { users, verified: Mutex::new(HashSet::new()) }))
+            let auth = BasicAuth::new(users).map_err(|e| invalid(format!("basic_auth_users: {e}")))?;
+            Some(Arc::new(auth))
         }
         _ => None,
     };
@@ -158,67 +187,6 @@ pub fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
     Ok(WebConfig { tls, auth })
 }
 
-/// How long a client may take over its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// An `axum::serve` listener that yields finished TLS connections. Handshakes
-/// run in their own tasks, so a slow or silent client never holds up the
-/// accept loop; failed handshakes (e.g. plain HTTP) are dropped.
-pub struct TlsListener {
-    rx: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, std::net::SocketAddr)>,
-    local: std::net::SocketAddr,
-}
-
-impl TlsListener {
-    pub fn new(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        debug!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, conn_tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = conn_tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => debug!("TLS handshake timed out"),
-                    }
-                });
-                if tx.is_closed() {
-                    break;
-                }
-            }
-        });
-        Ok(Self { rx, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The accept task ended: nothing will ever come again.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,7 +214,8 @@ mod tests {
     #[test]
     fn basic_auth_checks_bcrypt_and_caches() {
         let hash = bcrypt::hash("s3cret", 4).unwrap();
-        let auth = BasicAuth { users: [("alice".to_string(), hash)].into(), verified: Mutex::new(HashSet::new()) };
+        let auth = BasicAuth::new([("alice".to_string(), hash)].into()).unwrap();
+        assert_eq!(bcrypt_cost(&auth.decoy), Some(4), "the decoy costs what the users' hashes cost");
         let enc = |s: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s));
         assert!(auth.check(&enc("alice:s3cret")));
         assert!(auth.verified.lock().unwrap().contains(&enc("alice:s3cret")));

@@ -35,10 +35,12 @@ mod inbound_ratio;
 mod overflow;
 mod port_range_change;
 mod web_tls;
+mod web_limits;
 mod deploy_metrics;
 mod all_netns;
 mod prometheus_server;
 mod reliability;
+mod health;
 mod full_maps;
 
 // Issue 11: the kernel matrix.

@@ -164,7 +164,7 @@ fn scrape_abuse() {
                 });
             }
         });
-        // The slow client was cut off by the header-read timeout (10 s)
+        // The slow client was cut off by the header-read timeout (5 s)
         // when the soak lasted longer than that.
         if secs > 12 {
             slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -624,7 +624,14 @@ impl<'a> Daemon<'a> {
     /// answers 200.
     #[track_caller]
     pub fn start(ns: &'a NetNs, extra: &[&str]) -> Daemon<'a> {
-        Self::start_via(ns, extra, false)
+        Self::start_via(ns, extra, false, &[])
+    }
+
+    /// Like [`Daemon::start`], with these environment variables set (the
+    /// daemon's test knobs, e.g. `TIMEWAITD_TEST_STALL_DRAIN`).
+    #[track_caller]
+    pub fn start_with_env(ns: &'a NetNs, extra: &[&str], env: &[(&str, &str)]) -> Daemon<'a> {
+        Self::start_via(ns, extra, false, env)
     }
 
     /// Like [`Daemon::start`], entering the namespace with `nsenter --net`
@@ -632,11 +639,11 @@ impl<'a> Daemon<'a> {
     /// which remounts `/sys` and so hides the cgroup hierarchy under it.
     #[track_caller]
     pub fn start_nsenter(ns: &'a NetNs, extra: &[&str]) -> Daemon<'a> {
-        Self::start_via(ns, extra, true)
+        Self::start_via(ns, extra, true, &[])
     }
 
     #[track_caller]
-    fn start_via(ns: &'a NetNs, extra: &[&str], nsenter: bool) -> Daemon<'a> {
+    fn start_via(ns: &'a NetNs, extra: &[&str], nsenter: bool, env: &[(&str, &str)]) -> Daemon<'a> {
         let n = DAEMON_COUNTER.fetch_add(1, Ordering::Relaxed);
         let log = log_dir().join(format!("{}-daemon{n}.log", ns.name()));
         let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
@@ -663,6 +670,7 @@ impl<'a> Daemon<'a> {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(env.iter().copied());
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         eprintln!(
             "started timewaitd (pid {}) in {} with {extra:?}, log {}",
@@ -1392,7 +1400,7 @@ pub fn connect_fresh_port(local: IpAddr, remote: SocketAddr, (lo, hi): (u16, u16
     Err(io::Error::other(format!("{local} -> {remote}: every port of {lo}-{hi} is held")))
 }
 
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {
