@@ -9,6 +9,7 @@ mod collector;
 mod config;
 mod exhaustion;
 mod kernel;
+mod ledger;
 mod loader;
 mod metrics;
 mod rcu;
