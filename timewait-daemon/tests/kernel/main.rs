@@ -56,3 +56,6 @@ mod dead_listener_70k;
 // Issue 14: attribution and time to exhaustion.
 mod time_to_exhaustion;
 mod attribution;
+
+// Issue 25: connect()/bind() errors of TCP only, bounded, never backwards.
+mod connect_errors;

@@ -1128,6 +1128,11 @@ impl Metrics {
         self.matching(name, filters).map(|s| s.2).sum()
     }
 
+    /// Every sample: (name, labels, value).
+    pub fn all(&self) -> impl Iterator<Item = (&str, &BTreeMap<String, String>, f64)> {
+        self.samples.iter().map(|(n, l, v)| (n.as_str(), l, *v))
+    }
+
     pub fn series(&self, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
         self.matching(name, &[])
             .map(|(_, l, v)| (l.clone(), *v))
