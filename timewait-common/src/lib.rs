@@ -75,6 +75,25 @@ pub struct ErrKey {
     pub _pad: u32,
 }
 
+impl ErrKey {
+    /// The reserved key of `errno` (shown as `comm="other"`): no name, no
+    /// namespace (a real key always has one: the inode number of the calling
+    /// task's), no cgroup, no destination. The daemon inserts one per errno
+    /// before any program runs, so it exists even once `CONNECT_ERRORS` is
+    /// full; the programs count there what no longer fits under its own key.
+    pub const fn fallback(errno: u32) -> Self {
+        Self { comm: [0; 16], errno, netns: 0, cgroup: 0, remote: [0; 16], port: 0, family: 0, _pad: 0 }
+    }
+
+    /// Whether this is a reserved key (`fallback`).
+    pub const fn is_fallback(&self) -> bool {
+        self.netns == 0
+    }
+}
+
+/// `SOCK_STREAM` (`enum sock_type`, include/linux/net.h).
+pub const SOCK_STREAM: u16 = 1;
+
 /// Bits of `ROLES[0]`: what the `inet_sock_set_state` program does, set by
 /// the daemon as it attaches each signal.
 /// Full sockets: listeners, active opens, connect() failures.
@@ -452,7 +471,18 @@ pub struct Offsets {
     /// `inet_put_port` has zeroed `skc_num` (before `inet_sock_set_state`
     /// tells the CLOSE).
     pub inet_sport: u32,
-    pub _pad: u32,
+    /// `socket.type` (a `short`) and `socket.sk`: `inet_bind`'s first
+    /// argument, to count only TCP sockets' bind() errors.
+    pub socket_type: u32,
+    pub socket_sk: u32,
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds`,
+    /// `fdtable.fd`, `file.private_data`: the socket of a file descriptor
+    /// (`sys_exit_bind`, which has only the fd its `sys_enter_bind` saw).
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
 }
 
 /// Start-up configuration of the programs (one read-only global).
@@ -538,7 +568,13 @@ impl Offsets {
         tcp_bytes_acked: 0,
         reqsk_snt_isn: 0,
         inet_sport: 0,
-        _pad: 0,
+        socket_type: 0,
+        socket_sk: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdtable_max_fds: 0,
+        fdtable_fd: 0,
+        file_private_data: 0,
     };
 }
 
@@ -567,8 +603,8 @@ const _: () = assert!(core::mem::size_of::<IndexKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockHead>() == 20);
 const _: () = assert!(core::mem::size_of::<IndexVal>() == 24);
 const _: () = assert!(core::mem::size_of::<TwEntry>() == 40 + 8 * 2 + 4 * 4);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 38 * 4);
-const _: () = assert!(core::mem::size_of::<Config>() == 152 + 24);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 44 * 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 176 + 24);
 const _: () = assert!(core::mem::size_of::<Untold>() == 40 + 16);
 
 #[cfg(feature = "user")]

@@ -12,7 +12,7 @@ use std::{
 
 use serde::Serialize;
 use timewait_common::{
-    AggKey, EADDRINUSE, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, IndexKey, IndexVal, RemoteKey, SynCounts,
+    AggKey, EADDRINUSE, ErrKey, LIFETIME_BUCKETS_NS, LIFETIME_REASONS, LIFETIME_SLOTS, IndexKey, IndexVal, RemoteKey, SynCounts,
     TwEntry, counter,
 };
 use tracing::warn;
@@ -177,7 +177,17 @@ pub struct Collector {
     /// `clock_monotonic_ns()` of the last drain that looked at the kernel's
     /// tables and finished (moving something or finding nothing to move).
     drained_ns: AtomicU64,
+    /// What of each `CONNECT_ERRORS` key each connect-errors series shows.
+    error_ledger: Mutex<crate::ledger::Ledger<ErrKey, ErrLabel>>,
 }
+
+/// Labels of a `timewait_connect_errors_total` series: errno, comm, cgroup
+/// (with attribution), remote and port (of a connect(), with attribution).
+type ErrLabel = (&'static str, String, Option<String>, String, u16);
+
+/// Per errno, the process names with the most errors that keep a series of
+/// their own; the rest are shown as `comm="other"`.
+pub const TOP_COMMS: usize = 20;
 
 /// The last walk for the time-to-exhaustion estimates.
 #[derive(Default)]
@@ -371,6 +381,7 @@ impl Collector {
             hooks,
             signals,
             drained_ns: AtomicU64::new(clock_monotonic_ns()),
+            error_ledger: Mutex::new(crate::ledger::Ledger::default()),
         }
     }
 
@@ -855,34 +866,46 @@ impl Collector {
         }
         drop(totals);
         let mut names = self.cgroups.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut connect_errors: Vec<ConnectErrors> = probes
-            .connect_errors
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, n)| ConnectErrors {
-                errno: if k.errno == EADDRINUSE { "EADDRINUSE" } else { "EADDRNOTAVAIL" },
-                comm: String::from_utf8_lossy(k.comm.split(|b| *b == 0).next().unwrap_or_default()).into_owned(),
-                cgroup: names.as_deref_mut().map(|n| n.label(k.cgroup)),
-                remote: if k.family == 0 {
-                    String::new()
-                } else {
-                    let key = AggKey { remote: k.remote, family: k.family, ..AggKey::default() };
-                    crate::aggregate::remote_label(crate::aggregate::remote_addr(&key), opts)
-                },
-                port: k.port,
-                count: u64::try_from(n).unwrap_or(0),
+        // Kernel keys are cumulative and never removed; the busiest
+        // `TOP_COMMS` names per errno keep their own series, the rest (and
+        // the reserved keys, counted once the table is full) go to
+        // comm="other". Growth since the last read goes to where a key
+        // belongs now, so no series ever decreases (`ledger`).
+        let raw = read_all(&probes.connect_errors, &self.read_errors);
+        let comm_of = |comm: &[u8; 16]| String::from_utf8_lossy(comm.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+        let errno_of = |errno: u32| if errno == EADDRINUSE { "EADDRINUSE" } else { "EADDRNOTAVAIL" };
+        let named = raw.iter().filter(|(k, _)| !k.is_fallback());
+        let top = crate::ledger::busiest(named.map(|(k, n)| ((k.errno, k.comm), u64::try_from(*n).unwrap_or(0))), TOP_COMMS);
+        let mut ledger = self.error_ledger.lock().unwrap_or_else(|e| e.into_inner());
+        ledger.attribute(raw.iter().map(|(k, n)| (*k, u64::try_from(*n).unwrap_or(0))), |k| {
+            if k.is_fallback() {
+                let cgroup = names.is_some().then(|| crate::ledger::OTHER.to_string());
+                return (errno_of(k.errno), crate::ledger::OTHER.to_string(), cgroup, String::new(), 0);
+            }
+            let comm = if top.contains(&(k.errno, k.comm)) { comm_of(&k.comm) } else { crate::ledger::OTHER.to_string() };
+            let remote = if k.family == 0 {
+                String::new()
+            } else {
+                let key = AggKey { remote: k.remote, family: k.family, ..AggKey::default() };
+                crate::aggregate::remote_label(crate::aggregate::remote_addr(&key), opts)
+            };
+            (errno_of(k.errno), comm, names.as_deref_mut().map(|n| n.label(k.cgroup)), remote, k.port)
+        });
+        let shown: HashSet<(&str, String)> = top.iter().map(|(errno, comm)| (errno_of(*errno), comm_of(comm))).collect();
+        let mut connect_errors: Vec<ConnectErrors> = ledger
+            .shown()
+            .filter(|((errno, comm, ..), _)| comm == crate::ledger::OTHER || shown.contains(&(*errno, comm.clone())))
+            .map(|((errno, comm, cgroup, remote, port), count)| ConnectErrors {
+                errno,
+                comm: comm.clone(),
+                cgroup: cgroup.clone(),
+                remote: remote.clone(),
+                port: *port,
+                count,
             })
             .collect();
-        // The same name in several namespaces (--all-netns) is one series.
-        let id = |e: &ConnectErrors| (e.errno, e.comm.clone(), e.cgroup.clone(), e.remote.clone(), e.port);
-        connect_errors.sort_by_key(id);
-        connect_errors.dedup_by(|b, a| {
-            let same = id(a) == id(b);
-            if same {
-                a.count += b.count;
-            }
-            same
-        });
+        drop(ledger);
+        connect_errors.sort_by(|a, b| (a.errno, &a.comm, &a.cgroup, &a.remote, a.port).cmp(&(b.errno, &b.comm, &b.cgroup, &b.remote, b.port)));
         let per_cpu = probes.lifetime.get(&0, 0).ok();
         let mut slots = vec![0u64; (LIFETIME_REASONS * LIFETIME_SLOTS) as usize];
         for (i, slot) in slots.iter_mut().enumerate() {

@@ -144,7 +144,13 @@ pub fn offsets(btf: &Btf) -> Result<Offsets, KernelError> {
         tcp_bytes_acked: offset_of(btf, "tcp_sock", "bytes_acked")?,
         reqsk_snt_isn: offset_of(btf, "tcp_request_sock", "snt_isn")?,
         inet_sport: offset_of(btf, "inet_sock", "inet_sport")?,
-        _pad: 0,
+        socket_type: offset_of(btf, "socket", "type")?,
+        socket_sk: offset_of(btf, "socket", "sk")?,
+        task_files: offset_of(btf, "task_struct", "files")?,
+        files_fdt: offset_of(btf, "files_struct", "fdt")?,
+        fdtable_max_fds: offset_of(btf, "fdtable", "max_fds")?,
+        fdtable_fd: offset_of(btf, "fdtable", "fd")?,
+        file_private_data: offset_of(btf, "file", "private_data")?,
     })
 }
 

@@ -10,6 +10,7 @@ mod config;
 mod conns;
 mod exhaustion;
 mod kernel;
+mod ledger;
 mod loader;
 mod metrics;
 mod rcu;

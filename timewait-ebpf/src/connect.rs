@@ -12,18 +12,20 @@
 //!   free port (-EADDRNOTAVAIL), the one such failure that is not a
 //!   memory or routing error. A SYN that left and was refused or timed out
 //!   counts a segment; `tcp_disconnect` zeroes the count for a reused socket.
-//! `bind()` errors have no such state change: `syscalls/sys_exit_bind`, only
-//! with `--syscall-tracepoints`; the fentry path has `inet_bind`'s exit.
+//! `bind()` errors have no such state change: `syscalls/sys_enter_bind` and
+//! `sys_exit_bind`, only with `--syscall-tracepoints` (the exit has only the
+//! return value: the enter notes the descriptor, whose socket the exit reads
+//! to count TCP's alone); the fentry path has `inet_bind`'s exit.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use timewait_common::{Config, ConnectDst, EADDRINUSE, EADDRNOTAVAIL, ErrKey, TCP_SYN_SENT};
+use timewait_common::{Config, ConnectDst, EADDRINUSE, EADDRNOTAVAIL, ErrKey, IPPROTO_TCP, SOCK_STREAM, TCP_SYN_SENT};
 
 use crate::{
-    maps::{CONNECT_ERRORS, CONNECTING, add, config, read},
+    maps::{BINDING, BPF_ANY, CONNECTING, config, count_error, read},
     sock::{current_cgroup, remote_of, watched},
 };
 
@@ -89,22 +91,86 @@ pub fn count_no_port(cfg: &Config, sk: u64, netns: u32) -> Result<(), i64> {
     } else {
         None
     };
-    add(&CONNECT_ERRORS, &err_key(cfg, EADDRNOTAVAIL, netns, dest)?, 1);
+    count_error(&mut err_key(cfg, EADDRNOTAVAIL, netns, dest)?);
     Ok(())
+}
+
+/// `fd` of a `sys_enter_*` record whose first argument is a file descriptor.
+const FD: usize = 16;
+
+/// bind() starting (`--syscall-tracepoints` only): notes the descriptor, for
+/// the exit to find its socket. One hash update per bind() of the system.
+#[tracepoint(category = "syscalls", name = "sys_enter_bind")]
+pub fn tw_enter_bind(ctx: TracePointContext) -> u32 {
+    // SAFETY: reads a field of the tracepoint record at a fixed offset.
+    if let Ok(fd) = unsafe { ctx.read_at::<u64>(FD) } {
+        let _ = BINDING.insert(&bpf_get_current_pid_tgid(), &fd, BPF_ANY);
+    }
+    0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_bind")]
 pub fn tw_exit_bind(ctx: TracePointContext) -> u32 {
-    let _ = count_error(&ctx, EADDRINUSE);
+    let _ = exit_bind(&ctx);
     0
 }
 
-/// Counts the syscall by process name when it failed with `errno`.
+/// Counts the bind() that failed with EADDRINUSE when its socket is TCP: the
+/// exit record has only the return value, so the socket is found from the
+/// descriptor `sys_enter_bind` noted, through the task's file table.
 #[inline(always)]
-fn count_error(ctx: &TracePointContext, errno: u32) -> Result<(), i64> {
+fn exit_bind(ctx: &TracePointContext) -> Result<(), i64> {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let fd = unsafe { BINDING.get(&id) }.copied();
+    let _ = BINDING.remove(&id);
     // SAFETY: reads a field of the tracepoint record at a fixed offset.
     let ret: i64 = unsafe { ctx.read_at(RET) }.map_err(i64::from)?;
-    count_failed(ret, errno, None)
+    if ret != -(EADDRINUSE as i64) {
+        return Ok(());
+    }
+    // Attached after the entry program: a bind() already inside then has none.
+    let Some(fd) = fd else { return Ok(()) };
+    let cfg = config();
+    // SAFETY: helper without preconditions; the pointer is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() };
+    if !is_tcp_socket(&cfg, socket_of_fd(&cfg, task, fd)?)? {
+        return Ok(());
+    }
+    count_failed(ret, EADDRINUSE, None)
+}
+
+/// The `struct socket *` behind descriptor `fd` of `task`:
+/// `task->files->fdt->fd[fd]->private_data` (fs/file.c `files_lookup_fd_raw`;
+/// bind() returned EADDRINUSE, so `sockfd_lookup` found a socket file there).
+#[inline(always)]
+fn socket_of_fd(cfg: &Config, task: u64, fd: u64) -> Result<u64, i64> {
+    let files: u64 = read(task, cfg.offsets.task_files)?;
+    let fdt: u64 = read(files, cfg.offsets.files_fdt)?;
+    let max: u32 = read(fdt, cfg.offsets.fdtable_max_fds)?;
+    if fd >= u64::from(max) {
+        return Err(0);
+    }
+    let fds: u64 = read(fdt, cfg.offsets.fdtable_fd)?;
+    let file: u64 = read(fds + fd * 8, 0)?;
+    if file == 0 {
+        return Err(0);
+    }
+    read(file, cfg.offsets.file_private_data)
+}
+
+/// Whether `sock` (a `struct socket *`) is a TCP socket: `SOCK_STREAM` of
+/// protocol `IPPROTO_TCP` (not UDP, raw, SCTP or MPTCP), so that a failed
+/// bind() of a UDP or raw socket, which any user can make under any name,
+/// is not counted as TCP port exhaustion.
+#[inline(always)]
+pub fn is_tcp_socket(cfg: &Config, sock: u64) -> Result<bool, i64> {
+    if read::<u16>(sock, cfg.offsets.socket_type)? != SOCK_STREAM {
+        return Ok(false);
+    }
+    let sk: u64 = read(sock, cfg.offsets.socket_sk)?;
+    Ok(sk != 0 && read::<u16>(sk, cfg.offsets.sk_protocol)? == IPPROTO_TCP)
 }
 
 /// The key of a failed call by the current task: its name, and with
@@ -124,7 +190,8 @@ pub fn err_key(cfg: &Config, errno: u32, netns: u32, dest: Option<(u16, u16, [u8
 
 /// Counts a call that returned `ret` by process name when it failed with
 /// `errno`. The namespace is the calling task's (syscall exits and the
-/// fexit of `inet_bind` run in its context).
+/// fexit of `inet_bind` run in its context). The caller has checked the
+/// socket is TCP's.
 #[inline(always)]
 pub fn count_failed(ret: i64, errno: u32, dest: Option<(u16, u16, [u8; 16])>) -> Result<(), i64> {
     if ret != -(errno as i64) {
@@ -140,6 +207,6 @@ pub fn count_failed(ret: i64, errno: u32, dest: Option<(u16, u16, [u8; 16])>) ->
     if !watched(&cfg, netns) {
         return Ok(());
     }
-    add(&CONNECT_ERRORS, &err_key(&cfg, errno, netns, dest)?, 1);
+    count_error(&mut err_key(&cfg, errno, netns, dest)?);
     Ok(())
 }

@@ -136,10 +136,24 @@ pub static LAST_KILL: PerCpuArray<LastKill> = PerCpuArray::with_max_entries(1, 0
 #[map]
 pub static CONNS: HashMap<u64, ConnEntry> = HashMap::with_max_entries(1 << 18, 0);
 
-/// Failed connect()/bind() calls that mean port exhaustion, by process name.
-/// Bounded: names beyond it are counted as lost.
+/// Failed connect()/bind() calls of TCP sockets that mean port exhaustion,
+/// by process name. Never drained: cumulative counts. Bounded, and any local
+/// user can pick names (`prctl(PR_SET_NAME)`), so once it is full what no
+/// longer fits is counted under the reserved key of its errno
+/// (`ErrKey::fallback`, `comm="other"`), which the daemon inserts before any
+/// program runs: the table cannot be blinded.
 #[map]
 pub static CONNECT_ERRORS: HashMap<ErrKey, i64> = HashMap::with_max_entries(1024, 0);
+
+/// `sys_enter_bind` -> `sys_exit_bind` (`--syscall-tracepoints`): the file
+/// descriptor a thread is binding, by `pid_tgid`, so that the exit can tell
+/// a TCP socket's EADDRINUSE from a UDP or raw one's. Removed at the exit
+/// (which runs even for a thread killed inside bind()). Not an LRU map: one
+/// may evict an entry still in use (`kernel/bpf/bpf_lru_list.c` takes
+/// unreferenced nodes from other CPUs' lists). Full (4,096 threads inside
+/// bind() at once): that bind() is not looked at.
+#[map]
+pub static BINDING: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
 
 pub const BPF_NOEXIST: u64 = 1;
 pub const BPF_ANY: u64 = 0;
@@ -152,7 +166,7 @@ pub fn roles() -> u32 {
 }
 const EEXIST: i64 = 17;
 
-/// The configuration, read in place (not copied: it is 152 bytes of a
+/// The configuration, read in place (not copied: it is 200 bytes of a
 /// 512-byte stack).
 #[inline(always)]
 pub fn config() -> &'static Config {
@@ -283,6 +297,34 @@ fn insert_and_add<K>(m: &HashMap<K, i64>, key: &K, delta: i64) -> bool {
             bump(counter::LOST);
             false
         }
+    }
+}
+
+/// Counts one failed call under `key`; when `CONNECT_ERRORS` is full, under
+/// the reserved key of its errno instead (`key` is rewritten to it: no
+/// second key on the 512-byte stack). Lost only when even that is missing.
+#[inline(always)]
+pub fn count_error(key: &mut ErrKey) {
+    if let Some(p) = CONNECT_ERRORS.get_ptr_mut(&*key) {
+        atomic_add(p, 1);
+        return;
+    }
+    match CONNECT_ERRORS.insert(&*key, 0, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(e) if is_eexist(e.into()) => {}
+        Err(_) => {
+            // Full: the fallback of `ErrKey::fallback(errno)`.
+            key.comm = [0; 16];
+            key.netns = 0;
+            key.cgroup = 0;
+            key.remote = [0; 16];
+            key.port = 0;
+            key.family = 0;
+        }
+    }
+    match CONNECT_ERRORS.get_ptr_mut(&*key) {
+        Some(p) => atomic_add(p, 1),
+        None => bump(counter::LOST),
     }
 }
 

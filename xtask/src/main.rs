@@ -79,8 +79,12 @@ pub const GUEST_TESTS: &[matrix::GuestRun] = &[
     ("6.12", "auto", FENTRY_TESTS),
     // kprobes: the sockets signal on its tracepoint (connect() errors from
     // state changes, tcp_tw_reuse takeovers told from the active open).
-    ("6.1", "kprobe", &["check_paths", "server_side_500", "syn_reuse", "syn_rejected", "reset", "exhaustion", "connect_reuse", "folded::"]),
-    ("5.10", "tracepoint", &["check_paths", "netns_isolation"]),
+    // connect_errors: bind() errors through sys_enter/exit_bind and the
+    // descriptor's socket (--syscall-tracepoints) on a Debian kernel.
+    ("6.1", "kprobe", &["check_paths", "server_side_500", "syn_reuse", "syn_rejected", "reset", "exhaustion", "connect_reuse", "connect_errors", "folded::"]),
+    // connect_errors: the syscall tracepoints' bind() errors (the socket of
+    // the descriptor, offsets from BTF) on the oldest kernel.
+    ("5.10", "tracepoint", &["check_paths", "netns_isolation", "connect_errors"]),
     // The tracepoint lifecycle: creation from the close, takeovers told by
     // the next connection with the 4-tuple, resets from kfree_skb's rx_sk.
     ("6.12", "tracepoint", &["check_paths", "server_side_500", "syn_reuse", "syn_rejected", "reset", "connect_reuse", "folded::"]),
@@ -110,6 +114,9 @@ const FENTRY_TESTS: &[&str] = &[
     "exhaustion",
     // The owning cgroup of ports, TIME_WAIT and errors (issue 14).
     "attribution",
+    // connect()/bind() errors: TCP only, the table cannot be blinded,
+    // never backwards (issue 25).
+    "connect_errors",
     // The delta tables drained behind an RCU grace period, and losses
     // healed by walks (issue 12); "direction" above also runs
     // direction_history (direction from the connection's own history).

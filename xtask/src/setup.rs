@@ -35,6 +35,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("iptables", "iptables"),
     ("tshark", "tshark"),
+    // virtme-ng runs depmod for the guest kernels' modules.
+    ("depmod", "kmod"),
 ];
 
 /// Debian's hook that tells maintainer scripts whether they may start a

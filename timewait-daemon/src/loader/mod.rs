@@ -36,8 +36,11 @@ pub enum LoadError {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/timewait"));
 
 pub const LISTEN_PROGRAM: (&str, &str) = ("tw_sock_set_state", "inet_sock_set_state");
-/// The classic syscall tracepoint of `--syscall-tracepoints`: (program, category, name).
-pub const BIND_PROGRAM: (&str, &str, &str) = ("tw_exit_bind", "syscalls", "sys_exit_bind");
+/// The classic syscall tracepoints of `--syscall-tracepoints`, in the order
+/// they are attached: (program, category, name). The entry notes the
+/// descriptor, whose socket the exit reads (TCP's errors alone count).
+pub const BIND_PROGRAMS: [(&str, &str, &str); 2] =
+    [("tw_enter_bind", "syscalls", "sys_enter_bind"), ("tw_exit_bind", "syscalls", "sys_exit_bind")];
 
 /// How bind() errors are counted: with the fentry sockets hooks (`inet_bind`'s
 /// exit), else through `syscalls/sys_exit_bind` when `wanted`, else not.
@@ -53,15 +56,23 @@ fn bind_errors(ebpf: &mut Ebpf, sockets: &paths::SignalPath, wanted: bool) -> pa
         sp.refused.push(paths::BIND_ERRORS_OFF.to_string());
         return sp;
     }
-    let (name, category, tp) = BIND_PROGRAM;
-    match kernel::ensure_tracefs().and_then(|_| attach_classic(ebpf, name, category, tp).map_err(|e| e.to_string())) {
+    let attach = |ebpf: &mut Ebpf| -> Result<(), String> {
+        kernel::ensure_tracefs()?;
+        for (name, category, tp) in BIND_PROGRAMS {
+            attach_classic(ebpf, name, category, tp).map_err(|e| format!("tracepoint/{category}/{tp}: {e}"))?;
+        }
+        Ok(())
+    };
+    match attach(ebpf) {
         Ok(()) => {
             sp.path = paths::Path::Tracepoint;
-            sp.hooks.push(format!("tracepoint/{category}/{tp}"));
+            sp.hooks.extend(BIND_PROGRAMS.iter().map(|(_, category, tp)| format!("tracepoint/{category}/{tp}")));
         }
         Err(e) => {
+            // A half-attached pair counts nothing: the exit without the
+            // entry finds no descriptor. Detached with the object.
             tracing::warn!(error = %e, "bind() errors are not counted");
-            sp.refused.push(format!("tracepoint/{category}/{tp}: {e}"));
+            sp.refused.push(e);
         }
     }
     sp
@@ -293,6 +304,18 @@ pub fn in_netns<T>(path: &std::path::Path, f: impl FnOnce() -> Result<T, LoadErr
     r
 }
 
+/// Inserts `ErrKey::fallback` of each errno into `CONNECT_ERRORS`, at 0.
+fn reserve_fallback_keys(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let name = "CONNECT_ERRORS";
+    let map = ebpf.map_mut(name).ok_or(LoadError::Map(name, "not in object".into()))?;
+    let mut errors: HashMap<&mut MapData, ErrKey, i64> =
+        HashMap::try_from(map).map_err(|e| LoadError::Map(name, error_chain(&e)))?;
+    for errno in [timewait_common::EADDRINUSE, timewait_common::EADDRNOTAVAIL] {
+        errors.insert(ErrKey::fallback(errno), 0, 0).map_err(|e| LoadError::Map(name, error_chain(&e)))?;
+    }
+    Ok(())
+}
+
 /// Default capacity of the minisocket table: every minisocket the kernel can
 /// hold (`tcp_max_tw_buckets`, which bounds TIME_WAIT and FIN_WAIT2 ones
 /// together) plus room for kills awaiting resolution.
@@ -348,6 +371,9 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         .load(OBJECT)
         .map_err(|e| LoadError::Load(error_chain(&e)))?;
 
+    // Before any program runs: the reserved keys that what no longer fits
+    // in CONNECT_ERRORS is counted under (comm="other").
+    reserve_fallback_keys(&mut ebpf)?;
     let mut hooks = Vec::new();
     // 0. Full sockets: listeners (so every minisocket followed from step 2
     //    on gets its direction), active opens, closes; then the snapshot of

@@ -89,7 +89,7 @@ pub const SEGMENTS: &str = "segments";
 pub const SOCKETS: &str = "sockets";
 pub const BIND_ERRORS: &str = "bind_errors";
 /// Why bind() errors are not counted on the tracepoint path by default.
-pub const BIND_ERRORS_OFF: &str = "--syscall-tracepoints turns it on (syscalls/sys_exit_bind; any syscall tracepoint \
+pub const BIND_ERRORS_OFF: &str = "--syscall-tracepoints turns it on (syscalls/sys_enter_bind and sys_exit_bind; any syscall tracepoint \
      makes every system call of every process slower: +50 ns measured)";
 
 /// The fentry hooks of the sockets signal (`timewait-ebpf/src/fentry/sockets.rs`):

@@ -62,3 +62,5 @@ mod attribution;
 // Issue 25: folded series that tell the truth, counters that never go back.
 mod support_counters;
 mod folded;
+// Issue 25: connect()/bind() errors of TCP only, bounded, never backwards.
+mod connect_errors;

@@ -1157,8 +1157,8 @@ impl Metrics {
     }
 
     /// Every sample: (name, labels, value).
-    pub fn samples(&self) -> &[(String, BTreeMap<String, String>, f64)] {
-        &self.samples
+    pub fn all(&self) -> impl Iterator<Item = (&str, &BTreeMap<String, String>, f64)> {
+        self.samples.iter().map(|(n, l, v)| (n.as_str(), l, *v))
     }
 
     pub fn series(&self, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {

@@ -30,17 +30,17 @@ impl Seen {
     pub fn advance(&mut self, m: &Metrics) -> Result<(), String> {
         let mut now = BTreeMap::new();
         let mut back = Vec::new();
-        for (name, labels, v) in m.samples() {
+        for (name, labels, v) in m.all() {
             if !monotonic(m, name) {
                 continue;
             }
-            let key = (name.clone(), labels.clone());
+            let key = (name.to_string(), labels.clone());
             if let Some(before) = self.last.get(&key)
-                && v < before
+                && v < *before
             {
                 back.push(format!("{name}{labels:?}: {before} -> {v}"));
             }
-            now.insert(key, *v);
+            now.insert(key, v);
         }
         self.scrapes += 1;
         // Series that stopped are forgotten: one that comes back may start

@@ -10,7 +10,7 @@
 //! | `inet_hash(sk)`, `inet6_hash(sk)` entry | a listener (TCP's `->hash`, called by `inet_csk_listen_start` once the socket is LISTEN with its port) |
 //! | `inet_csk_listen_stop(sk)` entry | a listener gone |
 //! | `inet_hash_connect(death_row, sk)`, `inet6_hash_connect` exit | an active open chose its port: 0, it holds one toward its destination (and a minisocket killed inside with that 4-tuple was a `tcp_tw_reuse` takeover); -EADDRNOTAVAIL, port exhaustion |
-//! | `inet_bind(sock, uaddr, len)`, `inet6_bind` exit | `bind()` of an IPv4/IPv6 socket; -EADDRINUSE counted by process name |
+//! | `inet_bind(sock, uaddr, len)`, `inet6_bind` exit | `bind()` of an IPv4/IPv6 socket; -EADDRINUSE of a TCP one counted by process name |
 //! | `inet_put_port(sk)` entry | a full socket releasing its port (`tcp_set_state(CLOSE)`, or destroy for a bound one); its local port is still set here |
 
 use aya_ebpf::{
@@ -21,7 +21,7 @@ use aya_ebpf::{
 use timewait_common::{Config, EADDRINUSE, EADDRNOTAVAIL, IPPROTO_TCP, TCP_LISTEN, counter};
 
 use crate::{
-    connect::count_failed,
+    connect::{count_failed, is_tcp_socket},
     listen::{connection_added, connection_closed, direction_from_history, listener_added, listener_removed},
     maps::{LAST_KILL, bump, config, observe_lifetime, read, unbump, unobserve_lifetime},
     sock::{listen_key, netns_of, remote_of, watched},
@@ -131,14 +131,24 @@ fn same_tuple(cfg: &Config, sk: u64, kill: &timewait_common::LastKill) -> Result
 
 #[fexit(function = "inet_bind")]
 pub fn fexit_inet_bind(ctx: FExitContext) -> u32 {
-    let _ = count_failed(i64::from(ctx.arg::<i64>(3) as i32), EADDRINUSE, None);
+    let _ = bind_exit(ctx.arg(0), ctx.arg::<i64>(3) as i32);
     0
 }
 
 #[fexit(function = "inet6_bind")]
 pub fn fexit_inet6_bind(ctx: FExitContext) -> u32 {
-    let _ = count_failed(i64::from(ctx.arg::<i64>(3) as i32), EADDRINUSE, None);
+    let _ = bind_exit(ctx.arg(0), ctx.arg::<i64>(3) as i32);
     0
+}
+
+/// `inet_bind(sock, ...)` returned `ret`: -EADDRINUSE of a TCP socket is
+/// counted (UDP and raw sockets bind through the same function).
+#[inline(always)]
+fn bind_exit(sock: u64, ret: i32) -> Result<(), i64> {
+    if ret != -(EADDRINUSE as i32) || !is_tcp_socket(config(), sock)? {
+        return Ok(());
+    }
+    count_failed(i64::from(ret), EADDRINUSE, None)
 }
 
 #[fentry(function = "inet_put_port")]
