@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::support::{Daemon, Metrics, NetNs, connect_from_port, quiet_equal, require_root, v4};
-use crate::support_ports::{exhaustion_ratio, lo4, set_port_range};
+use crate::support::ports::{exhaustion_ratio, lo4, set_port_range};
 
 const LO: u16 = 42000;
 const HI: u16 = 42099;

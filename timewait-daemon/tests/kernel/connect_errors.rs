@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use crate::support::{Daemon, Metrics, NetNs, bound_socket, require_root, wait_until};
-use crate::support_ports::{connect_errors, lo4, set_port_range, thread_comm};
+use crate::support::ports::{connect_errors, lo4, set_port_range, thread_comm};
 
 const COUNTER_WAIT: Duration = Duration::from_secs(10);
 const FAMILY: &str = "timewait_connect_errors_total";

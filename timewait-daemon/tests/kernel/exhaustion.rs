@@ -6,7 +6,7 @@ use std::net::{SocketAddrV4, TcpStream};
 use std::time::Duration;
 
 use crate::support::{Daemon, NetNs, bound_socket, quiet_equal, require_root, v4, wait_until};
-use crate::support_ports::{
+use crate::support::ports::{
     Dest, assert_ratio, connect_errors, exhaustion_ratio, gauge, lo4, metric_in_use,
     set_port_range, ss_outbound_in_use, thread_comm,
 };

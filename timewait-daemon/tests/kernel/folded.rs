@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::support::{Daemon, Metrics, NetNs, require_root, segments_available, v4};
-use crate::support_ports::{set_port_range, ss_outbound_in_use};
+use crate::support::ports::{set_port_range, ss_outbound_in_use};
 use crate::support_syn::{sa4, wait_count};
 use crate::syn_reuse::reconnect_from_fixed_port;
 

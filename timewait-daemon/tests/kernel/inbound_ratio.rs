@@ -6,7 +6,7 @@ use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, NetNs, quiet_equal, require_root, v4};
-use crate::support_ports::{assert_ratio, diag, server_closes_first_from_ports, set_port_range};
+use crate::support::ports::{assert_ratio, diag, server_closes_first_from_ports, set_port_range};
 
 const N: u64 = 30_000;
 const REMOTE: &str = "127.0.0.9";

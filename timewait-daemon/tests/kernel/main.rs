@@ -28,8 +28,6 @@ mod connect_reuse;
 mod mixed;
 
 // Issue 4: port exhaustion.
-mod support_ports;
-
 mod exhaustion;
 mod inbound_ratio;
 mod overflow;
@@ -60,7 +58,6 @@ mod time_to_exhaustion;
 mod attribution;
 
 // Issue 25: folded series that tell the truth, counters that never go back.
-mod support_counters;
 mod folded;
 // Issue 25: connect()/bind() errors of TCP only, bounded, never backwards.
 mod connect_errors;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::support::{Daemon, NetNs, quiet_equal, require_root};
-use crate::support_ports::{
+use crate::support::ports::{
     Dest, assert_ratio, exhaustion_ratio, gauge, lo4, metric_in_use, set_port_range,
     ss_outbound_in_use,
 };

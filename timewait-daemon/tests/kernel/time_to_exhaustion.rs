@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, Metrics, NetNs, quiet_equal, require_root, wait_eof};
-use crate::support_ports::{lo4, set_port_range};
+use crate::support::ports::{lo4, set_port_range};
 
 const LO: u16 = 41000;
 const HI: u16 = 41099;

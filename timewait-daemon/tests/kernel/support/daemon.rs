@@ -54,7 +54,7 @@ pub struct Daemon<'a> {
     pub log: PathBuf,
     /// Every counter and histogram sample of this daemon's last scrape:
     /// each scrape checks that none went back (issue 25).
-    counters: std::sync::Mutex<crate::support_counters::Seen>,
+    counters: std::sync::Mutex<crate::support::counters::Seen>,
 }
 
 impl<'a> Daemon<'a> {

@@ -11,10 +11,15 @@
 //! - `daemon`: the daemon under test; `http`: a scrape client that leaves no
 //!   TIME_WAIT behind; `metrics`: a Prometheus text parser;
 //! - `wait`: bounded waits and the "same quiet moment" comparison;
-//! - `sockets`: socket workloads.
+//! - `sockets`: socket workloads; `counters`: counters that never go back.
 //!
 //! The tests use these through the names below (`crate::support::NetNs`).
+//! The helpers of one family of tests have their module:
+//! - `ports`: port exhaustion (issue 4).
 
+pub mod ports;
+
+mod counters;
 mod daemon;
 mod http;
 mod matrix;
@@ -24,7 +29,7 @@ mod sockets;
 mod ss;
 mod wait;
 
-pub use daemon::{Daemon, WEB_ADDR, WEB_PORT, assert_scrape_leaves_no_timewait, daemon_bin};
+pub use daemon::{Daemon, WEB_ADDR, assert_scrape_leaves_no_timewait, daemon_bin};
 pub use http::http_get;
 pub use matrix::{
     emulated, expected_bind_errors_path, expected_paths, expected_sockets_path, require_root, segments_available,

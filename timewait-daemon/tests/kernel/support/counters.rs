@@ -1,11 +1,12 @@
-//! Counters never go back (issue 25): every scrape a test takes of a daemon
-//! is held against that daemon's previous one, so each test of the suite, on
-//! every kernel and path, also checks that no counter or histogram sample
-//! decreased. A series may stop (and then be absent); it may not fall.
+//! Counters never go back (issue 25): each scrape is held against the same daemon's previous one.
+//!
+//! So each test of the suite, on every kernel and path, also checks that no
+//! counter or histogram sample decreased. A series may stop (and then be
+//! absent); it may not fall.
 
 use std::collections::BTreeMap;
 
-use crate::support::Metrics;
+use crate::support::metrics::Metrics;
 
 /// The counter and histogram samples of the last scrape, by name and labels.
 #[derive(Default)]

@@ -1,13 +1,18 @@
-//! Helpers for the port-exhaustion tests (issue 4): the outbound ports in use
-//! per destination as `ss` shows them and as the daemon reports them, the
-//! connect/bind error counter, namespace counters from `nstat`, the calling
-//! thread's `comm`.
+//! Helpers for the port-exhaustion tests (issue 4): ports in use, connect/bind errors, `nstat`, a thread's `comm`.
+//!
+//! The outbound ports in use per destination as `ss` shows them and as the
+//! daemon reports them, the connect/bind error counter, namespace counters
+//! from `nstat`, the calling thread's `comm`.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::ops::RangeInclusive;
 
-use crate::support::{Metrics, NetNs, WEB_PORT, connect_from_port, label_ip, parse_ss, wait_eof};
+use crate::support::daemon::WEB_PORT;
+use crate::support::metrics::Metrics;
+use crate::support::netns::NetNs;
+use crate::support::sockets::{connect_from_port, wait_eof};
+use crate::support::ss::{label_ip, parse_ss};
 
 /// `(remote, port)`, exactly as the daemon labels an outbound destination.
 pub type Dest = (String, u16);
