@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, NetNs, abortive_close, require_root};
-use crate::support_syn::{
+use crate::support::syn::{
     in_time_wait, kdelta, kernel_line, nstat, sa4, wait_count, wait_eof, wait_only_time_wait,
     wait_tuple_gone, tw_created_delta};
 

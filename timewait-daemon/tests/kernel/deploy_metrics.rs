@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, NetNs, require_root, server_closes_first_clients_stay, v4, wait_eof};
-use crate::support_syn::fixed_port_client;
+use crate::support::syn::fixed_port_client;
 
 /// The files whose metric names must exist, relative to `deploy/`: a
 /// directory means every file in it.

@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::support::{Daemon, Metrics, NetNs, require_root, segments_available, v4};
 use crate::support::ports::{set_port_range, ss_outbound_in_use};
-use crate::support_syn::{sa4, wait_count};
+use crate::support::syn::{sa4, wait_count};
 use crate::syn_reuse::reconnect_from_fixed_port;
 
 const LO: u16 = 40000;

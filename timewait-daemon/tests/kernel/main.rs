@@ -19,8 +19,7 @@ mod netns_isolation;
 mod preexisting_and_restart;
 mod server_side_500;
 
-mod support_syn;
-
+// Issue 3: SYN in TIME_WAIT, kill reasons.
 mod syn_reuse;
 mod syn_rejected;
 mod reset;

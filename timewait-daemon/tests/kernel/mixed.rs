@@ -22,7 +22,7 @@ use std::thread;
 
 use crate::connect_reuse::{take_over_own_time_wait, with_one_port};
 use crate::support::{Daemon, NetNs, abortive_close, quiet_equal, require_root};
-use crate::support_syn::{
+use crate::support::syn::{
     Segment, TCP_RST, fixed_port_client, in_time_wait, kdelta, kernel_line, nstat, sa4,
     server_closes_first_once, wait_balanced, wait_count, wait_eof, wait_settled_keeping_half_open,
     wait_tuple_gone, paws_tw_delta, tw_created_delta};

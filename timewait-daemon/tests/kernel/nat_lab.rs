@@ -61,7 +61,7 @@ use crate::support_nat::{
     Capture, LoadStats, Nginx, ScratchDir, TIME_WAIT_LEN, have, http_close_load, iptables_usable,
     read_capture, route, syn_truth, truth_line, veth,
 };
-use crate::support_syn::{kernel_line, nstat, paws_tw_delta, tsval};
+use crate::support::syn::{kernel_line, nstat, paws_tw_delta, tsval};
 
 /// Requests per client host.
 const REQUESTS: usize = 400;
@@ -256,7 +256,7 @@ fn nat_lab() {
         "TcpExtTWKilled",
     ]
     .iter()
-    .map(|k| format!("{k}+{}", crate::support_syn::kdelta(&k0, &k1, k)))
+    .map(|k| format!("{k}+{}", crate::support::syn::kdelta(&k0, &k1, k)))
     .collect();
     eprintln!(
         "nat_lab: daemon closed_total {}; created+{} (told out of order +{}); kernel {}; capture: TIME_WAITs created {}, \

@@ -12,7 +12,7 @@
 //! when scheduled (`TcpExtTW` / `TcpExtTWKilled`).
 
 use crate::support::{Daemon, NetNs, require_root, segments_available};
-use crate::support_syn::{
+use crate::support::syn::{
     Segment, TCP_RST, in_time_wait, kdelta, kernel_line, nstat, sa4, server_closes_first_once,
     wait_count, wait_tuple_gone, paws_tw_delta, tw_created_delta};
 

@@ -21,7 +21,7 @@
 //! round is: one SYN, one rejection, one reset, the 4-tuple gone from `ss`.
 
 use crate::support::{Daemon, NetNs, require_root, segments_available};
-use crate::support_syn::{
+use crate::support::syn::{
     Segment, ServerTimeWait, TCP_SYN, kdelta, kernel_line, nstat, sa4, server_closes_first_once,
     ss_tuple, wait_count, wait_tuple_gone, paws_tw_delta, tw_created_delta};
 

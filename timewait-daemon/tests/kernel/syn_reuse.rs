@@ -12,7 +12,7 @@
 use std::net::{SocketAddr, SocketAddrV4, TcpListener};
 
 use crate::support::{Daemon, NetNs, require_root, segments_available};
-use crate::support_syn::{
+use crate::support::syn::{
     fixed_port_client, kdelta, kernel_line, lifetime_bucket, nstat, sa4, wait_count, wait_eof,
     wait_only_time_wait, paws_tw_delta, tw_created_delta};
 

@@ -15,9 +15,11 @@
 //!
 //! The tests use these through the names below (`crate::support::NetNs`).
 //! The helpers of one family of tests have their module:
+//! - `syn`: SYN in TIME_WAIT, kill reasons (issue 3);
 //! - `ports`: port exhaustion (issue 4).
 
 pub mod ports;
+pub mod syn;
 
 mod counters;
 mod daemon;
