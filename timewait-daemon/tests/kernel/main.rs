@@ -46,7 +46,6 @@ mod check_paths;
 // Issue 12: untidy hosts.
 mod direction_history;
 mod dead_listener;
-mod support_nat;
 mod nat_lab;
 mod support_untidy;
 mod nginx_wrk;

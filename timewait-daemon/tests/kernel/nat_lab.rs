@@ -57,7 +57,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, Metrics, NetNs, abortive_close, require_root, scaled, segments_available};
-use crate::support_nat::{
+use crate::support::nat::{
     Capture, LoadStats, Nginx, ScratchDir, TIME_WAIT_LEN, have, http_close_load, iptables_usable,
     read_capture, route, syn_truth, truth_line, veth,
 };

@@ -16,8 +16,10 @@
 //! The tests use these through the names below (`crate::support::NetNs`).
 //! The helpers of one family of tests have their module:
 //! - `syn`: SYN in TIME_WAIT, kill reasons (issue 3);
-//! - `ports`: port exhaustion (issue 4).
+//! - `ports`: port exhaustion (issue 4);
+//! - `nat`: the NAT lab (issue 12).
 
+pub mod nat;
 pub mod ports;
 pub mod syn;
 
