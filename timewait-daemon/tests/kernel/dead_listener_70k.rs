@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, NetNs, assert_maps_equal, quiet_equal_within, require_root, scaled, v4};
-use crate::support_untidy::{
+use crate::support::untidy::{
     host_only,
     DirPortKey, ephemeral_range, metrics_remote_and_dir_port, series_shape,
     server_closes_first_fast, ss_tw_remote_and_dir_port, ss_tw_timed,
@@ -89,7 +89,7 @@ fn dead_listener_70k() {
         panic!(
             "ss shows {n} TIME_WAIT, not the {old_total} the stopped server left (sockstat tw {}); short by remote: \
              {short:?}; states:\n{states}counters:\n{nstat}",
-            crate::support_untidy::sockstat_tw(&ns)
+            crate::support::untidy::sockstat_tw(&ns)
         );
     }
     let listeners = ns.exec(&["ss", "-Htln"]);

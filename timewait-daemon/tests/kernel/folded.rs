@@ -9,7 +9,7 @@
 //!   a fold does fill its range, that series reads 1.0 and 0 s.
 //! - SYNs hitting TIME_WAIT from remotes whose rank changes (`--top-remotes
 //!   1`): no counter or histogram series decreases between two scrapes
-//!   (every scrape a test takes is checked, `support_counters.rs`), and the
+//!   (every scrape a test takes is checked, `support/counters.rs`), and the
 //!   series sum to every SYN sent.
 
 use std::collections::BTreeMap;

@@ -47,7 +47,6 @@ mod check_paths;
 mod direction_history;
 mod dead_listener;
 mod nat_lab;
-mod support_untidy;
 mod nginx_wrk;
 mod dead_listener_70k;
 

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, NetNs, quiet_equal_within, require_root, scaled};
-use crate::support_untidy::{
+use crate::support::untidy::{
     host_only,
     DirPortKey, Nginx, TempDir, Wrk, add_lo_addr, ephemeral_range, metrics_remote_and_dir_port,
     route_from, series_shape, sockstat_tw, ss_tw_remote_and_dir_port,

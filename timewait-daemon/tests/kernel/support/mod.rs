@@ -17,11 +17,12 @@
 //! The helpers of one family of tests have their module:
 //! - `syn`: SYN in TIME_WAIT, kill reasons (issue 3);
 //! - `ports`: port exhaustion (issue 4);
-//! - `nat`: the NAT lab (issue 12).
+//! - `nat`: the NAT lab, `untidy`: nginx, wrk and 70,000 TIME_WAIT (issue 12).
 
 pub mod nat;
 pub mod ports;
 pub mod syn;
+pub mod untidy;
 
 mod counters;
 mod daemon;
@@ -45,5 +46,5 @@ pub use sockets::{
     V6_LOOPBACK, abortive_close, bound_socket, connect_from, connect_from_port, server_closes_first,
     server_closes_first_clients_stay, sockaddr, v4, wait_eof,
 };
-pub use ss::{SsSocket, label_ip, parse_ss};
+pub use ss::parse_ss;
 pub use wait::{assert_maps_equal, quiet_equal, quiet_equal_within, scaled, wait_until};
