@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{matrix::PartResult, render, sh};
+use crate::{part::PartResult, render, sh};
 
 /// The suite of the system the package is installed on.
 const SUITE: &str = "bookworm";

@@ -6,6 +6,7 @@ mod bench;
 mod deb;
 mod debtest;
 mod matrix;
+mod part;
 mod setup;
 mod vm;
 
