@@ -12,7 +12,10 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, render, setup, sh, workspace_root};
+use crate::{
+    cmd::{cargo, render, sh, workspace_root},
+    setup,
+};
 
 /// cargo-deb, pinned: installed with `cargo install --locked` when missing.
 const CARGO_DEB: &str = "3.7.0";

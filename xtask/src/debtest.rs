@@ -23,7 +23,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{part::PartResult, render, sh};
+use crate::{
+    cmd::{render, sh},
+    part::PartResult,
+};
 
 /// The suite of the system the package is installed on.
 const SUITE: &str = "bookworm";

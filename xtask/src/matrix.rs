@@ -14,7 +14,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    bench, cargo, part::PartResult, render, setup,
+    bench,
+    cmd::{cargo, render, workspace_root},
+    part::PartResult,
+    setup,
     vm::{self, GUEST_KERNELS, GuestKernel, Kernel, Outcome},
 };
 
@@ -249,7 +252,7 @@ fn quote(s: &str) -> String {
 /// directory (as cargo runs it), with the release daemon and a start-up
 /// deadline for emulation; libtest's output goes to the console.
 fn guest_command(bins: &Binaries, probe_path: &str, filters: &[String]) -> String {
-    let dir = crate::workspace_root().join("timewait-daemon");
+    let dir = workspace_root().join("timewait-daemon");
     let threads = std::env::var("TIMEWAIT_VM_TEST_THREADS").unwrap_or_else(|_| GUEST_TEST_THREADS.to_string());
     let mut words = vec![bins.tests.display().to_string(), "--test-threads".into(), threads];
     // The guest's console is a terminal: no colour codes in what is parsed.

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::sh;
+use crate::cmd::sh;
 
 /// bpf-linker links with rustc's own LLVM: this release pairs with the LLVM of
 /// the nightly the eBPF crate is built with. They move together or not at all.

@@ -41,7 +41,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{setup, sh, workspace_root};
+use crate::{
+    cmd::{sh, workspace_root},
+    setup,
+};
 
 mod nginx;
 mod overhead;

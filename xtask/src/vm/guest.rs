@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use super::Kernel;
-use crate::render;
+use crate::cmd::render;
 
 /// What the console shows when the kernel is beyond saving. The test would
 /// never finish (or finish meaninglessly): kill the guest at once.

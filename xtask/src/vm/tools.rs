@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{GuestKernel, Suite, cache_dir};
-use crate::{setup, sh};
+use crate::{cmd::sh, setup};
 
 /// virtme-ng from PyPI. 1.42 is the release measured to boot Debian's
 /// kernels here (shared/KERNEL-NOTES.md); move it only after booting all three.
