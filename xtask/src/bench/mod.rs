@@ -18,8 +18,10 @@
 //!    and without the daemon, and program runs per connection, on the host
 //!    and in Debian's kernels under qemu (`nginx.rs`).
 //!
-//! Each scenario has its file; what they share (namespaces, processes, the
-//! HTTP client, the socket generator, statistics) is `support.rs`.
+//! Each scenario has its file; what they share has one file per concern:
+//! `netns.rs` (namespaces), `procs.rs` (processes), `http.rs` (the HTTP
+//! client, the daemon started), `sockets.rs` (the socket generator) and
+//! `stats.rs` (statistics).
 //!
 //! `--smoke` runs the same code at small sizes, prints the table and leaves
 //! BENCHMARKS.md alone; it fails only on errors, never on a missed target.
@@ -52,10 +54,15 @@ mod reconcile;
 mod scrape;
 mod startup;
 mod steady;
-mod support;
 mod syscalls;
 
-use support::*;
+mod http;
+mod netns;
+mod procs;
+mod sockets;
+mod stats;
+
+use self::{http::*, netns::*, procs::*, sockets::*, stats::*};
 
 /// Where the daemon listens inside each namespace.
 const DAEMON: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 19868);
