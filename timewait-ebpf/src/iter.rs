@@ -10,17 +10,47 @@
 //! walk's number (`EPOCH[EPOCH_WALK]`) and follows what it finds unfollowed
 //! (a lost creation). An entry no walk found, twice in a row, that existed
 //! before both began, is one whose end was lost: the daemon removes it.
+//!
+//! The walks are the one part that serves either lifecycle with the same
+//! programs (the daemon loads them before it knows which lifecycle attaches),
+//! so they follow minisockets as `Walks`: indexed as the tracepoint
+//! lifecycle's when that is attached (`ROLE_LIFECYCLE`), else as the
+//! kernel-function one's. Iterators are BPF_PROG_TYPE_TRACING programs,
+//! which the kernel's check against maps allocated at run time does not
+//! cover (kernel/bpf/verifier.c `is_tracing_prog_type`).
 
 use core::ffi::c_void;
 
-use timewait_common::{TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_TIME_WAIT, counter};
+use timewait_common::{IndexKey, IndexVal, ROLE_LIFECYCLE, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_TIME_WAIT, TwEntry, counter};
 
 use crate::{
     listen::{connection_added, connection_closed, listener_added},
-    maps::{CONNS, TW_SOCKS, bump, config, read, walk},
+    maps::{CONNS, TW_SOCKS, bump, config, read, roles, walk},
     sock::{is_listening, listen_key, netns_of, unseen_inbound, watched},
-    tw::{close_timer, follow, resubstate},
+    tracepoint::Tracepoints,
+    tw::{Lifecycle, close_timer, follow, resubstate},
 };
+
+/// The walks' `tw::Lifecycle`: that of the lifecycle attached.
+pub struct Walks;
+
+impl Lifecycle for Walks {
+    #[inline(always)]
+    fn indexed() -> bool {
+        roles() & ROLE_LIFECYCLE != 0
+    }
+
+    #[inline(always)]
+    fn index(key: &IndexKey, val: &IndexVal) -> bool {
+        Tracepoints::index(key, val)
+    }
+
+    /// By the entry (`TwEntry::indexed`), whichever lifecycle followed it.
+    #[inline(always)]
+    fn unindex(timer: u64, entry: &TwEntry) {
+        Tracepoints::unindex(timer, entry);
+    }
+}
 
 /// Offset of `sk_common` in `struct bpf_iter__tcp` (a UAPI-stable layout:
 /// `meta` is a pointer before it).
@@ -140,7 +170,7 @@ fn try_timewait(tw: u64) -> Result<(), i64> {
         let _ = resubstate(&cfg, entry, tw);
         return Ok(());
     }
-    if follow(&cfg, tw, timer, netns, 1).is_none() {
+    if follow::<Walks>(&cfg, tw, timer, netns, 1).is_none() {
         return Ok(());
     }
     // Walk 0 is the start-up snapshot; later ones reconcile.
@@ -149,7 +179,7 @@ fn try_timewait(tw: u64) -> Result<(), i64> {
     // and the insert, with the cancel seeing no entry: look again and close it
     // ourselves if so.
     if read::<u64>(timer, cfg.offsets.timer_pprev)? == 0 {
-        close_timer(timer, counter::CLOSED_OTHER);
+        close_timer::<Walks>(timer, counter::CLOSED_OTHER);
     }
     Ok(())
 }

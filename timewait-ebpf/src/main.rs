@@ -9,10 +9,13 @@
 //!   segments it drops, for kernels that lock fentry and kprobes away.
 //! The daemon picks one per signal by trying to attach. Either way a
 //! minisocket is tracked in `TW_SOCKS` by the address of its `tw_timer` from
-//! creation to end. Listeners and connections (`listen`), `connect()`
-//! (`connect`) and the start-up snapshot (`iter`) serve both. Struct offsets
-//! come from the running kernel's BTF through the `CONFIG` global, never from
-//! this build.
+//! creation to end (`tw`: its life, shared). What one path alone keeps is
+//! that path's, chosen when its programs are compiled (`tw::Lifecycle`): the
+//! tracepoint lifecycle's maps are in `tracepoint::maps`, and no fentry or
+//! kprobe program references them. Listeners and connections (`listen`),
+//! `connect()` (`connect`) and the start-up snapshot (`iter`) serve both.
+//! Struct offsets come from the running kernel's BTF through the `CONFIG`
+//! global, never from this build.
 #![no_std]
 #![no_main]
 // For `atomic_xadd`: the BPF target has no atomic read-modify-write types.

@@ -1,15 +1,20 @@
-//! Maps and the small helpers every program shares.
+//! The maps more than one path uses, and the small helpers every program
+//! shares. What only the tracepoint lifecycle uses is in `tracepoint::maps`.
+//! Every map here is preallocated (hash maps without `BPF_F_NO_PREALLOC`,
+//! LRU maps, arrays): kprobe and classic tracepoint programs reference them,
+//! and one allocated as used would make kernels 5.6-6.0 WARN at their load
+//! (`tw::Lifecycle`).
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use timewait_common::{
-    AggKey, Config, ConnEntry, ConnectDst, EPOCH_TABLES, EPOCH_WALK, ErrKey, IndexKey, IndexVal, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, LastKill,
-    RemoteKey, SegmentSlot, SynCounts, TwEntry, Untold, counter,
+    AggKey, Config, ConnEntry, ConnectDst, EPOCH_TABLES, EPOCH_WALK, ErrKey, LIFETIME_REASONS, LIFETIME_SLOTS, LastCancel, LastKill, RemoteKey,
+    SegmentSlot, SynCounts, TwEntry, counter,
 };
 
 /// Start-up configuration; the daemon sets it with `EbpfLoader::set_global`.
@@ -21,36 +26,6 @@ static CONFIG: Config = Config::ZERO;
 #[map]
 pub static TW_SOCKS: HashMap<u64, TwEntry> = HashMap::with_max_entries(1 << 18, 0);
 
-/// Tracepoint lifecycle: the followed minisockets by what the next socket
-/// with the same 4-tuple shares with them (`IndexKey`), so that a connection
-/// accepted from a SYN that took one over, or a `connect()` that took one
-/// over (`tcp_tw_reuse`), finds it: no tracepoint shows those kills. Empty on
-/// the fentry path; allocated as used (`BPF_F_NO_PREALLOC`), sized by the
-/// daemon as `TW_SOCKS`.
-#[map]
-pub static TW_INDEX: HashMap<IndexKey, IndexVal> = HashMap::with_max_entries(1 << 18, BPF_F_NO_PREALLOC);
-
-/// Tracepoint lifecycle: minisockets a segment found (`FOUND_BY_SEGMENT`) and
-/// closed before the CPU that created them told the creation, by timer
-/// address, with `bpf_ktime_get_ns()` then: that CPU must not follow them
-/// (`lifecycle::created`). Rare (a SYN and an RST within microseconds of the
-/// minisocket's hashing); least recently used first out.
-#[map]
-pub static ENDED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(1024, 0);
-
-/// Tracepoint lifecycle: closes toward TIME_WAIT that found no minisocket
-/// (`timewait_common::Untold`), by the 4-tuple's `IndexKey`, for the
-/// connection that may have taken it over to tell (`lifecycle::told_late`).
-/// Least recently used first out; `UNTOLD_AT[0]` is the time of the last
-/// insert, so that connections look here only within a second of one.
-#[map]
-pub static UNTOLD: LruHashMap<IndexKey, Untold> = LruHashMap::with_max_entries(1024, 0);
-#[map]
-pub static UNTOLD_AT: Array<u64> = Array::with_max_entries(1, 0);
-/// Per-CPU room to build an `UNTOLD` value in, off the stack.
-#[map]
-pub static UNTOLD_SCRATCH: PerCpuArray<Untold> = PerCpuArray::with_max_entries(1, 0);
-
 /// Per-CPU room for the entries a program builds or copies (`tw::follow_key`,
 /// `tw::entry_copy`), off the 512-byte stack.
 #[map]
@@ -59,7 +34,8 @@ pub const SCRATCH_NEW: u32 = 0;
 pub const SCRATCH_OLD: u32 = 1;
 
 /// `ROLE_*` bits: what `inet_sock_set_state` serves (the daemon sets them as
-/// it attaches each signal).
+/// it attaches each signal); the socket iterators read which lifecycle they
+/// walk for (`iter::Walks`). No kprobe or fentry program reads it.
 #[map]
 pub static ROLES: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -121,8 +97,13 @@ pub static SEGMENT: PerCpuArray<SegmentSlot> = PerCpuArray::with_max_entries(1, 
 
 /// The active open last started on each CPU (sockets on the tracepoint path:
 /// CLOSE -> SYN_SENT): its task and socket, for a kprobe/fentry lifecycle to
-/// tell a `tcp_tw_reuse` takeover. A per-CPU slot, not a hash map: it is
-/// written on every connect() of the system.
+/// tell a `tcp_tw_reuse` takeover. Shared by the two paths on purpose: the
+/// sockets signal's tracepoint program writes it (`listen.rs` ->
+/// `connect::connect_started`), the kernel-function lifecycle reads it
+/// (`fentry::lifecycle::kill_reason` -> `connect::connecting_to`, fentry or
+/// kprobe); that pairing is what `--probe-path kprobe` gets, as the sockets
+/// hooks have no kprobe fallback. A per-CPU slot, not a hash map: it is
+/// written on every connect() of the system, and preallocated.
 #[map]
 pub static CONNECTING: PerCpuArray<ConnectDst> = PerCpuArray::with_max_entries(1, 0);
 
@@ -157,7 +138,6 @@ pub static BINDING: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
 
 pub const BPF_NOEXIST: u64 = 1;
 pub const BPF_ANY: u64 = 0;
-const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// `ROLES[0]`.
 #[inline(always)]

@@ -4,6 +4,12 @@
 //! paths, so the start-up snapshot (`iter.rs`) and the reconciliation need
 //! not know which path is attached.
 //!
+//! What a path keeps beyond that is its own, and each program names its
+//! path at compile time (`follow::<P>`, `close::<P>`, `P: Lifecycle`): the
+//! tracepoint lifecycle also indexes every minisocket by its 4-tuple
+//! (`TW_INDEX`, `tracepoint::maps`), the kernel-function one (fentry or
+//! kprobe) keeps nothing more, so its programs do not reference that map.
+//!
 //! Every change of what an entry counts goes with a +1/-1 in the gauges'
 //! delta tables (`maps::count`), in the same program run: the entries and
 //! the gauges agree. When a delta cannot be recorded (a full table) the
@@ -12,16 +18,39 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use timewait_common::{
-    AggKey, Config, DIRECTION_INBOUND, FOLLOWED_AT_CREATION, FOUND_BY_WALK, IndexVal, LastCancel, ROLE_LIFECYCLE, RemoteKey, SockHead, TwEntry, counter,
+    AggKey, Config, DIRECTION_INBOUND, FOLLOWED_AT_CREATION, FOUND_BY_WALK, IndexKey, IndexVal, LastCancel, RemoteKey, SockHead, TwEntry, counter,
 };
 
 use crate::{
     maps::{
-        BPF_ANY, BPF_NOEXIST, LAST_FOLLOW, SCRATCH, SCRATCH_NEW, SCRATCH_OLD, TW_INDEX, TW_SOCKS, bump, count, is_eexist, move_count, observe_lifetime,
-        roles, walk,
+        BPF_NOEXIST, LAST_FOLLOW, SCRATCH, SCRATCH_NEW, SCRATCH_OLD, TW_SOCKS, bump, count, is_eexist, move_count, observe_lifetime, walk,
     },
     sock::{head, tw_key_in},
 };
+
+/// The lifecycle path a program serves: what it keeps about a followed
+/// minisocket besides its `TW_SOCKS` entry. A type per path, so that what
+/// one path alone uses is referenced only by that path's programs, decided
+/// when they are compiled. Above all `TW_INDEX`, a hash map allocated as
+/// used (`BPF_F_NO_PREALLOC`): a kprobe or classic tracepoint program that
+/// references one makes kernels 5.6-6.0 WARN at load ("trace type BPF
+/// program uses run-time allocation", kernel/bpf/verifier.c
+/// `check_map_prog_compatibility`: a tainted kernel, a panic with
+/// `panic_on_warn`) and PREEMPT_RT kernels refuse the program.
+/// - `fentry::Functions`: programs on the TIME_WAIT functions (fentry or
+///   kprobe); nothing more, no index.
+/// - `tracepoint::Tracepoints`: the tracepoint lifecycle (tp_btf); every
+///   minisocket in `TW_INDEX` too.
+/// - `iter::Walks`: the socket iterators, which run on either lifecycle.
+pub trait Lifecycle {
+    /// Whether a minisocket followed now goes into `TW_INDEX`.
+    fn indexed() -> bool;
+    /// Puts a minisocket into `TW_INDEX` under `key`; false when it could not.
+    fn index(key: &IndexKey, val: &IndexVal) -> bool;
+    /// Removes the `TW_INDEX` entry of a closed minisocket (`entry`, timer
+    /// `timer`) if it has one and it is still its.
+    fn unindex(timer: u64, entry: &TwEntry);
+}
 
 /// Closes a followed minisocket for `reason` if this call is the one that
 /// removes it from `TW_SOCKS` (removal is the claim: the reconciliation and
@@ -29,7 +58,7 @@ use crate::{
 /// lifetime it observed (u64::MAX: none, a minisocket of the start-up
 /// snapshot) when it closed it.
 #[inline(always)]
-pub fn close(timer: u64, entry: &TwEntry, reason: u32) -> Option<u64> {
+pub fn close<P: Lifecycle>(timer: u64, entry: &TwEntry, reason: u32) -> Option<u64> {
     if TW_SOCKS.remove(timer).is_err() {
         return None;
     }
@@ -48,17 +77,17 @@ pub fn close(timer: u64, entry: &TwEntry, reason: u32) -> Option<u64> {
         lifetime = now.saturating_sub(entry.created_ns);
         observe_lifetime(reason, lifetime);
     }
-    unindex(timer, entry);
+    P::unindex(timer, entry);
     Some(lifetime)
 }
 
 /// Closes the minisocket followed under `timer`, if any.
 #[inline(always)]
-pub fn close_timer(timer: u64, reason: u32) {
+pub fn close_timer<P: Lifecycle>(timer: u64, reason: u32) {
     // SAFETY: read-only copy; `close` claims the entry.
     if let Some(entry) = unsafe { TW_SOCKS.get(timer) } {
         let entry = *entry;
-        let _ = close(timer, &entry, reason);
+        let _ = close::<P>(timer, &entry, reason);
     }
 }
 
@@ -67,11 +96,11 @@ pub fn close_timer(timer: u64, reason: u32) {
 /// watch (`from_snapshot` 0) is remembered on this CPU until its full socket
 /// closes, which tells its direction from history (fentry path).
 #[inline(always)]
-pub fn follow(cfg: &Config, tw: u64, timer: u64, netns: u32, from_snapshot: u32) -> Option<AggKey> {
+pub fn follow<P: Lifecycle>(cfg: &Config, tw: u64, timer: u64, netns: u32, from_snapshot: u32) -> Option<AggKey> {
     let h = head(cfg, tw).ok()?;
     // One found, not seen created, may have lost its listener meanwhile.
     let key = tw_key_in(cfg, tw, &h, netns, from_snapshot != FOLLOWED_AT_CREATION as u32).ok()?;
-    if !follow_key(&h, timer, &key, from_snapshot, 0) {
+    if !follow_key::<P>(&h, timer, &key, from_snapshot, 0) {
         return None;
     }
     if from_snapshot == 0
@@ -84,11 +113,11 @@ pub fn follow(cfg: &Config, tw: u64, timer: u64, netns: u32, from_snapshot: u32)
 }
 
 /// Follows the minisocket whose head is `h` (timer `timer`) under `key`: its
-/// entry, its count and, on the tracepoint lifecycle, its `TW_INDEX` entry
-/// (`isn`: that of a connection that takes it over, 0 when unknown).
+/// entry, its count and, where `P` indexes, its `TW_INDEX` entry (`isn`:
+/// that of a connection that takes it over, 0 when unknown).
 /// False when it was already followed or could not be.
 #[inline(always)]
-pub fn follow_key(h: &SockHead, timer: u64, key: &AggKey, from_snapshot: u32, isn: u32) -> bool {
+pub fn follow_key<P: Lifecycle>(h: &SockHead, timer: u64, key: &AggKey, from_snapshot: u32, isn: u32) -> bool {
     // Built in this CPU's scratch slot, not on the stack (5.10's verifier
     // counts 512 bytes for a program and the functions it calls together).
     let Some(slot) = SCRATCH.get_ptr_mut(SCRATCH_NEW) else {
@@ -99,7 +128,7 @@ pub fn follow_key(h: &SockHead, timer: u64, key: &AggKey, from_snapshot: u32, is
     let entry = unsafe { &mut *slot };
     // SAFETY: helper without preconditions.
     let created_ns = unsafe { bpf_ktime_get_ns() };
-    let indexed = roles() & ROLE_LIFECYCLE != 0;
+    let indexed = P::indexed();
     entry.key = *key;
     entry.created_ns = created_ns;
     entry.isn = isn;
@@ -123,7 +152,7 @@ pub fn follow_key(h: &SockHead, timer: u64, key: &AggKey, from_snapshot: u32, is
     }
     if indexed {
         let val = IndexVal { timer, created_ns, lport: h.num, _pad: [0; 3] };
-        if TW_INDEX.insert(&entry.index_key(), &val, BPF_ANY).is_err() {
+        if !P::index(&entry.index_key(), &val) {
             // Its takeover, if any, will not be told: the walks close it.
             bump(counter::LOST);
         }
@@ -142,19 +171,6 @@ pub fn entry_copy(timer: u64) -> Option<&'static TwEntry> {
     unsafe {
         *slot = *e;
         Some(&*slot)
-    }
-}
-
-/// Removes the `TW_INDEX` entry of a closed minisocket, if it is still its.
-#[inline(always)]
-fn unindex(timer: u64, entry: &TwEntry) {
-    if entry.indexed == 0 {
-        return;
-    }
-    let key = entry.index_key();
-    // SAFETY: read-only copy of a plain value.
-    if unsafe { TW_INDEX.get(&key) }.is_some_and(|v| v.timer == timer && v.created_ns == entry.created_ns) {
-        let _ = TW_INDEX.remove(&key);
     }
 }
 

@@ -58,3 +58,6 @@ mod attribution;
 mod folded;
 // Issue 25: connect()/bind() errors of TCP only, bounded, never backwards.
 mod connect_errors;
+
+// Issue 26: a load that neither warns nor taints (5.10's kprobe path).
+mod load_taint;

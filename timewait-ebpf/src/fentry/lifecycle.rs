@@ -20,6 +20,7 @@ use aya_ebpf::{
 };
 use timewait_common::{LastKill, TCP_TW_RST, TCP_TW_SYN, VERDICT_PENDING, counter};
 
+use super::Functions;
 use crate::{
     connect::connecting_to,
     maps::{LAST_KILL, SEGMENT, TW_SOCKS, config, read},
@@ -52,8 +53,8 @@ fn on_schedule(tw: u64, rearm: bool) -> Result<(), i64> {
     if !rearm {
         // A followed entry under a new minisocket's timer is one whose end we
         // missed (the slab reuses minisocket memory for minisockets only).
-        close_timer(timer, counter::CLOSED_OTHER);
-        if let Some(key) = follow(&cfg, tw, timer, netns, 0) {
+        close_timer::<Functions>(timer, counter::CLOSED_OTHER);
+        if let Some(key) = follow::<Functions>(&cfg, tw, timer, netns, 0) {
             bump_created(&key);
         }
         return Ok(());
@@ -61,7 +62,7 @@ fn on_schedule(tw: u64, rearm: bool) -> Result<(), i64> {
     let Some(e) = TW_SOCKS.get_ptr_mut(timer) else {
         // Not followed (its creation was missed): follow it from here, without
         // a lifetime, as the start-up snapshot does.
-        let _ = follow(&cfg, tw, timer, netns, 1);
+        let _ = follow::<Functions>(&cfg, tw, timer, netns, 1);
         return Ok(());
     };
     // SAFETY: e points to this minisocket's entry; a re-arm runs under the
@@ -94,7 +95,7 @@ fn on_kill(tw: u64) {
         return;
     };
     let reason = kill_reason(tw, &entry);
-    if let Some(lifetime_ns) = close(timer, &entry, reason)
+    if let Some(lifetime_ns) = close::<Functions>(timer, &entry, reason)
         && reason == counter::CLOSED_OTHER
     {
         remember_kill(tw, &entry, lifetime_ns);
@@ -175,14 +176,14 @@ fn kill_reason(tw: u64, entry: &timewait_common::TwEntry) -> u32 {
 
 #[fentry(function = "tw_timer_handler")]
 pub fn fentry_tw_timer_handler(ctx: FEntryContext) -> u32 {
-    close_timer(ctx.arg(0), counter::CLOSED_EXPIRED);
+    close_timer::<Functions>(ctx.arg(0), counter::CLOSED_EXPIRED);
     0
 }
 
 #[kprobe]
 pub fn kprobe_tw_timer_handler(ctx: ProbeContext) -> u32 {
     if let Some(timer) = ctx.arg::<u64>(0) {
-        close_timer(timer, counter::CLOSED_EXPIRED);
+        close_timer::<Functions>(timer, counter::CLOSED_EXPIRED);
     }
     0
 }

@@ -4,7 +4,7 @@
 //! Each hook has an fentry/fexit entry point and a kprobe/kretprobe one on the
 //! same function (for kernels that accept kprobes but not trampolines); both
 //! call the same code. The daemon attaches one of the two per function, by
-//! trying (`timewait-daemon/src/loader.rs`).
+//! trying (the daemon's loader, `paths.rs`).
 //!
 //! | function | gives |
 //! | --- | --- |
@@ -15,7 +15,38 @@
 //!
 //! Full sockets (listeners, active opens, the close that gives a new
 //! minisocket its direction) have their own fentry hooks: `sockets.rs`.
+//!
+//! These programs follow and close minisockets as `Functions`
+//! (`tw::Lifecycle`): `TW_SOCKS` alone, no 4-tuple index. Nothing they
+//! reference is allocated at run time, so the kprobe ones load without a
+//! warning on 5.6-6.0 and at all on PREEMPT_RT kernels. From the other path
+//! they share only `CONNECTING` (`maps.rs`), which the sockets signal's
+//! tracepoint writes when the sockets hooks are not fentry's.
+
+use timewait_common::{IndexKey, IndexVal, TwEntry};
+
+use crate::tw::Lifecycle;
 
 pub mod lifecycle;
 pub mod segment;
 pub mod sockets;
+
+/// The lifecycle on the TIME_WAIT functions (fentry or kprobe), as its
+/// programs follow and close minisockets: no index, since each of its
+/// hooks gets the minisocket itself.
+pub struct Functions;
+
+impl Lifecycle for Functions {
+    #[inline(always)]
+    fn indexed() -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn index(_key: &IndexKey, _val: &IndexVal) -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn unindex(_timer: u64, _entry: &TwEntry) {}
+}

@@ -37,8 +37,12 @@ use timewait_common::{
     TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_NEW_SYN_RECV, TCP_FIN_WAIT2, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, counter,
 };
 
+use super::{
+    Tracepoints,
+    maps::{ENDED, TW_INDEX, UNTOLD, UNTOLD_AT, UNTOLD_SCRATCH},
+};
 use crate::{
-    maps::{ENDED, TW_INDEX, TW_SOCKS, UNTOLD, UNTOLD_AT, UNTOLD_SCRATCH, add_syn, bump, observe_lifetime, read},
+    maps::{TW_SOCKS, add_syn, bump, observe_lifetime, read},
     sock::{cgroup_of, head, key_in, remote_in},
     tw::{bump_created, close, entry_copy, follow_key, move_to, remote_key},
 };
@@ -244,7 +248,7 @@ fn try_created(cfg: &Config, sk: u64, netns: u32, active: Option<bool>) -> Resul
         // `kfree_skb` (which then tells it).
         return Ok(if ended_here_first(timer) { DONE } else { GONE });
     }
-    if follow_key(&th, timer, &key, 0, isn_of(cfg, sk)) {
+    if follow_key::<Tracepoints>(&th, timer, &key, 0, isn_of(cfg, sk)) {
         bump_created(&key);
         if (key.direction, key.port) != listed {
             bump(counter::DIRECTION_FROM_HISTORY);
@@ -275,13 +279,13 @@ fn displaced(cfg: &Config, sk: u64, timer: u64) {
         && old.indexed != 0
         && successor_in_bucket(cfg, sk, tuple, &old.key.remote, old.isn).unwrap_or(false)
     {
-        if close(timer, old, counter::CLOSED_REUSED_BY_SYN).is_some() {
+        if close::<Tracepoints>(timer, old, counter::CLOSED_REUSED_BY_SYN).is_some() {
             add_syn(&remote_key(old), false);
             bump(counter::OUT_OF_ORDER);
         }
         return;
     }
-    let _ = close(timer, old, counter::CLOSED_OTHER);
+    let _ = close::<Tracepoints>(timer, old, counter::CLOSED_OTHER);
 }
 
 /// Makes the entry a walk or a segment made for the minisocket under
@@ -461,10 +465,10 @@ fn try_taken_over(cfg: &Config, sk: u64, netns: u32, reason: u32) -> Result<(), 
         // A connection with its 4-tuple that no SYN of it started: it was
         // gone before (an end no event told, such as an RST whose segment
         // was not seen), and the listener took this one.
-        let _ = close(val.timer, &entry, counter::CLOSED_OTHER);
+        let _ = close::<Tracepoints>(val.timer, &entry, counter::CLOSED_OTHER);
         return Ok(());
     }
-    if close(val.timer, &entry, reason).is_some() && reason == counter::CLOSED_REUSED_BY_SYN {
+    if close::<Tracepoints>(val.timer, &entry, reason).is_some() && reason == counter::CLOSED_REUSED_BY_SYN {
         add_syn(&remote_key(&entry), false);
     }
     Ok(())

@@ -5,7 +5,12 @@
 //! (`timer`), and the segments it drops tell the rest (`skb`). The
 //! tracepoints fire for every socket, timer expiry and dropped packet of the
 //! system: the daemon attaches them only where the fentry path cannot be had.
+//! What only this path keeps (`TW_INDEX` and the rest) is in `maps`, and its
+//! programs follow and close minisockets as `Tracepoints` (`tw::Lifecycle`).
 
 pub mod lifecycle;
+pub mod maps;
 pub mod skb;
 pub mod timer;
+
+pub use maps::Tracepoints;

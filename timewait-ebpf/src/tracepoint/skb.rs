@@ -15,8 +15,9 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use timewait_common::{Config, FOUND_BY_SEGMENT, TCP_TIME_WAIT, TwEntry, counter};
 
+use super::{Tracepoints, maps::ENDED};
 use crate::{
-    maps::{ENDED, TW_SOCKS, add_syn, bump, config, read},
+    maps::{TW_SOCKS, add_syn, bump, config, read},
     sock::{netns_of, watched},
     tw::{bump_created, close, follow, remote_key, resubstate},
 };
@@ -57,7 +58,7 @@ fn try_kfree_skb(skb: u64, rx_sk: u64) -> Result<(), i64> {
     if read::<u64>(timer, cfg.offsets.timer_pprev)? == 0 {
         if kills(kind) {
             let copy = *entry;
-            if close(timer, &copy, counter::CLOSED_RESET).is_some() && copy.from_snapshot == FOUND_BY_SEGMENT {
+            if close::<Tracepoints>(timer, &copy, counter::CLOSED_RESET).is_some() && copy.from_snapshot == FOUND_BY_SEGMENT {
                 // Its creation may be yet to be told on the CPU that hashed
                 // it: that CPU must not follow it now.
                 // SAFETY: helper without preconditions.
@@ -104,7 +105,7 @@ fn found_by_segment(cfg: &Config, skb: u64, tw: u64, timer: u64) -> Option<*mut 
     if !watched(cfg, netns) {
         return None;
     }
-    if let Some(key) = follow(cfg, tw, timer, netns, FOUND_BY_SEGMENT as u32) {
+    if let Some(key) = follow::<Tracepoints>(cfg, tw, timer, netns, FOUND_BY_SEGMENT as u32) {
         bump_created(&key);
         bump(counter::OUT_OF_ORDER);
     }

@@ -9,6 +9,7 @@
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use timewait_common::counter;
 
+use super::Tracepoints;
 use crate::{
     maps::{config, read},
     tw::close_timer,
@@ -19,7 +20,7 @@ pub fn tw_timer_expire(ctx: BtfTracePointContext) -> u32 {
     let timer: u64 = ctx.arg(0);
     let cfg = config();
     if read::<u64>(timer, cfg.offsets.timer_function).is_ok_and(|f| f == cfg.tw_timer_handler) {
-        close_timer(timer, counter::CLOSED_EXPIRED);
+        close_timer::<Tracepoints>(timer, counter::CLOSED_EXPIRED);
     }
     0
 }
