@@ -7,10 +7,12 @@ use std::process::ExitCode;
 
 use crate::{
     cli::RunArgs,
-    config, kernel,
-    loader::{
-        self, LoadOptions,
+    config,
+    kernel::{
+        load::{self, LoadOptions},
+        offsets,
         paths::{BIND_ERRORS, LIFECYCLE, Path, SEGMENTS, SOCKETS},
+        procfs,
     },
 };
 
@@ -53,11 +55,11 @@ pub fn main(args: &RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return crate::cli::fail(e),
     };
-    let mut lines = vec![line("kernel", Status::Ok, kernel::release())];
-    match kernel::load_btf() {
+    let mut lines = vec![line("kernel", Status::Ok, procfs::release())];
+    match offsets::load_btf() {
         Ok(btf) => {
-            lines.push(line("btf", Status::Ok, kernel::VMLINUX_BTF));
-            match kernel::offsets(&btf) {
+            lines.push(line("btf", Status::Ok, offsets::VMLINUX_BTF));
+            match offsets::offsets(&btf) {
                 Ok(o) => lines.push(line(
                     "struct offsets",
                     Status::Ok,
@@ -68,7 +70,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
         }
         Err(e) => lines.push(line("btf", Status::Missing, e.to_string())),
     }
-    match kernel::timer_functions() {
+    match offsets::timer_functions() {
         Ok(f) => {
             lines.push(line("tw_timer_handler", Status::Ok, format!("{:#x}", f.tw_timer_handler)));
         }
@@ -87,7 +89,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
     ));
     lines.extend(attach_lines(&cfg));
     for s in ["net.ipv4.tcp_max_tw_buckets", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_tw_reuse", "net.ipv4.tcp_fin_timeout"] {
-        let v = kernel::sysctl(s);
+        let v = procfs::sysctl(s);
         lines.push(line(s, ok_or(v.is_some(), Status::Missing), v.unwrap_or_else(|| "unreadable".into()).replace('\t', " ")));
     }
     let width = lines.iter().map(|l| l.what.len()).max().unwrap_or(0);
@@ -118,7 +120,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
 /// detaches every program): one line per signal and per other hook.
 fn attach_lines(cfg: &config::Config) -> Vec<Line> {
     let opts = LoadOptions { all_netns: false, max_tracked_sockets: Some(1024), max_series: 1024, ..LoadOptions::of(cfg) };
-    let probes = match loader::load(&opts) {
+    let probes = match load::load(&opts) {
         Ok(p) => p,
         Err(e) => return vec![line("attach", Status::Missing, format!("{e}"))],
     };

@@ -123,7 +123,7 @@ pub struct RunArgs {
     pub reconcile_interval: Option<u64>,
     /// Way into the kernel: auto (fentry where it attaches, else kprobes, else tracepoints), or only one of them [default: auto].
     #[arg(long, value_name = "PATH", value_enum)]
-    pub probe_path: Option<crate::loader::paths::ProbePath>,
+    pub probe_path: Option<crate::kernel::paths::ProbePath>,
     /// Where the fentry hooks are refused (the tracepoint path): also count TCP bind() EADDRINUSE through the syscalls/sys_enter_bind and sys_exit_bind tracepoints, which sends every system call of every process through the kernel's slow path (50 ns more a call here, BENCHMARKS.md scenario 8); off by default.
     #[arg(long)]
     pub syscall_tracepoints: bool,

@@ -18,9 +18,12 @@ use timewait_common::{
 use tracing::warn;
 
 use crate::{
-    kernel,
     aggregate::{AggOptions, Series, SynSeries, aggregate},
-    loader::Probes,
+    kernel::{
+        load::Probes,
+        maps::{for_each_entry, read_all, second_handle},
+        procfs,
+    },
 };
 
 /// Reasons a minisocket ends, in the order of `counter::CLOSED_*`.
@@ -158,7 +161,7 @@ pub struct Collector {
     /// Waits for running programs before a SYN table is drained (None when
     /// the kernel refused the map-in-map: SYN tables are then read in place
     /// and never drained).
-    grace: Option<crate::rcu::GracePeriod>,
+    grace: Option<crate::kernel::rcu::GracePeriod>,
     /// Bound of `syns` (`--max-series`).
     max_series: usize,
     /// The expiry schedule and recent ports per outbound destination, from
@@ -173,7 +176,7 @@ pub struct Collector {
     /// the landing page and /metrics read them without the probes lock
     /// (which a stuck drain may hold).
     hooks: Vec<(String, bool)>,
-    signals: Vec<crate::loader::paths::SignalPath>,
+    signals: Vec<crate::kernel::paths::SignalPath>,
     /// `clock_monotonic_ns()` of the last drain that looked at the kernel's
     /// tables and finished (moving something or finding nothing to move).
     drained_ns: AtomicU64,
@@ -270,71 +273,12 @@ fn clock_monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Every entry of a hash map: batched where the kernel can (5.6+), else two
-/// syscalls per entry.
-fn read_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
-    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
-    errors: &AtomicU64,
-) -> Vec<(K, V)> {
-    use aya::maps::IterableMap as _;
-    if let Ok(all) = crate::batch::lookup_all::<K, V>(map.map()) {
-        return all;
-    }
-    let mut out = Vec::new();
-    for item in map.iter() {
-        match item {
-            Ok(kv) => out.push(kv),
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(_) => {
-                errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-    out
-}
-
-/// Calls `f` for every entry of `map` without holding the table whole (the
-/// walks read tables of up to millions of entries; collecting them first
-/// made the daemon's memory peak at twice the table). When the batch read
-/// fails part-way and the iterator takes over, `f` may see an entry twice:
-/// callers collect into sets.
-fn for_each_entry<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
-    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
-    errors: &AtomicU64,
-    mut f: impl FnMut(K, V),
-) {
-    use aya::maps::IterableMap as _;
-    if crate::batch::for_each::<K, V>(map.map(), |k, v| f(*k, *v)).is_ok() {
-        return;
-    }
-    for item in map.iter() {
-        match item {
-            Ok((k, v)) => f(k, v),
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(_) => {
-                errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
 /// What the reconciliation walks use, apart from the probes: the object
 /// (its iterator programs) and handles of their own on the per-socket tables.
 struct Walker {
     ebpf: Option<aya::Ebpf>,
     tw_socks: Option<aya::maps::HashMap<aya::maps::MapData, u64, TwEntry>>,
     conns: Option<aya::maps::HashMap<aya::maps::MapData, u64, timewait_common::ConnEntry>>,
-}
-
-/// A second handle on the same kernel map (a duplicated file descriptor).
-fn second_handle<K: aya::Pod, V: aya::Pod>(
-    m: &aya::maps::HashMap<aya::maps::MapData, K, V>,
-) -> Option<aya::maps::HashMap<aya::maps::MapData, K, V>> {
-    use aya::maps::IterableMap as _;
-    use std::os::fd::AsFd as _;
-    let fd = m.map().fd().as_fd().try_clone_to_owned().ok()?;
-    let data = aya::maps::MapData::from_fd(fd).ok()?;
-    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).ok()
 }
 
 /// What a reconciliation walk left unmarked: entries older than the walk.
@@ -357,7 +301,7 @@ impl Collector {
             tw_socks: second_handle(&probes.tw_socks),
             conns: second_handle(&probes.conns),
         });
-        let grace = match crate::rcu::GracePeriod::new() {
+        let grace = match crate::kernel::rcu::GracePeriod::new() {
             Ok(g) => Some(g),
             Err(e) => {
                 warn!(error = %e, "no map-in-map: the kernel's gauge and SYN tables are not drained and can fill");
@@ -528,7 +472,7 @@ impl Collector {
     /// did not find that are older than the walk.
     /// The walk itself holds only the walker's lock: scrapes and drains go
     /// on meanwhile.
-    fn walk(&self) -> Result<Unseen, crate::loader::LoadError> {
+    fn walk(&self) -> Result<Unseen, crate::kernel::LoadError> {
         let mut walker = self.walker.lock().unwrap_or_else(|e| e.into_inner());
         let (walk, all_netns) = {
             let mut probes = self.lock();
@@ -536,24 +480,24 @@ impl Collector {
             probes
                 .epoch
                 .set(timewait_common::EPOCH_WALK, walk, 0)
-                .map_err(|e| crate::loader::LoadError::Map("EPOCH", e.to_string()))?;
+                .map_err(|e| crate::kernel::LoadError::Map("EPOCH", e.to_string()))?;
             (walk, probes.all_netns)
         };
         let began = clock_monotonic_ns();
         let Some(ebpf) = walker.ebpf.as_mut() else {
             return Ok(Unseen { tw: HashSet::new(), conns: HashSet::new() });
         };
-        crate::loader::run_iter(ebpf, "iter_reconcile")?;
+        crate::kernel::load::run_iter(ebpf, "iter_reconcile")?;
         let looked = match all_netns {
             None => None,
             Some(own) => {
-                let mut looked = crate::loader::netns::Walked::own(own);
-                for ns in crate::loader::other_namespaces(own) {
+                let mut looked = crate::kernel::netns::Walked::own(own);
+                for ns in crate::kernel::netns::other_namespaces(own) {
                     use std::os::unix::fs::MetadataExt as _;
                     // Gone meanwhile: it has no sockets left to find.
                     let Ok(inode) = std::fs::metadata(&ns).map(|m| m.ino() as u32) else { continue };
                     looked.listed.insert(inode);
-                    match crate::loader::in_netns(&ns, || crate::loader::run_iter(ebpf, "iter_reconcile")) {
+                    match crate::kernel::netns::in_netns(&ns, || crate::kernel::load::run_iter(ebpf, "iter_reconcile")) {
                         Ok(()) => {
                             looked.walked.insert(inode);
                         }
@@ -608,7 +552,7 @@ impl Collector {
     /// (closed as `other`). Churn cannot fool it: a socket created or gone
     /// during a walk is left alone. Cost: two walks of the namespace's TCP
     /// sockets when something is unseen, one otherwise (BENCHMARKS.md).
-    pub fn reconcile(&self) -> Result<u64, crate::loader::LoadError> {
+    pub fn reconcile(&self) -> Result<u64, crate::kernel::LoadError> {
         let start = std::time::Instant::now();
         let found_before = self.kernel_counter(&self.lock(), counter::RECONCILE_FOUND);
         let result = (|| {
@@ -670,7 +614,7 @@ impl Collector {
             .iter()
             .filter_map(|(_, fd)| {
                 use std::os::fd::AsFd as _;
-                crate::loader::recursion_misses(fd.as_fd())
+                crate::kernel::load::recursion_misses(fd.as_fd())
             })
             .sum();
         drop(probes);
@@ -764,7 +708,7 @@ impl Collector {
         }
         t.drains += 1;
         self.drained_ns.store(clock_monotonic_ns(), Ordering::Relaxed);
-        let bound = crate::loader::syn_capacity(self.max_series as u32) as usize;
+        let bound = crate::kernel::load::syn_capacity(self.max_series as u32) as usize;
         if t.syn_pending.len() > bound {
             fold_smallest(&mut t.syn_pending, bound * 3 / 4);
         }
@@ -790,7 +734,7 @@ impl Collector {
         &self.hooks
     }
 
-    pub fn signals(&self) -> &[crate::loader::paths::SignalPath] {
+    pub fn signals(&self) -> &[crate::kernel::paths::SignalPath] {
         &self.signals
     }
 
@@ -821,7 +765,7 @@ impl Collector {
             .iter()
             .filter_map(|(name, fd)| {
                 use std::os::fd::AsFd as _;
-                Some((name.clone(), crate::loader::recursion_misses(fd.as_fd())?))
+                Some((name.clone(), crate::kernel::load::recursion_misses(fd.as_fd())?))
             })
             .collect();
         let counters = Counters {
@@ -936,9 +880,9 @@ impl Collector {
             })
             .collect();
         let sysctls = Sysctls {
-            max_buckets: kernel::sysctl("net.ipv4.tcp_max_tw_buckets").and_then(|s| s.parse().ok()),
-            local_port_range_size: kernel::local_port_range_size(),
-            overflow: kernel::netstat("TcpExt", "TCPTimeWaitOverflow"),
+            max_buckets: procfs::sysctl("net.ipv4.tcp_max_tw_buckets").and_then(|s| s.parse().ok()),
+            local_port_range_size: procfs::local_port_range_size(),
+            overflow: procfs::netstat("TcpExt", "TCPTimeWaitOverflow"),
         };
         let series = match names.as_deref_mut() {
             Some(n) => crate::aggregate::aggregate_with(counts.iter().map(|(k, v)| (*k, *v)), opts, |id| Some(n.label(id))),

@@ -5,7 +5,11 @@ use std::{fs, net::SocketAddr, path::Path};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::{aggregate::AggOptions, cli::RunArgs, loader::paths::ProbePath};
+use crate::{
+    aggregate::AggOptions,
+    cli::RunArgs,
+    kernel::{load::LoadOptions, paths::ProbePath},
+};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:19868";
 /// Capacity of each gauge-delta table (see `--max-series`).
@@ -185,6 +189,22 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
             .or_else(|| file.log.and_then(|l| l.level))
             .unwrap_or_else(|| "info".into()),
     })
+}
+
+/// Lives here, not in `kernel`: the kernel side knows nothing of the
+/// command line.
+impl LoadOptions {
+    /// What the daemon's configuration asks for.
+    pub fn of(cfg: &Config) -> Self {
+        Self {
+            all_netns: cfg.all_netns,
+            max_tracked_sockets: cfg.max_tracked_sockets,
+            max_series: cfg.max_series,
+            probe_path: cfg.probe_path,
+            attribute_cgroups: cfg.attribute_cgroups,
+            syscall_tracepoints: cfg.syscall_tracepoints,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! timewaitd: parses the command line and dispatches.
 
 mod aggregate;
-mod batch;
 mod cgroups;
 mod check;
 mod cli;
@@ -11,9 +10,7 @@ mod conns;
 mod exhaustion;
 mod kernel;
 mod ledger;
-mod loader;
 mod metrics;
-mod rcu;
 mod run;
 mod server;
 mod snapshot;

@@ -14,7 +14,7 @@ pub struct Static<'a> {
     pub version: &'a str,
     pub kernel: &'a str,
     pub hooks: &'a [(String, bool)],
-    pub signals: &'a [crate::loader::paths::SignalPath],
+    pub signals: &'a [crate::kernel::paths::SignalPath],
     pub read_errors: u64,
     /// Since the last drain of the kernel's tables (None: never drained).
     pub drain_age: Option<std::time::Duration>,
@@ -262,7 +262,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     let segments_seen = !st
         .signals
         .iter()
-        .any(|sp| sp.signal == crate::loader::paths::SEGMENTS && sp.path == crate::loader::paths::Path::Unavailable);
+        .any(|sp| sp.signal == crate::kernel::paths::SEGMENTS && sp.path == crate::kernel::paths::Path::Unavailable);
     if segments_seen {
         fams.push(syn);
         fams.push(rejected);

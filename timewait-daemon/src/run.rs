@@ -15,8 +15,10 @@ use crate::{
     cli::RunArgs,
     collector::Collector,
     config::{self, Config},
-    kernel,
-    loader::{self, LoadOptions},
+    kernel::{
+        load::{self, LoadOptions},
+        procfs,
+    },
     server::{AppState, VERSION, router},
 };
 
@@ -46,11 +48,11 @@ const WALK_WITHOUT_SEGMENTS: Duration = Duration::from_secs(10);
 
 /// The periodic walk's interval: `--reconcile-interval` (0: none), at most
 /// [`WALK_WITHOUT_SEGMENTS`] where segments are unavailable.
-fn walk_interval(secs: u64, signals: &[crate::loader::paths::SignalPath]) -> Duration {
+fn walk_interval(secs: u64, signals: &[crate::kernel::paths::SignalPath]) -> Duration {
     let interval = Duration::from_secs(secs);
     let blind = signals
         .iter()
-        .any(|sp| sp.signal == crate::loader::paths::SEGMENTS && sp.path == crate::loader::paths::Path::Unavailable);
+        .any(|sp| sp.signal == crate::kernel::paths::SEGMENTS && sp.path == crate::kernel::paths::Path::Unavailable);
     if blind && !interval.is_zero() && interval > WALK_WITHOUT_SEGMENTS {
         info!(
             every_secs = WALK_WITHOUT_SEGMENTS.as_secs(),
@@ -81,7 +83,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     if cfg.all_netns
-        && let Some(why) = crate::loader::netns::all_netns_unavailable()
+        && let Some(why) = crate::kernel::netns::all_netns_unavailable()
     {
         return fail(why);
     }
@@ -161,7 +163,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         Some(w) => (w.tls, w.auth),
         None => (None, None),
     };
-    let state = Arc::new(AppState::new(cfg.agg.clone(), kernel::release()));
+    let state = Arc::new(AppState::new(cfg.agg.clone(), procfs::release()));
     let mut sigterm = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot handle SIGTERM: {e}")),
@@ -190,7 +192,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     );
 
     let opts = LoadOptions::of(&cfg);
-    let loading = tokio::task::spawn_blocking(move || loader::load(&opts));
+    let loading = tokio::task::spawn_blocking(move || load::load(&opts));
     let probes = tokio::select! {
         r = loading => r,
         _ = stop_signal(&mut sigterm) => {

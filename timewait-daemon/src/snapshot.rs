@@ -15,7 +15,7 @@ use crate::{
     cli::RunArgs,
     collector::Collector,
     config,
-    loader::{self, LoadOptions},
+    kernel::load::{self, LoadOptions},
 };
 
 /// GET `path` from the daemon at `addr`. The connection ends with an RST
@@ -60,7 +60,7 @@ pub fn main(args: &RunArgs, json: bool) -> ExitCode {
         },
         Err(_) => {
             let opts = LoadOptions::of(&cfg);
-            match loader::load(&opts) {
+            match load::load(&opts) {
                 Ok(p) => {
                     let v = Collector::new(p, cfg.max_series).read(&cfg.agg);
                     (serde_json::to_value(&v).unwrap_or(Value::Null), "kernel (no daemon answered)".into())
