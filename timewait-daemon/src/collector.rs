@@ -18,7 +18,11 @@ use timewait_common::{
 use tracing::warn;
 
 use crate::{
-    aggregate::{AggOptions, Series, SynSeries, aggregate},
+    model::{
+        aggregate::{AggOptions, Series, aggregate},
+        ratios::{InboundRatio, Worst, worst_ratios},
+        syn_ledger::{SynLedger, SynSeries, fold_smallest, syn_delta},
+    },
     kernel::{
         load::Probes,
         maps::{for_each_entry, read_all, second_handle},
@@ -122,26 +126,11 @@ pub struct View {
     pub estimates: Vec<Estimate>,
     /// Per outbound series of this namespace, the port-exhaustion ratio of
     /// its busiest real destination (never of the series' sum).
-    pub ratios: Vec<crate::aggregate::Worst>,
+    pub ratios: Vec<Worst>,
     /// Per remote series (inbound), the inbound ratio of its busiest real
     /// remote address.
     pub inbound_ratios: Vec<InboundRatio>,
 }
-
-/// `timewait_inbound_remote_port_ratio` of one series: its busiest real
-/// remote's TIME_WAIT over the ports one remote can use.
-#[derive(Debug, Clone, Serialize)]
-pub struct InboundRatio {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns: Option<u32>,
-    pub remote: String,
-    pub ratio: f64,
-    /// The real remote address behind the ratio, and how many the series sums.
-    pub worst: String,
-    pub destinations: u64,
-}
-
-
 
 pub struct Collector {
     probes: Mutex<Probes>,
@@ -171,7 +160,7 @@ pub struct Collector {
     /// recorded before are not counted as new ports.
     started_ns: u64,
     /// Cgroup names, with `--attribute-cgroups`.
-    cgroups: Option<Mutex<crate::cgroups::Names>>,
+    cgroups: Option<Mutex<crate::model::cgroups::Names>>,
     /// Copies of what the loader attached: they never change after load, so
     /// the landing page and /metrics read them without the probes lock
     /// (which a stuck drain may hold).
@@ -181,7 +170,7 @@ pub struct Collector {
     /// tables and finished (moving something or finding nothing to move).
     drained_ns: AtomicU64,
     /// What of each `CONNECT_ERRORS` key each connect-errors series shows.
-    error_ledger: Mutex<crate::ledger::Ledger<ErrKey, ErrLabel>>,
+    error_ledger: Mutex<crate::model::error_ledger::Ledger<ErrKey, ErrLabel>>,
 }
 
 /// Labels of a `timewait_connect_errors_total` series: errno, comm, cgroup
@@ -200,7 +189,7 @@ struct Schedules {
     /// What the walk took: the next one waits `SCHEDULE_SPACING` times that.
     cost: Duration,
     /// Per raw key of an outbound destination (substate ignored).
-    by_key: HashMap<AggKey, crate::exhaustion::Schedule>,
+    by_key: HashMap<AggKey, crate::model::exhaustion::Schedule>,
 }
 
 /// A walk for the schedule takes at most this share of one core (at
@@ -253,17 +242,9 @@ struct Totals {
     /// already put in the ledger. Cleared when that table is drained.
     syn_seen: [HashMap<RemoteKey, SynCounts>; 2],
     /// The SYN counter series (`SynLedger`: they never go back).
-    ledger: crate::aggregate::SynLedger,
+    ledger: SynLedger,
     drains: u64,
 }
-
-/// `v - seen`, per field, never below 0.
-fn syn_delta(v: SynCounts, seen: SynCounts) -> SynCounts {
-    SynCounts { total: (v.total - seen.total).max(0), rejected: (v.rejected - seen.rejected).max(0) }
-}
-
-/// The remote key of folded SYN counters (`remote="other"`): family 0.
-pub const OTHER_FAMILY: u16 = 0;
 
 fn clock_monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -290,7 +271,7 @@ struct Unseen {
 impl Collector {
     pub fn new(mut probes: Probes, max_series: u32) -> Self {
         let cgroups = probes.attribute_cgroups.then(|| {
-            let names = crate::cgroups::Names::new();
+            let names = crate::model::cgroups::Names::new();
             if names.root().is_none() {
                 warn!("no cgroup2 hierarchy found (/proc/self/mountinfo, /proc/1/mountinfo): cgroups are shown by id");
             }
@@ -325,7 +306,7 @@ impl Collector {
             hooks,
             signals,
             drained_ns: AtomicU64::new(clock_monotonic_ns()),
-            error_ledger: Mutex::new(crate::ledger::Ledger::default()),
+            error_ledger: Mutex::new(crate::model::error_ledger::Ledger::default()),
         }
     }
 
@@ -346,9 +327,9 @@ impl Collector {
         let outbound = |k: &AggKey| k.direction == timewait_common::DIRECTION_OUTBOUND;
         let any = self.totals.lock().unwrap_or_else(|e| e.into_inner()).gauges.keys().any(outbound);
         let mut cost = Duration::ZERO;
-        let mut by_key: HashMap<AggKey, crate::exhaustion::Schedule> = HashMap::new();
+        let mut by_key: HashMap<AggKey, crate::model::exhaustion::Schedule> = HashMap::new();
         if any {
-            let window = crate::exhaustion::RATE_WINDOW.min(Duration::from_nanos(now.saturating_sub(self.started_ns)));
+            let window = crate::model::exhaustion::RATE_WINDOW.min(Duration::from_nanos(now.saturating_sub(self.started_ns)));
             let age = |created: u64| Duration::from_nanos(now.saturating_sub(created));
             let dest = |k: &AggKey| AggKey { substate: 0, cgroup: 0, ..*k };
             let walker = self.walker.lock().unwrap_or_else(|e| e.into_inner());
@@ -399,11 +380,11 @@ impl Collector {
         &self,
         counts: &HashMap<AggKey, i64>,
         series: &[Series],
-        fold: &crate::aggregate::Fold,
+        fold: &crate::model::aggregate::Fold,
         range: Option<u64>,
         opts: &AggOptions,
     ) -> Vec<Estimate> {
-        use crate::aggregate::{Direction, remote_addr, remote_label};
+        use crate::model::aggregate::{Direction, remote_addr, remote_label};
         let Some(range) = range else { return Vec::new() };
         if opts.per_netns {
             return Vec::new();
@@ -432,7 +413,7 @@ impl Collector {
                 });
             }
         }
-        let empty = crate::exhaustion::Schedule::default();
+        let empty = crate::model::exhaustion::Schedule::default();
         let keys: HashSet<AggKey> = in_use.keys().chain(s.by_key.keys()).copied().collect();
         for k in keys {
             let label = remote_label(remote_addr(&k), opts);
@@ -444,7 +425,7 @@ impl Collector {
             e.freed_60s += sched.freed_within(age, 60);
             let n = in_use.get(&k).copied().unwrap_or(0);
             if n > 0 {
-                let left = crate::exhaustion::seconds_left(n, range, rate, sched, age);
+                let left = crate::model::exhaustion::seconds_left(n, range, rate, sched, age);
                 if left.is_finite() {
                     e.seconds_left = Some(e.seconds_left.map_or(left, |l: f64| l.min(left)));
                 }
@@ -819,26 +800,26 @@ impl Collector {
         let comm_of = |comm: &[u8; 16]| String::from_utf8_lossy(comm.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
         let errno_of = |errno: u32| if errno == EADDRINUSE { "EADDRINUSE" } else { "EADDRNOTAVAIL" };
         let named = raw.iter().filter(|(k, _)| !k.is_fallback());
-        let top = crate::ledger::busiest(named.map(|(k, n)| ((k.errno, k.comm), u64::try_from(*n).unwrap_or(0))), TOP_COMMS);
+        let top = crate::model::error_ledger::busiest(named.map(|(k, n)| ((k.errno, k.comm), u64::try_from(*n).unwrap_or(0))), TOP_COMMS);
         let mut ledger = self.error_ledger.lock().unwrap_or_else(|e| e.into_inner());
         ledger.attribute(raw.iter().map(|(k, n)| (*k, u64::try_from(*n).unwrap_or(0))), |k| {
             if k.is_fallback() {
-                let cgroup = names.is_some().then(|| crate::ledger::OTHER.to_string());
-                return (errno_of(k.errno), crate::ledger::OTHER.to_string(), cgroup, String::new(), 0);
+                let cgroup = names.is_some().then(|| crate::model::error_ledger::OTHER.to_string());
+                return (errno_of(k.errno), crate::model::error_ledger::OTHER.to_string(), cgroup, String::new(), 0);
             }
-            let comm = if top.contains(&(k.errno, k.comm)) { comm_of(&k.comm) } else { crate::ledger::OTHER.to_string() };
+            let comm = if top.contains(&(k.errno, k.comm)) { comm_of(&k.comm) } else { crate::model::error_ledger::OTHER.to_string() };
             let remote = if k.family == 0 {
                 String::new()
             } else {
                 let key = AggKey { remote: k.remote, family: k.family, ..AggKey::default() };
-                crate::aggregate::remote_label(crate::aggregate::remote_addr(&key), opts)
+                crate::model::aggregate::remote_label(crate::model::aggregate::remote_addr(&key), opts)
             };
             (errno_of(k.errno), comm, names.as_deref_mut().map(|n| n.label(k.cgroup)), remote, k.port)
         });
         let shown: HashSet<(&str, String)> = top.iter().map(|(errno, comm)| (errno_of(*errno), comm_of(comm))).collect();
         let mut connect_errors: Vec<ConnectErrors> = ledger
             .shown()
-            .filter(|((errno, comm, ..), _)| comm == crate::ledger::OTHER || shown.contains(&(*errno, comm.clone())))
+            .filter(|((errno, comm, ..), _)| comm == crate::model::error_ledger::OTHER || shown.contains(&(*errno, comm.clone())))
             .map(|((errno, comm, cgroup, remote, port), count)| ConnectErrors {
                 errno,
                 comm: comm.clone(),
@@ -885,23 +866,23 @@ impl Collector {
             overflow: procfs::netstat("TcpExt", "TCPTimeWaitOverflow"),
         };
         let series = match names.as_deref_mut() {
-            Some(n) => crate::aggregate::aggregate_with(counts.iter().map(|(k, v)| (*k, *v)), opts, |id| Some(n.label(id))),
+            Some(n) => crate::model::aggregate::aggregate_with(counts.iter().map(|(k, v)| (*k, *v)), opts, |id| Some(n.label(id))),
             None => aggregate(counts.iter().map(|(k, v)| (*k, *v)), opts),
         };
         drop(names);
-        let fold = crate::aggregate::Fold::of(&series);
+        let fold = crate::model::aggregate::Fold::of(&series);
         let range = sysctls.local_port_range_size.filter(|r| *r > 0);
         let estimates = self.estimates(&counts, &series, &fold, range, opts);
         let (ratios, inbound_ratios) = worst_ratios(&counts, &fold, range, opts);
         let kept: HashSet<String> =
-            series.iter().filter(|s| s.remote != crate::aggregate::OTHER).map(|s| s.remote.clone()).collect();
+            series.iter().filter(|s| s.remote != crate::model::aggregate::OTHER).map(|s| s.remote.clone()).collect();
         // A remote that holds minisockets has its SYN series from then on
         // (at 0), so `increase()` sees its first SYN.
         let holders: HashSet<(Option<u32>, String)> = counts
             .iter()
             .filter(|(k, n)| k.substate != timewait_common::SUBSTATE_CONNECTION && **n > 0)
             .map(|(k, _)| {
-                (opts.per_netns.then_some(k.netns), crate::aggregate::remote_label(crate::aggregate::remote_addr(k), opts))
+                (opts.per_netns.then_some(k.netns), crate::model::aggregate::remote_label(crate::model::aggregate::remote_addr(k), opts))
             })
             .collect();
         let now = Duration::from_nanos(clock_monotonic_ns());
@@ -918,57 +899,6 @@ impl Collector {
             estimates,
         }
     }
-}
-
-/// The ratios of the series, each of one real destination: per outbound
-/// series of this namespace the highest `ports in use / range` of the
-/// destinations (address:port) it sums, and per remote series the highest
-/// `inbound TIME_WAIT / --remote-port-range-size` of the addresses it sums.
-fn worst_ratios(
-    counts: &HashMap<AggKey, i64>,
-    fold: &crate::aggregate::Fold,
-    range: Option<u64>,
-    opts: &AggOptions,
-) -> (Vec<crate::aggregate::Worst>, Vec<InboundRatio>) {
-    use crate::aggregate::{Direction, remote_addr, remote_label, worst_per_series};
-    use std::collections::BTreeMap;
-    let mut outbound: BTreeMap<(std::net::IpAddr, u16), u64> = BTreeMap::new();
-    let mut inbound: BTreeMap<(Option<u32>, std::net::IpAddr), u64> = BTreeMap::new();
-    for (k, n) in counts {
-        let Ok(n) = u64::try_from(*n) else { continue };
-        if k.direction == timewait_common::DIRECTION_OUTBOUND {
-            // The port range is this namespace's: other namespaces (with
-            // --all-netns) may have their own, so no ratio for them.
-            if !opts.per_netns {
-                *outbound.entry((remote_addr(k), k.port)).or_default() += n;
-            }
-        } else if k.substate == timewait_common::TCP_TIME_WAIT {
-            *inbound.entry((opts.per_netns.then_some(k.netns), remote_addr(k))).or_default() += n;
-        }
-    }
-    let ratios = match range {
-        Some(range) => worst_per_series(
-            outbound.into_iter().filter(|(_, n)| *n > 0).map(|((addr, port), n)| {
-                let series = fold.series_of(None, Direction::Outbound, remote_label(addr, opts), port);
-                (series, std::net::SocketAddr::new(addr, port).to_string(), n)
-            }),
-            range,
-        )
-        .into_iter()
-        .map(|((remote, port), (ratio, worst, destinations))| crate::aggregate::Worst { remote, port, ratio, worst, destinations })
-        .collect(),
-        None => Vec::new(),
-    };
-    let inbound_ratios = worst_per_series(
-        inbound.into_iter().filter(|(_, n)| *n > 0).map(|((netns, addr), n)| {
-            ((netns, fold.remote(remote_label(addr, opts))), addr.to_string(), n)
-        }),
-        opts.remote_port_range_size,
-    )
-    .into_iter()
-    .map(|((netns, remote), (ratio, worst, destinations))| InboundRatio { netns, remote, ratio, worst, destinations })
-    .collect();
-    (ratios, inbound_ratios)
 }
 
 /// Removes the `TW_INDEX` entry of an entry the reconciliation closed, if it
@@ -989,45 +919,5 @@ fn uncount(gauges: &mut HashMap<AggKey, i64>, key: AggKey) {
     *slot -= 1;
     if *slot == 0 {
         gauges.remove(&key);
-    }
-}
-
-/// Folds the smallest per-remote SYN totals into one `other` entry per
-/// namespace until `keep` remotes are left; sums are preserved.
-fn fold_smallest(totals: &mut HashMap<RemoteKey, SynCounts>, keep: usize) {
-    let mut ranked: Vec<(RemoteKey, SynCounts)> =
-        totals.iter().filter(|(k, _)| k.family != OTHER_FAMILY).map(|(k, v)| (*k, *v)).collect();
-    if ranked.len() <= keep {
-        return;
-    }
-    ranked.sort_by(|a, b| b.1.total.cmp(&a.1.total).then(a.0.cmp(&b.0)));
-    for (k, v) in ranked.into_iter().skip(keep) {
-        totals.remove(&k);
-        let other = totals.entry(RemoteKey { netns: k.netns, family: OTHER_FAMILY, ..RemoteKey::default() }).or_default();
-        other.total += v.total;
-        other.rejected += v.rejected;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use timewait_common::AF_INET;
-
-    use super::*;
-
-    #[test]
-    fn folding_keeps_the_busiest_and_the_sums() {
-        let mut t = HashMap::new();
-        for i in 1..=10u8 {
-            let mut k = RemoteKey { family: AF_INET, ..Default::default() };
-            k.remote[0] = i;
-            t.insert(k, SynCounts { total: i64::from(i), rejected: 1 });
-        }
-        fold_smallest(&mut t, 4);
-        assert_eq!(t.len(), 5);
-        assert_eq!(t.values().map(|v| v.total).sum::<i64>(), 55);
-        assert_eq!(t.values().map(|v| v.rejected).sum::<i64>(), 10);
-        let other = t.iter().find(|(k, _)| k.family == OTHER_FAMILY).map(|(_, v)| *v).unwrap();
-        assert_eq!((other.total, other.rejected), (21, 6));
     }
 }

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::{
-    aggregate::AggOptions,
+    model::aggregate::AggOptions,
     cli::RunArgs,
     kernel::{load::LoadOptions, paths::ProbePath},
 };
@@ -127,7 +127,7 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     if top_remotes == 0 {
         return Err(ConfigError::Range { key: "top-remotes", value: "0".into(), range: "at least 1" });
     }
-    let top_ports = args.top_ports.or(file.top_ports).unwrap_or(crate::aggregate::DEFAULT_TOP_PORTS);
+    let top_ports = args.top_ports.or(file.top_ports).unwrap_or(crate::model::aggregate::DEFAULT_TOP_PORTS);
     if top_ports == 0 {
         return Err(ConfigError::Range { key: "top-ports", value: "0".into(), range: "at least 1" });
     }
@@ -146,13 +146,13 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     let remote_ports = args
         .remote_port_range_size
         .or(file.remote_port_range_size)
-        .unwrap_or(crate::aggregate::DEFAULT_REMOTE_PORT_RANGE_SIZE);
+        .unwrap_or(crate::model::aggregate::DEFAULT_REMOTE_PORT_RANGE_SIZE);
     if remote_ports == 0 || remote_ports > 65_536 {
         return Err(ConfigError::Range { key: "remote-port-range-size", value: remote_ports.to_string(), range: "1..=65536" });
     }
     let all_netns = args.all_netns || file.all_netns.unwrap_or(false);
     let attribute_cgroups = args.attribute_cgroups || file.attribute_cgroups.unwrap_or(false);
-    let top_cgroups = args.top_cgroups.or(file.top_cgroups).unwrap_or(crate::aggregate::DEFAULT_TOP_CGROUPS);
+    let top_cgroups = args.top_cgroups.or(file.top_cgroups).unwrap_or(crate::model::aggregate::DEFAULT_TOP_CGROUPS);
     if top_cgroups == 0 {
         return Err(ConfigError::Range { key: "top-cgroups", value: "0".into(), range: "at least 1" });
     }
@@ -216,7 +216,7 @@ mod tests {
         let c = resolve(&RunArgs::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.agg.top_remotes, 100);
-        assert_eq!(c.agg.top_ports, crate::aggregate::DEFAULT_TOP_PORTS);
+        assert_eq!(c.agg.top_ports, crate::model::aggregate::DEFAULT_TOP_PORTS);
         assert_eq!((c.reconcile_interval, c.max_series), (DEFAULT_RECONCILE_INTERVAL, DEFAULT_MAX_SERIES));
         assert_eq!((c.agg.ipv4_prefix, c.agg.ipv6_prefix), (32, 128));
     }

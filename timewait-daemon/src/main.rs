@@ -1,16 +1,13 @@
 //! timewaitd: parses the command line and dispatches.
 
-mod aggregate;
-mod cgroups;
 mod check;
 mod cli;
 mod collector;
 mod config;
 mod conns;
-mod exhaustion;
 mod kernel;
-mod ledger;
 mod metrics;
+mod model;
 mod run;
 mod server;
 mod snapshot;

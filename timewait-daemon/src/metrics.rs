@@ -113,7 +113,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         GAUGE,
     );
     for s in &view.series {
-        let port = crate::aggregate::port_label(s.port);
+        let port = crate::model::aggregate::port_label(s.port);
         let dir = s.direction.map_or("unknown", |d| d.as_str());
         let netns = s.netns.map(|n| n.to_string());
         let mut labels = with_netns(&[("direction", dir), ("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
@@ -141,9 +141,9 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         GAUGE,
     );
     for s in &view.series {
-        if s.direction == Some(crate::aggregate::Direction::Outbound) && s.ports_in_use() > 0 {
+        if s.direction == Some(crate::model::aggregate::Direction::Outbound) && s.ports_in_use() > 0 {
             let netns = s.netns.map(|n| n.to_string());
-            let port = crate::aggregate::port_label(s.port);
+            let port = crate::model::aggregate::port_label(s.port);
             let mut labels = with_netns(&[("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
             if let Some(c) = &s.cgroup {
                 labels.push(("cgroup", c.as_str()));
@@ -154,7 +154,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     // Per destination, whoever holds the ports (the cgroups share the
     // range); a folded series shows its busiest real destination's.
     for w in &view.ratios {
-        let port = crate::aggregate::port_label(w.port);
+        let port = crate::model::aggregate::port_label(w.port);
         ratio.sample(&[("remote", w.remote.as_str()), ("port", port.as_str())], w.ratio);
     }
     fams.push(in_use);
@@ -176,7 +176,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         GAUGE,
     );
     for e in &view.estimates {
-        let port = crate::aggregate::port_label(e.port);
+        let port = crate::model::aggregate::port_label(e.port);
         let labels = [("remote", e.remote.as_str()), ("port", port.as_str())];
         left.sample(&labels, e.seconds_left.unwrap_or(f64::INFINITY));
         taken.sample(&labels, e.rate);

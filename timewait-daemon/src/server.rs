@@ -10,7 +10,7 @@ use axum::{
     routing::get,
 };
 
-use crate::{aggregate::AggOptions, collector::Collector, metrics};
+use crate::{collector::Collector, metrics, model::aggregate::AggOptions};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

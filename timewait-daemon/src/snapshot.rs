@@ -121,7 +121,7 @@ fn render_table(view: &Value, source: &str) -> String {
             "{:<9} {:<40} {:>5} {:>10} {:>10} {:>12}{}\n",
             s(x, "direction"),
             s(x, "remote"),
-            crate::aggregate::port_label(n(x, "port") as u16),
+            crate::model::aggregate::port_label(n(x, "port") as u16),
             n(x, "time_wait"),
             n(x, "fin_wait2"),
             in_use,

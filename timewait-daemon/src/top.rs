@@ -311,7 +311,7 @@ fn left_style(left: Option<Option<f64>>) -> Style {
 
 /// `remote:port`, with IPv6 addresses (and blocks) in brackets.
 pub fn endpoint(remote: &str, port: u16) -> String {
-    let port = crate::aggregate::port_label(port);
+    let port = crate::model::aggregate::port_label(port);
     if remote.contains(':') { format!("[{remote}]:{port}") } else { format!("{remote}:{port}") }
 }
 
@@ -595,7 +595,7 @@ fn ports_table(s: &Snapshot) -> Table<'static> {
     let body = rows.into_iter().map(|r| {
         Row::new(vec![
             Cell::from(r.direction.clone()),
-            Cell::from(crate::aggregate::port_label(r.port)),
+            Cell::from(crate::model::aggregate::port_label(r.port)),
             num(r.time_wait),
             num(r.fin_wait2),
             num(r.remotes),
