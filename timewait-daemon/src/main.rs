@@ -2,7 +2,7 @@
 
 mod check;
 mod cli;
-mod collector;
+mod collect;
 mod config;
 mod conns;
 mod kernel;

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     cli::RunArgs,
-    collector::Collector,
+    collect::Collector,
     config::{self, Config},
     kernel::{
         load::{self, LoadOptions},

@@ -10,7 +10,7 @@ use axum::{
     routing::get,
 };
 
-use crate::{collector::Collector, metrics, model::aggregate::AggOptions};
+use crate::{collect::Collector, metrics, model::aggregate::AggOptions};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::{
     cli::RunArgs,
-    collector::Collector,
+    collect::Collector,
     config,
     kernel::load::{self, LoadOptions},
 };
