@@ -7,7 +7,7 @@ use prometheus::{
 };
 use timewait_common::LIFETIME_BUCKETS_NS;
 
-use crate::collect::{REASONS, SEGMENT_KINDS, View};
+use crate::collect::view::{REASONS, SEGMENT_KINDS, View};
 
 /// Everything the exposition shows besides the kernel's view.
 pub struct Static<'a> {

@@ -38,7 +38,7 @@ use ratatui::{
 };
 use serde::Deserialize;
 
-use crate::{cli::RunArgs, collect::REASONS, config, snapshot::http_get};
+use crate::{cli::RunArgs, collect::view::REASONS, config, snapshot::http_get};
 
 const API_PATH: &str = "/api/v1/snapshot";
 /// Longest wait for a key before the screen is redrawn ("updated Ns ago").
@@ -110,7 +110,7 @@ pub struct SynJ {
 pub struct CountersJ {
     pub created_inbound: u64,
     pub created_outbound: u64,
-    /// By reason, in `collect::REASONS` order.
+    /// By reason, in `collector::REASONS` order.
     pub closed: [u64; 5],
     pub lost: u64,
 }
