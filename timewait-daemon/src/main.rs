@@ -4,15 +4,12 @@ mod check;
 mod cli;
 mod collect;
 mod config;
-mod conns;
+mod http;
 mod kernel;
-mod metrics;
 mod model;
 mod run;
-mod server;
 mod snapshot;
 mod top;
-mod web;
 
 use std::process::ExitCode;
 

@@ -15,11 +15,11 @@ use crate::{
     cli::RunArgs,
     collect::Collector,
     config::{self, Config},
+    http::server::{AppState, VERSION, router},
     kernel::{
         load::{self, LoadOptions},
         procfs,
     },
-    server::{AppState, VERSION, router},
 };
 
 /// How often the SYN tables are drained and lost events looked for.
@@ -149,7 +149,7 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
 
 async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     let web = match &cfg.web_config_file {
-        Some(path) => match crate::web::load(path) {
+        Some(path) => match crate::http::tls_auth::load(path) {
             Ok(w) => Some(w),
             Err(e) => return fail(e),
         },
@@ -181,8 +181,8 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     let shutdown = async move {
         let _ = server_stop.wait_for(|s| *s).await;
     };
-    let limits = crate::conns::Limits::default().fit_fd_limit();
-    let server = tokio::spawn(crate::conns::serve(listener, tls, app, limits, shutdown));
+    let limits = crate::http::conns::Limits::default().fit_fd_limit();
+    let server = tokio::spawn(crate::http::conns::serve(listener, tls, app, limits, shutdown));
     info!(
         version = VERSION,
         listen = %cfg.listen,
