@@ -9,7 +9,6 @@ mod kernel;
 mod model;
 mod run;
 mod snapshot;
-mod top;
 
 use std::process::ExitCode;
 
@@ -35,7 +34,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(cli::Command::Check { run }) => check::main(&run),
         Some(cli::Command::Snapshot { json, run }) => snapshot::main(&run, json),
-        Some(cli::Command::Top { interval, run }) => top::main(&run, interval),
+        Some(cli::Command::Top { interval, run }) => cli::top::main(&run, interval),
         Some(cli::Command::Run(args)) => run::main(&args),
         Some(cli::Command::GenerateAssets { dir }) => match cli::generate_assets(&dir) {
             Ok(()) => ExitCode::SUCCESS,

@@ -147,11 +147,11 @@ fn render_table(view: &Value, source: &str) -> String {
             let left = x.get("seconds_left").map(Value::as_f64);
             out.push_str(&format!(
                 "{:<46} {:>8} {:>10} {:>10} {:>10}\n",
-                crate::top::endpoint(s(x, "remote"), n(x, "port") as u16),
-                crate::top::fmt_rate(x.get("rate").and_then(Value::as_f64).unwrap_or(0.0)),
+                crate::cli::top::endpoint(s(x, "remote"), n(x, "port") as u16),
+                crate::cli::top::fmt_rate(x.get("rate").and_then(Value::as_f64).unwrap_or(0.0)),
                 n(x, "freed_10s"),
                 n(x, "freed_60s"),
-                crate::top::fmt_left(left)
+                crate::cli::top::fmt_left(left)
             ));
         }
     }
