@@ -12,9 +12,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    cli::RunArgs,
+    cli::{
+        args::RunArgs,
+        config::{self, Config},
+    },
     collect::Collector,
-    config::{self, Config},
     http::server::{AppState, VERSION, router},
     kernel::{
         load::{self, LoadOptions},

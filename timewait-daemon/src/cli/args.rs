@@ -1,16 +1,11 @@
-//! Command line (clap). Every option is also a key of the TOML config file;
-//! flag > file > default (see config.rs).
+//! The command line (clap): every flag and subcommand, and the man page and completions made from them.
+//!
+//! Every option is also a key of the TOML config file; flag > file >
+//! default (see config.rs).
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-
-/// Prints one line and returns exit code 2: the contract for bad input and
-/// for what stops a command from starting.
-pub fn fail(msg: impl std::fmt::Display) -> std::process::ExitCode {
-    eprintln!("timewaitd: {msg}");
-    std::process::ExitCode::from(2)
-}
 
 /// `timewaitd --version`: the package version and the commit built.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TIMEWAIT_COMMIT"), ")");

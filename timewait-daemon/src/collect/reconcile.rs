@@ -17,7 +17,7 @@ struct Unseen {
 }
 
 impl Collector {
-    /// One walk of the kernel's socket tables (`iter.rs`): follows what the
+    /// One walk of the kernel's socket tables (the eBPF crate's `iter.rs`): follows what the
     /// programs missed and marks what they follow; returns the entries it
     /// did not find that are older than the walk.
     /// The walk itself holds only the walker's lock: scrapes and drains go

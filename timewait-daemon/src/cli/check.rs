@@ -1,19 +1,17 @@
 //! `timewaitd check`: one line per requirement, ok or missing and what to do.
+//!
 //! It does not guess from BTF names or version numbers: it loads and attaches
 //! every program the daemon would use, exactly as the daemon does (then
 //! detaches them), and reports per signal which path serves it.
 
 use std::process::ExitCode;
 
-use crate::{
-    cli::RunArgs,
-    config,
-    kernel::{
-        load::{self, LoadOptions},
-        offsets,
-        paths::{BIND_ERRORS, LIFECYCLE, Path, SEGMENTS, SOCKETS},
-        procfs,
-    },
+use super::{args::RunArgs, config, fail, print_out};
+use crate::kernel::{
+    load::{self, LoadOptions},
+    offsets,
+    paths::{BIND_ERRORS, LIFECYCLE, Path, SEGMENTS, SOCKETS},
+    procfs,
 };
 
 /// `ok`: served; `missing`: the daemon cannot run; `partial`: it runs, this
@@ -53,7 +51,7 @@ fn feature(signal: &str) -> &'static str {
 pub fn main(args: &RunArgs) -> ExitCode {
     let cfg = match config::resolve(args) {
         Ok(c) => c,
-        Err(e) => return crate::cli::fail(e),
+        Err(e) => return fail(e),
     };
     let mut lines = vec![line("kernel", Status::Ok, procfs::release())];
     match offsets::load_btf() {
@@ -110,7 +108,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
     } else {
         "timewaitd can run here\n"
     });
-    if crate::snapshot::print_out(&out) != ExitCode::SUCCESS {
+    if print_out(&out) != ExitCode::SUCCESS {
         return ExitCode::from(2);
     }
     if can_run { ExitCode::SUCCESS } else { ExitCode::from(1) }

@@ -5,10 +5,10 @@ use std::{fs, net::SocketAddr, path::Path};
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::args::RunArgs;
 use crate::{
-    model::aggregate::AggOptions,
-    cli::RunArgs,
     kernel::{load::LoadOptions, paths::ProbePath},
+    model::aggregate::AggOptions,
 };
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:19868";
@@ -246,7 +246,7 @@ mod tests {
     /// (but for the two keys whose default is "none": computed, absent).
     #[test]
     fn packaged_config_is_the_defaults() {
-        let text = include_str!("../../deploy/debian/timewaitd.toml");
+        let text = include_str!("../../../deploy/debian/timewaitd.toml");
         let dir = std::env::temp_dir().join(format!("tw-pkgcfg-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let resolve_text = |name: &str, text: &str| {
@@ -312,7 +312,7 @@ mod proptests {
         #[test]
         fn command_lines_never_panic(args in proptest::collection::vec("(--[a-z.-]{1,24}|-?[0-9]{1,12}|[a-z0-9:.\\[\\]]{0,20})", 0..6)) {
             let argv = std::iter::once("timewaitd".to_string()).chain(args);
-            if let Ok(cli) = crate::cli::Cli::try_parse_from(argv) {
+            if let Ok(cli) = crate::cli::args::Cli::try_parse_from(argv) {
                 let _ = resolve(&cli.run);
             }
         }
