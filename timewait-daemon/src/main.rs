@@ -5,6 +5,7 @@ mod collect;
 mod http;
 mod kernel;
 mod model;
+mod nat;
 mod run;
 
 use std::process::ExitCode;
