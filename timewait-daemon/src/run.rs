@@ -1,5 +1,7 @@
-//! The daemon: serve HTTP at once (/readyz says 503), attach the probes and
-//! load the start-up snapshot, stop on SIGTERM/SIGINT.
+//! The daemon (`timewaitd run`): serve HTTP, attach the probes, drain and walk every second, stop on a signal.
+//!
+//! HTTP is served at once (/readyz says 503 until the probes are attached
+//! and the start-up snapshot is loaded); SIGHUP reloads; SIGTERM/SIGINT stop.
 
 use std::{
     io::IsTerminal as _,

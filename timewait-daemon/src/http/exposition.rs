@@ -1,5 +1,4 @@
-//! Prometheus exposition of a `View` (text format 0.0.4, through the
-//! prometheus crate's encoder).
+//! Prometheus exposition of a `View`: text format 0.0.4, through the prometheus crate's encoder.
 
 use prometheus::{
     Encoder as _, TextEncoder,

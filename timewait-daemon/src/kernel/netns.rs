@@ -1,3 +1,5 @@
+//! Network namespaces: finding and entering them, and what `--all-netns` needs and may remove.
+//!
 //! `--all-netns`: whether the daemon can find and enter every network
 //! namespace (checked once at start), and which namespaces' entries a
 //! reconciliation walk may remove (only those it could look into).

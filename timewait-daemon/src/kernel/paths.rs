@@ -1,6 +1,6 @@
-//! Which way into the kernel serves each signal, decided by trying to load and
-//! attach, never by version number. This is the table of the README's
-//! "Kernels" section:
+//! Which way into the kernel serves each signal, decided by trying to load and attach, never by version number.
+//!
+//! This is the table of the README's "Kernels" section:
 //!
 //! | signal | fentry path | kprobe fallback | tracepoint path |
 //! | --- | --- | --- | --- |

@@ -1,6 +1,6 @@
-//! The running kernel as /proc shows it: sysctls, netstat counters, the local
-//! port range, the release and our network namespace; and tracefs, mounted
-//! when nothing mounted it.
+//! The running kernel as /proc shows it: sysctls, netstat counters, the port range, the release, our namespace.
+//!
+//! And tracefs, mounted at /sys/kernel/tracing when nothing mounted it.
 
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
 

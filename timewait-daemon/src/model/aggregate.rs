@@ -1,5 +1,6 @@
-//! Pure aggregation: raw kernel keys into labelled series, with CIDR folding
-//! and the top-K-plus-`other` cardinality bound. No I/O: unit-tested here.
+//! Pure aggregation: raw kernel keys into labelled series, CIDR blocks and the top-K-plus-`other` bound.
+//!
+//! No I/O: unit-tested here. `Fold` says where a raw key went.
 
 use std::{
     collections::{BTreeMap, HashMap},
