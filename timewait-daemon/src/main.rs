@@ -1,31 +1,19 @@
 //! timewaitd: parses the command line and dispatches.
 
-mod aggregate;
-mod batch;
-mod cgroups;
-mod check;
 mod cli;
-mod collector;
-mod config;
-mod conns;
-mod exhaustion;
+mod collect;
+mod http;
 mod kernel;
-mod ledger;
-mod loader;
-mod metrics;
-mod rcu;
+mod model;
+mod nat;
 mod run;
-mod server;
-mod snapshot;
-mod top;
-mod web;
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
 
 fn main() -> ExitCode {
-    let cli = match cli::Cli::try_parse() {
+    let cli = match cli::args::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help, --version: not an error.
@@ -42,11 +30,11 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(cli::Command::Check { run }) => check::main(&run),
-        Some(cli::Command::Snapshot { json, run }) => snapshot::main(&run, json),
-        Some(cli::Command::Top { interval, run }) => top::main(&run, interval),
-        Some(cli::Command::Run(args)) => run::main(&args),
-        Some(cli::Command::GenerateAssets { dir }) => match cli::generate_assets(&dir) {
+        Some(cli::args::Command::Check { run }) => cli::check::main(&run),
+        Some(cli::args::Command::Snapshot { json, run }) => cli::snapshot::main(&run, json),
+        Some(cli::args::Command::Top { interval, run }) => cli::top::main(&run, interval),
+        Some(cli::args::Command::Run(args)) => run::main(&args),
+        Some(cli::args::Command::GenerateAssets { dir }) => match cli::args::generate_assets(&dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => cli::fail(format!("cannot write into {}: {e}", dir.display())),
         },

@@ -1,5 +1,7 @@
-//! The daemon: serve HTTP at once (/readyz says 503), attach the probes and
-//! load the start-up snapshot, stop on SIGTERM/SIGINT.
+//! The daemon (`timewaitd run`): serve HTTP, attach the probes, drain and walk every second, stop on a signal.
+//!
+//! HTTP is served at once (/readyz says 503 until the probes are attached
+//! and the start-up snapshot is loaded); SIGHUP reloads; SIGTERM/SIGINT stop.
 
 use std::{
     io::IsTerminal as _,
@@ -12,12 +14,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    cli::RunArgs,
-    collector::Collector,
-    config::{self, Config},
-    kernel,
-    loader::{self, LoadOptions},
-    server::{AppState, VERSION, router},
+    cli::{
+        args::RunArgs,
+        config::{self, Config},
+    },
+    collect::Collector,
+    http::server::{AppState, VERSION, router},
+    kernel::{
+        load::{self, LoadOptions},
+        procfs,
+    },
 };
 
 /// How often the SYN tables are drained and lost events looked for.
@@ -46,11 +52,11 @@ const WALK_WITHOUT_SEGMENTS: Duration = Duration::from_secs(10);
 
 /// The periodic walk's interval: `--reconcile-interval` (0: none), at most
 /// [`WALK_WITHOUT_SEGMENTS`] where segments are unavailable.
-fn walk_interval(secs: u64, signals: &[crate::loader::paths::SignalPath]) -> Duration {
+fn walk_interval(secs: u64, signals: &[crate::kernel::paths::SignalPath]) -> Duration {
     let interval = Duration::from_secs(secs);
     let blind = signals
         .iter()
-        .any(|sp| sp.signal == crate::loader::paths::SEGMENTS && sp.path == crate::loader::paths::Path::Unavailable);
+        .any(|sp| sp.signal == crate::kernel::paths::SEGMENTS && sp.path == crate::kernel::paths::Path::Unavailable);
     if blind && !interval.is_zero() && interval > WALK_WITHOUT_SEGMENTS {
         info!(
             every_secs = WALK_WITHOUT_SEGMENTS.as_secs(),
@@ -81,7 +87,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     if cfg.all_netns
-        && let Some(why) = crate::loader::netns::all_netns_unavailable()
+        && let Some(why) = crate::kernel::netns::all_netns_unavailable()
     {
         return fail(why);
     }
@@ -147,7 +153,7 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
 
 async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     let web = match &cfg.web_config_file {
-        Some(path) => match crate::web::load(path) {
+        Some(path) => match crate::http::tls_auth::load(path) {
             Ok(w) => Some(w),
             Err(e) => return fail(e),
         },
@@ -161,7 +167,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         Some(w) => (w.tls, w.auth),
         None => (None, None),
     };
-    let state = Arc::new(AppState::new(cfg.agg.clone(), kernel::release()));
+    let state = Arc::new(AppState::new(cfg.agg.clone(), procfs::release()));
     let mut sigterm = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot handle SIGTERM: {e}")),
@@ -179,8 +185,8 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     let shutdown = async move {
         let _ = server_stop.wait_for(|s| *s).await;
     };
-    let limits = crate::conns::Limits::default().fit_fd_limit();
-    let server = tokio::spawn(crate::conns::serve(listener, tls, app, limits, shutdown));
+    let limits = crate::http::conns::Limits::default().fit_fd_limit();
+    let server = tokio::spawn(crate::http::conns::serve(listener, tls, app, limits, shutdown));
     info!(
         version = VERSION,
         listen = %cfg.listen,
@@ -190,7 +196,7 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     );
 
     let opts = LoadOptions::of(&cfg);
-    let loading = tokio::task::spawn_blocking(move || loader::load(&opts));
+    let loading = tokio::task::spawn_blocking(move || load::load(&opts));
     let probes = tokio::select! {
         r = loading => r,
         _ = stop_signal(&mut sigterm) => {

@@ -58,7 +58,7 @@ pub static COUNTERS: PerCpuArray<[u64; counter::COUNT as usize]> = PerCpuArray::
 /// names, the daemon drains the other pair into its own totals every second:
 /// it flips the epoch, waits for an RCU grace period (every program that
 /// read the old epoch has returned by then: tracing programs run inside an
-/// RCU read-side section; `timewait-daemon/src/rcu.rs`), then reads the old
+/// RCU read-side section; `timewait-daemon/src/kernel/rcu.rs`), then reads the old
 /// tables and deletes their keys. No program holds a pointer into them at
 /// that point, so the delete loses no concurrent atomic add; and a key lives
 /// in the kernel only until the next drain, so the tables never fill with

@@ -275,7 +275,7 @@ fn cgroups_own_ports_sockets_and_errors() {
     drop(ns);
 }
 
-/// What the daemon calls a cgroup path (the rule of `src/cgroups.rs`,
+/// What the daemon calls a cgroup path (the rule of `src/model/cgroups.rs`,
 /// restated: a systemd service, else a scope, else the path).
 fn timewait_label(path: &str) -> String {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();

@@ -4,7 +4,7 @@
 //! Each hook has an fentry/fexit entry point and a kprobe/kretprobe one on the
 //! same function (for kernels that accept kprobes but not trampolines); both
 //! call the same code. The daemon attaches one of the two per function, by
-//! trying (the daemon's loader, `paths.rs`).
+//! trying (`timewait-daemon/src/kernel/paths.rs`).
 //!
 //! | function | gives |
 //! | --- | --- |

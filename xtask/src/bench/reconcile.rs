@@ -1,6 +1,6 @@
 //! Scenario 6: the cost of a reconciliation walk (two `iter/tcp` walks of
 //! the namespace's sockets when something is unseen, one otherwise; see
-//! `timewait-daemon/src/collector.rs`) and of a scrape, at N and 10 x N
+//! `timewait-daemon/src/collect/reconcile.rs`) and of a scrape, at N and 10 x N
 //! TIME_WAIT sockets. The daemon reconciles every second here
 //! (`--reconcile-interval 1`); its own `timewait_reconcile_duration_seconds`
 //! is read after each of the runs that follow the load, and the cost at the
@@ -15,7 +15,7 @@ use super::{
     start_daemon_with, thousands,
 };
 
-/// The daemon's default `--reconcile-interval` (timewait-daemon/src/config.rs).
+/// The daemon's default `--reconcile-interval` (timewait-daemon/src/cli/config.rs).
 const DEFAULT_INTERVAL_S: f64 = 60.0;
 
 pub(super) fn reconcile(ctx: &Ctx, rep: &mut Report) -> Result<()> {

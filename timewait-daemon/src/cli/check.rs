@@ -1,17 +1,17 @@
 //! `timewaitd check`: one line per requirement, ok or missing and what to do.
+//!
 //! It does not guess from BTF names or version numbers: it loads and attaches
 //! every program the daemon would use, exactly as the daemon does (then
 //! detaches them), and reports per signal which path serves it.
 
 use std::process::ExitCode;
 
-use crate::{
-    cli::RunArgs,
-    config, kernel,
-    loader::{
-        self, LoadOptions,
-        paths::{BIND_ERRORS, LIFECYCLE, Path, SEGMENTS, SOCKETS},
-    },
+use super::{args::RunArgs, config, fail, print_out};
+use crate::kernel::{
+    load::{self, LoadOptions},
+    offsets,
+    paths::{BIND_ERRORS, LIFECYCLE, Path, SEGMENTS, SOCKETS},
+    procfs,
 };
 
 /// `ok`: served; `missing`: the daemon cannot run; `partial`: it runs, this
@@ -51,13 +51,13 @@ fn feature(signal: &str) -> &'static str {
 pub fn main(args: &RunArgs) -> ExitCode {
     let cfg = match config::resolve(args) {
         Ok(c) => c,
-        Err(e) => return crate::cli::fail(e),
+        Err(e) => return fail(e),
     };
-    let mut lines = vec![line("kernel", Status::Ok, kernel::release())];
-    match kernel::load_btf() {
+    let mut lines = vec![line("kernel", Status::Ok, procfs::release())];
+    match offsets::load_btf() {
         Ok(btf) => {
-            lines.push(line("btf", Status::Ok, kernel::VMLINUX_BTF));
-            match kernel::offsets(&btf) {
+            lines.push(line("btf", Status::Ok, offsets::VMLINUX_BTF));
+            match offsets::offsets(&btf) {
                 Ok(o) => lines.push(line(
                     "struct offsets",
                     Status::Ok,
@@ -68,7 +68,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
         }
         Err(e) => lines.push(line("btf", Status::Missing, e.to_string())),
     }
-    match kernel::timer_functions() {
+    match offsets::timer_functions() {
         Ok(f) => {
             lines.push(line("tw_timer_handler", Status::Ok, format!("{:#x}", f.tw_timer_handler)));
         }
@@ -87,7 +87,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
     ));
     lines.extend(attach_lines(&cfg));
     for s in ["net.ipv4.tcp_max_tw_buckets", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_tw_reuse", "net.ipv4.tcp_fin_timeout"] {
-        let v = kernel::sysctl(s);
+        let v = procfs::sysctl(s);
         lines.push(line(s, ok_or(v.is_some(), Status::Missing), v.unwrap_or_else(|| "unreadable".into()).replace('\t', " ")));
     }
     let width = lines.iter().map(|l| l.what.len()).max().unwrap_or(0);
@@ -108,7 +108,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
     } else {
         "timewaitd can run here\n"
     });
-    if crate::snapshot::print_out(&out) != ExitCode::SUCCESS {
+    if print_out(&out) != ExitCode::SUCCESS {
         return ExitCode::from(2);
     }
     if can_run { ExitCode::SUCCESS } else { ExitCode::from(1) }
@@ -118,7 +118,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
 /// detaches every program): one line per signal and per other hook.
 fn attach_lines(cfg: &config::Config) -> Vec<Line> {
     let opts = LoadOptions { all_netns: false, max_tracked_sockets: Some(1024), max_series: 1024, ..LoadOptions::of(cfg) };
-    let probes = match loader::load(&opts) {
+    let probes = match load::load(&opts) {
         Ok(p) => p,
         Err(e) => return vec![line("attach", Status::Missing, format!("{e}"))],
     };

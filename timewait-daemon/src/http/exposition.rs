@@ -1,5 +1,4 @@
-//! Prometheus exposition of a `View` (text format 0.0.4, through the
-//! prometheus crate's encoder).
+//! Prometheus exposition of a `View`: text format 0.0.4, through the prometheus crate's encoder.
 
 use prometheus::{
     Encoder as _, TextEncoder,
@@ -7,14 +6,14 @@ use prometheus::{
 };
 use timewait_common::LIFETIME_BUCKETS_NS;
 
-use crate::collector::{REASONS, SEGMENT_KINDS, View};
+use crate::collect::view::{REASONS, SEGMENT_KINDS, View};
 
 /// Everything the exposition shows besides the kernel's view.
 pub struct Static<'a> {
     pub version: &'a str,
     pub kernel: &'a str,
     pub hooks: &'a [(String, bool)],
-    pub signals: &'a [crate::loader::paths::SignalPath],
+    pub signals: &'a [crate::kernel::paths::SignalPath],
     pub read_errors: u64,
     /// Since the last drain of the kernel's tables (None: never drained).
     pub drain_age: Option<std::time::Duration>,
@@ -113,7 +112,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         GAUGE,
     );
     for s in &view.series {
-        let port = crate::aggregate::port_label(s.port);
+        let port = crate::model::aggregate::port_label(s.port);
         let dir = s.direction.map_or("unknown", |d| d.as_str());
         let netns = s.netns.map(|n| n.to_string());
         let mut labels = with_netns(&[("direction", dir), ("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
@@ -141,9 +140,9 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         GAUGE,
     );
     for s in &view.series {
-        if s.direction == Some(crate::aggregate::Direction::Outbound) && s.ports_in_use() > 0 {
+        if s.direction == Some(crate::model::aggregate::Direction::Outbound) && s.ports_in_use() > 0 {
             let netns = s.netns.map(|n| n.to_string());
-            let port = crate::aggregate::port_label(s.port);
+            let port = crate::model::aggregate::port_label(s.port);
             let mut labels = with_netns(&[("remote", s.remote.as_str()), ("port", port.as_str())], &netns);
             if let Some(c) = &s.cgroup {
                 labels.push(("cgroup", c.as_str()));
@@ -154,7 +153,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     // Per destination, whoever holds the ports (the cgroups share the
     // range); a folded series shows its busiest real destination's.
     for w in &view.ratios {
-        let port = crate::aggregate::port_label(w.port);
+        let port = crate::model::aggregate::port_label(w.port);
         ratio.sample(&[("remote", w.remote.as_str()), ("port", port.as_str())], w.ratio);
     }
     fams.push(in_use);
@@ -176,7 +175,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         GAUGE,
     );
     for e in &view.estimates {
-        let port = crate::aggregate::port_label(e.port);
+        let port = crate::model::aggregate::port_label(e.port);
         let labels = [("remote", e.remote.as_str()), ("port", port.as_str())];
         left.sample(&labels, e.seconds_left.unwrap_or(f64::INFINITY));
         taken.sample(&labels, e.rate);
@@ -262,7 +261,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     let segments_seen = !st
         .signals
         .iter()
-        .any(|sp| sp.signal == crate::loader::paths::SEGMENTS && sp.path == crate::loader::paths::Path::Unavailable);
+        .any(|sp| sp.signal == crate::kernel::paths::SEGMENTS && sp.path == crate::kernel::paths::Path::Unavailable);
     if segments_seen {
         fams.push(syn);
         fams.push(rejected);

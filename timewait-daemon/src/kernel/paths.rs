@@ -1,6 +1,6 @@
-//! Which way into the kernel serves each signal, decided by trying to load and
-//! attach, never by version number. This is the table of the README's
-//! "Kernels" section:
+//! Which way into the kernel serves each signal, decided by trying to load and attach, never by version number.
+//!
+//! This is the table of the README's "Kernels" section:
 //!
 //! | signal | fentry path | kprobe fallback | tracepoint path |
 //! | --- | --- | --- | --- |
@@ -142,7 +142,7 @@ pub fn sockets(ebpf: &mut Ebpf, btf: &Btf, want: ProbePath) -> Result<SignalPath
         sp.hooks.clear();
     }
     add_roles(ebpf, ROLE_SOCKETS)?;
-    let (program, tp) = super::LISTEN_PROGRAM;
+    let (program, tp) = LISTEN_PROGRAM;
     tp_btf(ebpf, btf, program, tp).map_err(|err| LoadError::Program { program, step: "attach", err })?;
     sp.hooks.push(format!("tp_btf/{tp}"));
     sp.path = Path::Tracepoint;
@@ -173,6 +173,8 @@ const LIFECYCLE_FUNCTIONS: [Function; 3] = [
     Function { kernel: "__inet_twsk_schedule", fentry: "fentry_twsk_schedule", kprobe: "kprobe_twsk_schedule" },
 ];
 
+/// The tracepoint program that serves listeners (and the tracepoint lifecycle).
+pub const LISTEN_PROGRAM: (&str, &str) = ("tw_sock_set_state", "inet_sock_set_state");
 /// Tracepoint lifecycle: the expiry (program, tracepoint); creation and
 /// takeovers are `inet_sock_set_state`'s (`ROLE_LIFECYCLE`), turned on after it.
 /// The timer tracepoints that fire for every timer armed or stopped
@@ -315,7 +317,7 @@ pub fn lifecycle(ebpf: &mut Ebpf, btf: &Btf, want: ProbePath, sockets: Path) -> 
         sp.hooks.push(format!("tp_btf/{tp}"));
     }
     add_roles(ebpf, ROLE_LIFECYCLE)?;
-    let (program, tp) = super::LISTEN_PROGRAM;
+    let (program, tp) = LISTEN_PROGRAM;
     if sockets != Path::Tracepoint {
         // Full sockets are followed by fentry: the program serves only this.
         tp_btf(ebpf, btf, program, tp).map_err(|err| LoadError::Program { program, step: "attach", err })?;

@@ -1,9 +1,7 @@
-//! Loads the eBPF object, hands it the running kernel's offsets, attaches the
-//! programs in the order that leaves no gap (each signal on the path that
-//! attaches, see `paths`), and runs the start-up snapshot.
-
-pub mod netns;
-pub mod paths;
+//! Loads the eBPF object, hands it the running kernel's offsets, attaches the programs, runs the start-up snapshot.
+//!
+//! Programs are attached in the order that leaves no gap, each signal on the
+//! path that attaches (see `paths`).
 
 use std::io::Read as _;
 
@@ -12,30 +10,19 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{Iter, TracePoint},
 };
-use thiserror::Error;
 use timewait_common::{AggKey, Config, ConnEntry, ErrKey, IndexKey, IndexVal, RemoteKey, SynCounts, TwEntry};
 use tracing::{debug, info};
 
-use crate::kernel::{self, KernelError};
-
-#[derive(Debug, Error)]
-pub enum LoadError {
-    #[error(transparent)]
-    Kernel(#[from] KernelError),
-    #[error("loading the eBPF object failed: {0} (needs root, or CAP_BPF + CAP_PERFMON)")]
-    Load(String),
-    #[error("eBPF program {program} failed to {step}: {err}")]
-    Program { program: &'static str, step: &'static str, err: String },
-    #[error("eBPF map {0} missing or of the wrong type: {1}")]
-    Map(&'static str, String),
-    #[error("{0}")]
-    Path(String),
-}
+use super::{
+    LoadError, error_chain,
+    netns::{in_netns, other_namespaces},
+    offsets::{self, KernelError},
+    paths, procfs,
+};
 
 /// The object embedded at build time by build.rs (aya-build).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/timewait"));
 
-pub const LISTEN_PROGRAM: (&str, &str) = ("tw_sock_set_state", "inet_sock_set_state");
 /// The classic syscall tracepoints of `--syscall-tracepoints`, in the order
 /// they are attached: (program, category, name). The entry notes the
 /// descriptor, whose socket the exit reads (TCP's errors alone count).
@@ -57,7 +44,7 @@ fn bind_errors(ebpf: &mut Ebpf, sockets: &paths::SignalPath, wanted: bool) -> pa
         return sp;
     }
     let attach = |ebpf: &mut Ebpf| -> Result<(), String> {
-        kernel::ensure_tracefs()?;
+        procfs::ensure_tracefs()?;
         for (name, category, tp) in BIND_PROGRAMS {
             attach_classic(ebpf, name, category, tp).map_err(|e| format!("tracepoint/{category}/{tp}: {e}"))?;
         }
@@ -96,20 +83,6 @@ pub struct LoadOptions {
     pub attribute_cgroups: bool,
     /// `--syscall-tracepoints`: bind() errors on the tracepoint path.
     pub syscall_tracepoints: bool,
-}
-
-impl LoadOptions {
-    /// What the daemon's configuration asks for.
-    pub fn of(cfg: &crate::config::Config) -> Self {
-        Self {
-            all_netns: cfg.all_netns,
-            max_tracked_sockets: cfg.max_tracked_sockets,
-            max_series: cfg.max_series,
-            probe_path: cfg.probe_path,
-            attribute_cgroups: cfg.attribute_cgroups,
-            syscall_tracepoints: cfg.syscall_tracepoints,
-        }
-    }
 }
 
 /// The loaded programs and the maps the collector reads. Dropping it detaches
@@ -190,20 +163,6 @@ fn prog_err(program: &'static str, step: &'static str) -> impl FnOnce(aya::progr
     move |e| LoadError::Program { program, step, err: error_chain(&e) }
 }
 
-/// `e` and its sources on one line: aya's errors keep the useful part (the
-/// verifier's or the kernel's word) in the source chain.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
-
 /// Attaches a classic tracepoint program; a kernel without it (no tracefs, no
 /// syscall tracepoints) costs only the feature it serves, so it is reported,
 /// not fatal.
@@ -261,49 +220,6 @@ where
     T::try_from(map).map_err(|e| LoadError::Map(name, error_chain(&e)))
 }
 
-/// One path per network namespace other than `own` (by inode), from
-/// processes' `/proc/PID/ns/net` and the named ones in /var/run/netns.
-pub fn other_namespaces(own: u32) -> Vec<std::path::PathBuf> {
-    use std::os::unix::fs::MetadataExt as _;
-    let mut seen = std::collections::BTreeSet::from([u64::from(own)]);
-    let mut out = Vec::new();
-    let named = std::fs::read_dir("/var/run/netns").into_iter().flatten().flatten().map(|e| e.path());
-    let procs = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .map(|e| e.path().join("ns/net"));
-    for path in named.chain(procs) {
-        if let Ok(md) = std::fs::metadata(&path)
-            && seen.insert(md.ino())
-        {
-            out.push(path);
-        }
-    }
-    out
-}
-
-/// Runs `f` with this thread in the network namespace at `path`, then
-/// returns the thread to the namespace it was in.
-pub fn in_netns<T>(path: &std::path::Path, f: impl FnOnce() -> Result<T, LoadError>) -> Result<T, LoadError> {
-    use std::os::fd::AsRawFd as _;
-    let io = |e: std::io::Error| LoadError::Program { program: "iter_timewait", step: "enter namespace", err: e.to_string() };
-    let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(io)?;
-    let target = std::fs::File::open(path).map_err(io)?;
-    // SAFETY: valid namespace fds; CLONE_NEWNET only moves this thread.
-    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io(std::io::Error::last_os_error()));
-    }
-    let r = f();
-    // SAFETY: as above, back to where this thread was.
-    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        // A thread stuck in another namespace would read the wrong sysctls.
-        panic!("cannot return to the daemon's network namespace: {}", std::io::Error::last_os_error());
-    }
-    r
-}
-
 /// Inserts `ErrKey::fallback` of each errno into `CONNECT_ERRORS`, at 0.
 fn reserve_fallback_keys(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     let name = "CONNECT_ERRORS";
@@ -320,7 +236,7 @@ fn reserve_fallback_keys(ebpf: &mut Ebpf) -> Result<(), LoadError> {
 /// hold (`tcp_max_tw_buckets`, which bounds TIME_WAIT and FIN_WAIT2 ones
 /// together) plus room for kills awaiting resolution.
 fn default_tracked() -> u32 {
-    let buckets = kernel::sysctl("net.ipv4.tcp_max_tw_buckets")
+    let buckets = procfs::sysctl("net.ipv4.tcp_max_tw_buckets")
         .and_then(|s| s.parse::<u32>().ok())
         .unwrap_or(262_144);
     buckets.saturating_add(16_384).clamp(1024, 1 << 22)
@@ -332,18 +248,18 @@ pub fn syn_capacity(max_series: u32) -> u32 {
 }
 
 pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
-    let btf_rs = kernel::load_btf()?;
-    let mut offsets = kernel::offsets(&btf_rs)?;
+    let btf_rs = offsets::load_btf()?;
+    let mut offsets = offsets::offsets(&btf_rs)?;
     if opts.attribute_cgroups {
-        (offsets.sk_cgrp_data, offsets.cgroup_kn, offsets.kernfs_node_id) = kernel::cgroup_offsets(&btf_rs)?;
+        (offsets.sk_cgrp_data, offsets.cgroup_kn, offsets.kernfs_node_id) = offsets::cgroup_offsets(&btf_rs)?;
     }
-    let tw_state_params = kernel::param_count(&btf_rs, "tcp_timewait_state_process");
+    let tw_state_params = offsets::param_count(&btf_rs, "tcp_timewait_state_process");
     // Parsed BTF is tens of MB: one at a time (aya parses its own below), so
     // that the daemon's memory peak at start-up is one parse, not two.
     drop(btf_rs);
-    let netns = kernel::own_netns()?;
-    let functions = kernel::timer_functions()?;
-    let port_range = kernel::local_port_range().unwrap_or((0, 0));
+    let netns = procfs::own_netns()?;
+    let functions = offsets::timer_functions()?;
+    let port_range = procfs::local_port_range().unwrap_or((0, 0));
     let config = Config {
         offsets,
         tw_timer_handler: functions.tw_timer_handler,

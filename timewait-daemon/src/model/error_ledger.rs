@@ -1,4 +1,4 @@
-//! Counters shown under a bounded set of labels that never go backwards.
+//! The connect()/bind() errors' ledger: counters under a bounded set of labels that never go backwards.
 //!
 //! The kernel counts under keys nobody bounds but the table size (a process
 //! name is whatever the process says it is); the metrics show the busiest

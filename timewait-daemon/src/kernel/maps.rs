@@ -1,9 +1,14 @@
-//! Reading a whole BPF hash map in a few syscalls (`BPF_MAP_LOOKUP_BATCH`,
+//! Reading the programs' maps whole: batched where the kernel can, else entry by entry.
+//!
+//! A whole BPF hash map in a few syscalls (`BPF_MAP_LOOKUP_BATCH`,
 //! Linux 5.6+) instead of two per entry (get-next-key + lookup, which is what
 //! aya's iterator does and what dominated a scrape's cost). aya 0.14 has no
 //! wrapper for it.
 
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use aya::{Pod, maps::MapData};
 
@@ -91,4 +96,62 @@ pub fn for_each<K: Pod, V: Pod>(map: &MapData, mut f: impl FnMut(&K, &V)) -> std
         token_in = token_out;
         first = false;
     }
+}
+
+/// Every entry of a hash map: batched where the kernel can (5.6+), else two
+/// syscalls per entry.
+pub fn read_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    errors: &AtomicU64,
+) -> Vec<(K, V)> {
+    use aya::maps::IterableMap as _;
+    if let Ok(all) = lookup_all::<K, V>(map.map()) {
+        return all;
+    }
+    let mut out = Vec::new();
+    for item in map.iter() {
+        match item {
+            Ok(kv) => out.push(kv),
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    out
+}
+
+/// Calls `f` for every entry of `map` without holding the table whole (the
+/// walks read tables of up to millions of entries; collecting them first
+/// made the daemon's memory peak at twice the table). When the batch read
+/// fails part-way and the iterator takes over, `f` may see an entry twice:
+/// callers collect into sets.
+pub fn for_each_entry<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    errors: &AtomicU64,
+    mut f: impl FnMut(K, V),
+) {
+    use aya::maps::IterableMap as _;
+    if for_each::<K, V>(map.map(), |k, v| f(*k, *v)).is_ok() {
+        return;
+    }
+    for item in map.iter() {
+        match item {
+            Ok((k, v)) => f(k, v),
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A second handle on the same kernel map (a duplicated file descriptor).
+pub fn second_handle<K: aya::Pod, V: aya::Pod>(
+    m: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+) -> Option<aya::maps::HashMap<aya::maps::MapData, K, V>> {
+    use aya::maps::IterableMap as _;
+    let fd = m.map().fd().as_fd().try_clone_to_owned().ok()?;
+    let data = aya::maps::MapData::from_fd(fd).ok()?;
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).ok()
 }

@@ -1,5 +1,4 @@
-//! Waiting, from userspace, until every eBPF program that was running has
-//! returned: an RCU grace period.
+//! Waiting, from userspace, until every eBPF program that was running has returned: an RCU grace period.
 //!
 //! Tracing programs (fentry, kprobe, tracepoints, iterators) run inside an
 //! RCU read-side section. The kernel offers no syscall that only waits for a

@@ -1,8 +1,12 @@
+//! Network namespaces: finding and entering them, and what `--all-netns` needs and may remove.
+//!
 //! `--all-netns`: whether the daemon can find and enter every network
 //! namespace (checked once at start), and which namespaces' entries a
 //! reconciliation walk may remove (only those it could look into).
 
 use std::collections::HashSet;
+
+use super::LoadError;
 
 /// Why `--all-netns` cannot work here, as one line for stderr; None when it
 /// can. The kernel programs see every namespace's events without this; the
@@ -72,6 +76,49 @@ fn hidepid_in(mountinfo: &str) -> Option<String> {
         .filter_map(|o| o.strip_prefix("hidepid="))
         .find(|v| !matches!(*v, "0" | "off"))
         .map(str::to_string)
+}
+
+/// One path per network namespace other than `own` (by inode), from
+/// processes' `/proc/PID/ns/net` and the named ones in /var/run/netns.
+pub fn other_namespaces(own: u32) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = std::collections::BTreeSet::from([u64::from(own)]);
+    let mut out = Vec::new();
+    let named = std::fs::read_dir("/var/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+    let procs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .map(|e| e.path().join("ns/net"));
+    for path in named.chain(procs) {
+        if let Ok(md) = std::fs::metadata(&path)
+            && seen.insert(md.ino())
+        {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Runs `f` with this thread in the network namespace at `path`, then
+/// returns the thread to the namespace it was in.
+pub fn in_netns<T>(path: &std::path::Path, f: impl FnOnce() -> Result<T, LoadError>) -> Result<T, LoadError> {
+    use std::os::fd::AsRawFd as _;
+    let io = |e: std::io::Error| LoadError::Program { program: "iter_timewait", step: "enter namespace", err: e.to_string() };
+    let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(io)?;
+    let target = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: valid namespace fds; CLONE_NEWNET only moves this thread.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    let r = f();
+    // SAFETY: as above, back to where this thread was.
+    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // A thread stuck in another namespace would read the wrong sysctls.
+        panic!("cannot return to the daemon's network namespace: {}", std::io::Error::last_os_error());
+    }
+    r
 }
 
 /// What one walk looked into.

@@ -1,16 +1,11 @@
-//! Command line (clap). Every option is also a key of the TOML config file;
-//! flag > file > default (see config.rs).
+//! The command line (clap): every flag and subcommand, and the man page and completions made from them.
+//!
+//! Every option is also a key of the TOML config file; flag > file >
+//! default (see config.rs).
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-
-/// Prints one line and returns exit code 2: the contract for bad input and
-/// for what stops a command from starting.
-pub fn fail(msg: impl std::fmt::Display) -> std::process::ExitCode {
-    eprintln!("timewaitd: {msg}");
-    std::process::ExitCode::from(2)
-}
 
 /// `timewaitd --version`: the package version and the commit built.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TIMEWAIT_COMMIT"), ")");
@@ -123,7 +118,7 @@ pub struct RunArgs {
     pub reconcile_interval: Option<u64>,
     /// Way into the kernel: auto (fentry where it attaches, else kprobes, else tracepoints), or only one of them [default: auto].
     #[arg(long, value_name = "PATH", value_enum)]
-    pub probe_path: Option<crate::loader::paths::ProbePath>,
+    pub probe_path: Option<crate::kernel::paths::ProbePath>,
     /// Where the fentry hooks are refused (the tracepoint path): also count TCP bind() EADDRINUSE through the syscalls/sys_enter_bind and sys_exit_bind tracepoints, which sends every system call of every process through the kernel's slow path (50 ns more a call here, BENCHMARKS.md scenario 8); off by default.
     #[arg(long)]
     pub syscall_tracepoints: bool,

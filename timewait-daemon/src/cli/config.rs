@@ -5,7 +5,11 @@ use std::{fs, net::SocketAddr, path::Path};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::{aggregate::AggOptions, cli::RunArgs, loader::paths::ProbePath};
+use super::args::RunArgs;
+use crate::{
+    kernel::{load::LoadOptions, paths::ProbePath},
+    model::aggregate::AggOptions,
+};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:19868";
 /// Capacity of each gauge-delta table (see `--max-series`).
@@ -123,7 +127,7 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     if top_remotes == 0 {
         return Err(ConfigError::Range { key: "top-remotes", value: "0".into(), range: "at least 1" });
     }
-    let top_ports = args.top_ports.or(file.top_ports).unwrap_or(crate::aggregate::DEFAULT_TOP_PORTS);
+    let top_ports = args.top_ports.or(file.top_ports).unwrap_or(crate::model::aggregate::DEFAULT_TOP_PORTS);
     if top_ports == 0 {
         return Err(ConfigError::Range { key: "top-ports", value: "0".into(), range: "at least 1" });
     }
@@ -142,13 +146,13 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     let remote_ports = args
         .remote_port_range_size
         .or(file.remote_port_range_size)
-        .unwrap_or(crate::aggregate::DEFAULT_REMOTE_PORT_RANGE_SIZE);
+        .unwrap_or(crate::model::aggregate::DEFAULT_REMOTE_PORT_RANGE_SIZE);
     if remote_ports == 0 || remote_ports > 65_536 {
         return Err(ConfigError::Range { key: "remote-port-range-size", value: remote_ports.to_string(), range: "1..=65536" });
     }
     let all_netns = args.all_netns || file.all_netns.unwrap_or(false);
     let attribute_cgroups = args.attribute_cgroups || file.attribute_cgroups.unwrap_or(false);
-    let top_cgroups = args.top_cgroups.or(file.top_cgroups).unwrap_or(crate::aggregate::DEFAULT_TOP_CGROUPS);
+    let top_cgroups = args.top_cgroups.or(file.top_cgroups).unwrap_or(crate::model::aggregate::DEFAULT_TOP_CGROUPS);
     if top_cgroups == 0 {
         return Err(ConfigError::Range { key: "top-cgroups", value: "0".into(), range: "at least 1" });
     }
@@ -187,6 +191,22 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     })
 }
 
+/// Lives here, not in `kernel`: the kernel side knows nothing of the
+/// command line.
+impl LoadOptions {
+    /// What the daemon's configuration asks for.
+    pub fn of(cfg: &Config) -> Self {
+        Self {
+            all_netns: cfg.all_netns,
+            max_tracked_sockets: cfg.max_tracked_sockets,
+            max_series: cfg.max_series,
+            probe_path: cfg.probe_path,
+            attribute_cgroups: cfg.attribute_cgroups,
+            syscall_tracepoints: cfg.syscall_tracepoints,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,7 +216,7 @@ mod tests {
         let c = resolve(&RunArgs::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.agg.top_remotes, 100);
-        assert_eq!(c.agg.top_ports, crate::aggregate::DEFAULT_TOP_PORTS);
+        assert_eq!(c.agg.top_ports, crate::model::aggregate::DEFAULT_TOP_PORTS);
         assert_eq!((c.reconcile_interval, c.max_series), (DEFAULT_RECONCILE_INTERVAL, DEFAULT_MAX_SERIES));
         assert_eq!((c.agg.ipv4_prefix, c.agg.ipv6_prefix), (32, 128));
     }
@@ -226,7 +246,7 @@ mod tests {
     /// (but for the two keys whose default is "none": computed, absent).
     #[test]
     fn packaged_config_is_the_defaults() {
-        let text = include_str!("../../deploy/debian/timewaitd.toml");
+        let text = include_str!("../../../deploy/debian/timewaitd.toml");
         let dir = std::env::temp_dir().join(format!("tw-pkgcfg-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let resolve_text = |name: &str, text: &str| {
@@ -292,7 +312,7 @@ mod proptests {
         #[test]
         fn command_lines_never_panic(args in proptest::collection::vec("(--[a-z.-]{1,24}|-?[0-9]{1,12}|[a-z0-9:.\\[\\]]{0,20})", 0..6)) {
             let argv = std::iter::once("timewaitd".to_string()).chain(args);
-            if let Ok(cli) = crate::cli::Cli::try_parse_from(argv) {
+            if let Ok(cli) = crate::cli::args::Cli::try_parse_from(argv) {
                 let _ = resolve(&cli.run);
             }
         }

@@ -10,7 +10,11 @@ use axum::{
     routing::get,
 };
 
-use crate::{aggregate::AggOptions, collector::Collector, metrics};
+use super::{
+    exposition,
+    tls_auth::{BasicAuth, require_auth},
+};
+use crate::{collect::Collector, model::aggregate::AggOptions};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -49,7 +53,7 @@ impl AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>, auth: Option<Arc<crate::web::BasicAuth>>) -> Router {
+pub fn router(state: Arc<AppState>, auth: Option<Arc<BasicAuth>>) -> Router {
     let router = Router::new()
         .route("/", get(index))
         .route("/metrics", get(metrics_handler))
@@ -59,7 +63,7 @@ pub fn router(state: Arc<AppState>, auth: Option<Arc<crate::web::BasicAuth>>) ->
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
         .with_state(state);
     match auth {
-        Some(auth) => router.layer(axum::middleware::from_fn_with_state(auth, crate::web::require_auth)),
+        Some(auth) => router.layer(axum::middleware::from_fn_with_state(auth, require_auth)),
         None => router,
     }
 }
@@ -100,9 +104,9 @@ async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {
     let body = tokio::task::spawn_blocking(move || {
         let agg = st2.agg();
         let view = c.read(&agg);
-        metrics::render(
+        exposition::render(
             &view,
-            &metrics::Static {
+            &exposition::Static {
                 version: VERSION,
                 kernel: &st2.kernel_release,
                 hooks: c.hooks(),

@@ -1,5 +1,6 @@
-//! `--web.config.file`: TLS and basic auth in the Prometheus exporter-toolkit
-//! web config format (https://github.com/prometheus/exporter-toolkit):
+//! `--web.config.file`: TLS and basic auth, in the Prometheus exporter-toolkit's web config format.
+//!
+//! The format (https://github.com/prometheus/exporter-toolkit):
 //!
 //! ```yaml
 //! tls_server_config:

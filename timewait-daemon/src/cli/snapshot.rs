@@ -1,52 +1,23 @@
-//! `timewaitd snapshot [--json]`: the aggregated view once, from a running
-//! daemon's API or, when none answers, straight from the kernel (the same
-//! probes and start-up snapshot the daemon uses, then detached).
+//! `timewaitd snapshot [--json]`: the aggregated view once, from a running daemon or else the kernel.
+//!
+//! From the daemon's API or, when none answers, straight from the kernel (the
+//! same probes and start-up snapshot the daemon uses, then detached).
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    process::ExitCode,
-    time::Duration,
-};
+use std::process::ExitCode;
 
 use serde_json::Value;
 
-use crate::{
-    cli::RunArgs,
-    collector::Collector,
-    config,
-    loader::{self, LoadOptions},
+use super::{
+    api::http_get,
+    args::RunArgs,
+    config, fail, print_out,
+    top::rows::{endpoint, fmt_left, fmt_rate},
 };
-
-/// GET `path` from the daemon at `addr`. The connection ends with an RST
-/// (SO_LINGER 0) so that asking leaves no TIME_WAIT socket behind to count.
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: valid fd and a correctly sized linger struct.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&s),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
-    let status = head.split_whitespace().nth(1).unwrap_or("?");
-    if status != "200" {
-        return Err(std::io::Error::other(format!("{path} answered {status}: {}", body.trim())));
-    }
-    Ok(body.to_string())
-}
-
-use crate::cli::fail;
+use crate::{
+    collect::Collector,
+    kernel::load::{self, LoadOptions},
+    model::aggregate::port_label,
+};
 
 pub fn main(args: &RunArgs, json: bool) -> ExitCode {
     let cfg = match config::resolve(args) {
@@ -60,7 +31,7 @@ pub fn main(args: &RunArgs, json: bool) -> ExitCode {
         },
         Err(_) => {
             let opts = LoadOptions::of(&cfg);
-            match loader::load(&opts) {
+            match load::load(&opts) {
                 Ok(p) => {
                     let v = Collector::new(p, cfg.max_series).read(&cfg.agg);
                     (serde_json::to_value(&v).unwrap_or(Value::Null), "kernel (no daemon answered)".into())
@@ -71,16 +42,6 @@ pub fn main(args: &RunArgs, json: bool) -> ExitCode {
     };
     let text = if json { format!("{view}\n") } else { render_table(&view, &source) };
     print_out(&text)
-}
-
-/// Writes to stdout; a closed pipe (`| head`) ends quietly, not in a panic.
-pub fn print_out(text: &str) -> ExitCode {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(e) => fail(format!("writing to stdout: {e}")),
-    }
 }
 
 fn n(v: &Value, k: &str) -> u64 {
@@ -121,7 +82,7 @@ fn render_table(view: &Value, source: &str) -> String {
             "{:<9} {:<40} {:>5} {:>10} {:>10} {:>12}{}\n",
             s(x, "direction"),
             s(x, "remote"),
-            crate::aggregate::port_label(n(x, "port") as u16),
+            port_label(n(x, "port") as u16),
             n(x, "time_wait"),
             n(x, "fin_wait2"),
             in_use,
@@ -147,11 +108,11 @@ fn render_table(view: &Value, source: &str) -> String {
             let left = x.get("seconds_left").map(Value::as_f64);
             out.push_str(&format!(
                 "{:<46} {:>8} {:>10} {:>10} {:>10}\n",
-                crate::top::endpoint(s(x, "remote"), n(x, "port") as u16),
-                crate::top::fmt_rate(x.get("rate").and_then(Value::as_f64).unwrap_or(0.0)),
+                endpoint(s(x, "remote"), n(x, "port") as u16),
+                fmt_rate(x.get("rate").and_then(Value::as_f64).unwrap_or(0.0)),
                 n(x, "freed_10s"),
                 n(x, "freed_60s"),
-                crate::top::fmt_left(left)
+                fmt_left(left)
             ));
         }
     }
