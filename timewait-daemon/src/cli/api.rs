@@ -65,17 +65,7 @@ pub struct RatioJ {
 }
 
 /// Time to exhaustion of one outbound series (collect/schedule.rs `Estimate`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct EstimateJ {
-    pub remote: String,
-    pub port: u16,
-    /// None: not heading there.
-    pub seconds_left: Option<f64>,
-    pub rate: f64,
-    pub freed_10s: u64,
-    pub freed_60s: u64,
-}
+pub use crate::collect::schedule::Estimate as EstimateJ;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]

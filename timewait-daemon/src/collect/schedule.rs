@@ -22,7 +22,10 @@ const SCHEDULE_SPACING: u32 = 100;
 const MAX_SCHEDULE_AGE: Duration = Duration::from_secs(5);
 
 /// Time to exhaustion of one outbound series (`model::exhaustion`).
-#[derive(Debug, Clone, Serialize)]
+/// Also what `timewaitd top` reads back from the JSON API: every field
+/// defaults, so an older or newer daemon still renders.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Estimate {
     pub remote: String,
     pub port: u16,

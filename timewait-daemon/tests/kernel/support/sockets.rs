@@ -27,20 +27,7 @@ pub fn bound_socket(local: SocketAddr, no_port: bool) -> io::Result<OwnedFd> {
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if no_port {
-        let one: libc::c_int = 1;
-        // SAFETY: `fd` is open; the value points to a live c_int of the given size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&raw const one).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_opt(fd.as_raw_fd(), libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &(1 as libc::c_int))?;
     }
     let (sa, len) = sockaddr(local);
     // SAFETY: `sa` is a sockaddr_storage holding a valid address of `len` bytes.
@@ -253,20 +240,15 @@ pub fn abortive_close(stream: TcpStream) -> io::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: the fd is open (owned by `stream`), and the option value points
-    // to a live `linger` whose exact size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const lg).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_opt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &lg)?;
     drop(stream);
     Ok(())
+}
+
+/// `setsockopt(fd, level, name, value)` with the value's exact size.
+pub fn set_opt<T>(fd: std::os::fd::RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `fd` is an open descriptor of the caller's; `value` points to a
+    // live T whose exact size is passed.
+    let rc = unsafe { libc::setsockopt(fd, level, name, (value as *const T).cast(), size_of::<T>() as libc::socklen_t) };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
