@@ -35,10 +35,16 @@ fn key(remote: &str, port: &str) -> (String, String) {
     (remote.to_string(), port.to_string())
 }
 
+/// Ports held per destination, as `ss` shows them: the oracle.
+type Held = BTreeMap<(String, u16), u64>;
+
 /// The four destinations of the issue, `n` client-first closes each: their
 /// client side holds the ports in TIME_WAIT. Returns once the daemon's
-/// ports in use sum to what `ss` shows, 250.
-fn four_destinations(ns: &NetNs, daemon: &Daemon) -> Vec<std::net::TcpListener> {
+/// ports in use sum to what `ss` shows, with what `ss` shows per
+/// destination: 70, 60, 60 and 60, or one short where the kernel left one
+/// close without TIME_WAIT (seen in clean-clone CI: 59 toward 127.0.0.2;
+/// the daemon agreed with ss), so the expectations below come from ss.
+fn four_destinations(ns: &NetNs, daemon: &Daemon) -> (Vec<std::net::TcpListener>, Held) {
     let dests: [(IpAddr, u16, usize); 4] =
         [(v4(127, 0, 0, 1), 5000, 70), (v4(127, 0, 0, 1), 5001, 60), (v4(127, 0, 0, 2), 5000, 60), (v4(127, 0, 0, 3), 5000, 60)];
     let mut listeners = Vec::new();
@@ -54,8 +60,23 @@ fn four_destinations(ns: &NetNs, daemon: &Daemon) -> Vec<std::net::TcpListener> 
         // into port="other" with the others), which ss never sees.
         || by_series(&daemon.scrape(), "timewait_outbound_ports_in_use").values().sum::<f64>() as u64 - 1,
     );
-    assert_eq!(agreed, 250, "70 + 60 + 60 + 60 ports held; ss: {:?}", ss_outbound_in_use(ns, LO, HI));
-    listeners
+    let held = ss_outbound_in_use(ns, LO, HI);
+    assert_eq!(agreed, held.values().sum::<u64>(), "ss at the quiet moment and after: {held:?}");
+    for (ip, port, n) in dests {
+        let got = held.get(&(ip.to_string(), port)).copied().unwrap_or(0);
+        assert!(got == n as u64 || got + 1 == n as u64, "{n} client-first closes toward {ip}:{port} left {got} (ss): {held:?}");
+    }
+    (listeners, held)
+}
+
+/// What `ss` shows toward ip:port.
+fn held_toward(held: &Held, ip: &str, port: u16) -> u64 {
+    held.get(&(ip.to_string(), port)).copied().unwrap_or(0)
+}
+
+/// `n` of the 100 ports, as the daemon computes it.
+fn of_range(n: u64) -> f64 {
+    n as f64 / 100.0
 }
 
 /// A scrape with a time to exhaustion for every series that has a ratio
@@ -90,10 +111,18 @@ fn assert_worst(m: &Metrics, want: &BTreeMap<(String, String), f64>) {
     }
 }
 
-/// Fills the range toward 127.0.0.3:5000 (60 + 40 = 100): the fold holding
-/// it must now say 1.0 and 0 s, the others stay as they were.
+/// Fills the range toward 127.0.0.3:5000 to all 100 ports (as ss counts
+/// them; a few rounds at most): the fold holding it must now say 1.0 and
+/// 0 s.
 fn fill_one(ns: &NetNs, daemon: &Daemon, listeners: &[std::net::TcpListener], series: (String, String)) {
-    ns.client_closes_first(&listeners[3], None, 40);
+    for _ in 0..5 {
+        let now = held_toward(&ss_outbound_in_use(ns, LO, HI), "127.0.0.3", 5000);
+        if now >= 100 {
+            break;
+        }
+        ns.client_closes_first(&listeners[3], None, (100 - now) as usize);
+    }
+    assert_eq!(held_toward(&ss_outbound_in_use(ns, LO, HI), "127.0.0.3", 5000), 100, "the range toward 127.0.0.3:5000 full");
     let mut last = BTreeMap::new();
     crate::support::wait_until(std::time::Duration::from_secs(10), "the fold holding the full destination at 1.0", || {
         last = by_series(&daemon.scrape(), "timewait_port_exhaustion_ratio");
@@ -118,17 +147,22 @@ fn ratios_of_folded_remotes_and_ports() {
     let ns = NetNs::new();
     hundred_ports(&ns);
     let daemon = Daemon::start(&ns, &["--top-remotes", "1", "--top-ports", "1"]);
-    let listeners = four_destinations(&ns, &daemon);
+    let (listeners, held) = four_destinations(&ns, &daemon);
     let m = with_estimates(&daemon);
-    // 127.0.0.1 (130 ports) is kept with its port 5000; its 5001 folds into
-    // port="other"; 127.0.0.2 and .3 fold into remote="other" (120 ports).
-    let want: BTreeMap<_, _> =
-        [(key("127.0.0.1", "5000"), 0.7), (key("127.0.0.1", "other"), 0.6), (key("other", "5000"), 0.6)].into();
+    let (a, b) = (held_toward(&held, "127.0.0.1", 5000), held_toward(&held, "127.0.0.1", 5001));
+    let (c, d) = (held_toward(&held, "127.0.0.2", 5000), held_toward(&held, "127.0.0.3", 5000));
+    // 127.0.0.1 (~130 ports) is kept with its port 5000; its 5001 folds into
+    // port="other"; 127.0.0.2 and .3 fold into remote="other" (~120 ports,
+    // more than the range: the old ratio of the sum read 1.0).
     assert_eq!(
         by_series(&m, "timewait_outbound_ports_in_use"),
-        [(key("127.0.0.1", "5000"), 70.0), (key("127.0.0.1", "other"), 61.0), (key("other", "5000"), 120.0)].into(),
+        [(key("127.0.0.1", "5000"), a as f64), (key("127.0.0.1", "other"), (b + 1) as f64), (key("other", "5000"), (c + d) as f64)]
+            .into(),
         "the folded sums themselves (port=\"other\" of 127.0.0.1 also holds the scrape's own connection)"
     );
+    let want: BTreeMap<_, _> =
+        [(key("127.0.0.1", "5000"), of_range(a)), (key("127.0.0.1", "other"), of_range(b)), (key("other", "5000"), of_range(c.max(d)))]
+            .into();
     assert_worst(&m, &want);
     fill_one(&ns, &daemon, &listeners, key("other", "5000"));
 }
@@ -141,15 +175,17 @@ fn ratios_of_cidr_blocks() {
     let ns = NetNs::new();
     hundred_ports(&ns);
     let daemon = Daemon::start(&ns, &["--aggregate-ipv4-prefix", "24", "--top-ports", "1"]);
-    let listeners = four_destinations(&ns, &daemon);
+    let (listeners, held) = four_destinations(&ns, &daemon);
     let m = with_estimates(&daemon);
+    let (a, b) = (held_toward(&held, "127.0.0.1", 5000), held_toward(&held, "127.0.0.1", 5001));
+    let (c, d) = (held_toward(&held, "127.0.0.2", 5000), held_toward(&held, "127.0.0.3", 5000));
     let block = "127.0.0.0/24";
     assert_eq!(
         by_series(&m, "timewait_outbound_ports_in_use"),
-        [(key(block, "5000"), 190.0), (key(block, "other"), 61.0)].into(),
-        "the block's sums"
+        [(key(block, "5000"), (a + c + d) as f64), (key(block, "other"), (b + 1) as f64)].into(),
+        "the block's sums (its port=\"other\" also holds the scrape's own connection)"
     );
-    assert_worst(&m, &[(key(block, "5000"), 0.7), (key(block, "other"), 0.6)].into());
+    assert_worst(&m, &[(key(block, "5000"), of_range(a.max(c).max(d))), (key(block, "other"), of_range(b))].into());
     fill_one(&ns, &daemon, &listeners, key(block, "5000"));
 }
 
