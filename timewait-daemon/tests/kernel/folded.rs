@@ -69,6 +69,21 @@ fn four_destinations(ns: &NetNs, daemon: &Daemon) -> (Vec<std::net::TcpListener>
     (listeners, held)
 }
 
+/// The folded sums themselves equal what ss shows, summed the same way;
+/// `scrapes` (the series holding 127.0.0.1:19868) also holds the test's own
+/// HTTP connection, and the one before it where the daemon has not yet seen
+/// that one close (seen on 6.1's kprobe path): 1 or 2 more.
+#[track_caller]
+fn assert_sums(m: &Metrics, want: &BTreeMap<(String, String), u64>, scrapes: &(String, String)) {
+    let got = by_series(m, "timewait_outbound_ports_in_use");
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "the folded series: {got:?}");
+    for (k, n) in want {
+        let v = got[k] as u64;
+        let ok = if k == scrapes { (n + 1..=n + 2).contains(&v) } else { v == *n };
+        assert!(ok, "ports in use of {k:?}: {v}, ss {n} (the scrape's own in {scrapes:?}); all: {got:?}");
+    }
+}
+
 /// What `ss` shows toward ip:port.
 fn held_toward(held: &Held, ip: &str, port: u16) -> u64 {
     held.get(&(ip.to_string(), port)).copied().unwrap_or(0)
@@ -154,11 +169,10 @@ fn ratios_of_folded_remotes_and_ports() {
     // 127.0.0.1 (~130 ports) is kept with its port 5000; its 5001 folds into
     // port="other"; 127.0.0.2 and .3 fold into remote="other" (~120 ports,
     // more than the range: the old ratio of the sum read 1.0).
-    assert_eq!(
-        by_series(&m, "timewait_outbound_ports_in_use"),
-        [(key("127.0.0.1", "5000"), a as f64), (key("127.0.0.1", "other"), (b + 1) as f64), (key("other", "5000"), (c + d) as f64)]
-            .into(),
-        "the folded sums themselves (port=\"other\" of 127.0.0.1 also holds the scrape's own connection)"
+    assert_sums(
+        &m,
+        &[(key("127.0.0.1", "5000"), a), (key("127.0.0.1", "other"), b), (key("other", "5000"), c + d)].into(),
+        &key("127.0.0.1", "other"),
     );
     let want: BTreeMap<_, _> =
         [(key("127.0.0.1", "5000"), of_range(a)), (key("127.0.0.1", "other"), of_range(b)), (key("other", "5000"), of_range(c.max(d)))]
@@ -180,11 +194,7 @@ fn ratios_of_cidr_blocks() {
     let (a, b) = (held_toward(&held, "127.0.0.1", 5000), held_toward(&held, "127.0.0.1", 5001));
     let (c, d) = (held_toward(&held, "127.0.0.2", 5000), held_toward(&held, "127.0.0.3", 5000));
     let block = "127.0.0.0/24";
-    assert_eq!(
-        by_series(&m, "timewait_outbound_ports_in_use"),
-        [(key(block, "5000"), (a + c + d) as f64), (key(block, "other"), (b + 1) as f64)].into(),
-        "the block's sums (its port=\"other\" also holds the scrape's own connection)"
-    );
+    assert_sums(&m, &[(key(block, "5000"), a + c + d), (key(block, "other"), b)].into(), &key(block, "other"));
     assert_worst(&m, &[(key(block, "5000"), of_range(a.max(c).max(d))), (key(block, "other"), of_range(b))].into());
     fill_one(&ns, &daemon, &listeners, key(block, "5000"));
 }
