@@ -113,30 +113,24 @@ fn tw_index_is_the_tracepoint_paths_own() {
     for name in ["tw_sock_set_state", "tw_timer_expire", "tw_kfree_skb"] {
         assert!(users.contains(name), "{name} indexes minisockets; TW_INDEX users: {users:?}");
     }
-}
-
-/// `TW_INDEX` is referenced by tracepoint programs (tp_btf) and the
-/// tracepoint lifecycle's walks (`iter_timewait_tp`, `iter_reconcile_tp`)
-/// alone: no other program, iterator or not, decides at run time whether to
-/// use it. The daemon loads the walks of the lifecycle attached
-/// (`kernel/paths.rs`, `walks`).
-#[test]
-fn only_tracepoint_programs_and_their_walks_use_tw_index() {
-    let l = linked();
+    // Nor by any other program, iterator or not, that would decide at run
+    // time whether to use it: tracepoint programs (tp_btf) and the tracepoint
+    // lifecycle's walks alone. The daemon loads the walks of the lifecycle
+    // attached (`kernel/paths.rs`, `walks`).
     let tp_walks = ["iter_timewait_tp", "iter_reconcile_tp"];
-    let mut bad = Vec::new();
-    for (name, (section, used)) in &l.programs {
-        if !used.contains("TW_INDEX") {
-            continue;
-        }
-        let tracepoint = matches!(section, ProgramSection::BtfTracePoint);
-        let tp_walk = matches!(section, ProgramSection::Iter { .. }) && tp_walks.contains(&name.as_str());
-        if !tracepoint && !tp_walk {
-            bad.push(format!("{name} ({section:?})"));
-        }
-    }
-    assert!(bad.is_empty(), "programs outside the tracepoint lifecycle reference TW_INDEX: {bad:#?}");
-    // Not vacuous: each lifecycle has its pair, and only the `_tp` one indexes.
+    let others: Vec<String> = l
+        .programs
+        .iter()
+        .filter(|(name, _)| users.contains(name.as_str()))
+        .filter(|(name, (section, _))| {
+            !matches!(section, ProgramSection::BtfTracePoint)
+                && !(matches!(section, ProgramSection::Iter { .. }) && tp_walks.contains(&name.as_str()))
+        })
+        .map(|(name, (section, _))| format!("{name} ({section:?})"))
+        .collect();
+    assert!(others.is_empty(), "programs outside the tracepoint lifecycle reference TW_INDEX: {others:#?}");
+    // Not vacuous: each lifecycle has its pair of walks, and only the `_tp`
+    // one indexes.
     for name in ["iter_listeners", "iter_timewait", "iter_reconcile", "iter_timewait_tp", "iter_reconcile_tp"] {
         let (section, used) = l.programs.get(name).unwrap_or_else(|| panic!("{name} not in the object"));
         assert!(matches!(section, ProgramSection::Iter { .. }), "{name} is {section:?}, not an iterator");
@@ -144,3 +138,4 @@ fn only_tracepoint_programs_and_their_walks_use_tw_index() {
         assert_eq!(used.contains("TW_INDEX"), tp_walks.contains(&name), "{name} and TW_INDEX: {used:?}");
     }
 }
+
