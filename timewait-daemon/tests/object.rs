@@ -95,8 +95,8 @@ fn no_trace_type_program_uses_a_map_allocated_at_run_time() {
 }
 
 /// What only the tracepoint lifecycle uses is referenced by tracepoint
-/// programs (and the walks) alone, not by a program of the kernel-function
-/// lifecycle, fentry or kprobe.
+/// programs (and that lifecycle's walks) alone, not by a program of the
+/// kernel-function lifecycle, fentry or kprobe.
 #[test]
 fn tw_index_is_the_tracepoint_paths_own() {
     let l = linked();
@@ -113,4 +113,29 @@ fn tw_index_is_the_tracepoint_paths_own() {
     for name in ["tw_sock_set_state", "tw_timer_expire", "tw_kfree_skb"] {
         assert!(users.contains(name), "{name} indexes minisockets; TW_INDEX users: {users:?}");
     }
+    // Nor by any other program, iterator or not, that would decide at run
+    // time whether to use it: tracepoint programs (tp_btf) and the tracepoint
+    // lifecycle's walks alone. The daemon loads the walks of the lifecycle
+    // attached (`kernel/paths.rs`, `walks`).
+    let tp_walks = ["iter_timewait_tp", "iter_reconcile_tp"];
+    let others: Vec<String> = l
+        .programs
+        .iter()
+        .filter(|(name, _)| users.contains(name.as_str()))
+        .filter(|(name, (section, _))| {
+            !matches!(section, ProgramSection::BtfTracePoint)
+                && !(matches!(section, ProgramSection::Iter { .. }) && tp_walks.contains(&name.as_str()))
+        })
+        .map(|(name, (section, _))| format!("{name} ({section:?})"))
+        .collect();
+    assert!(others.is_empty(), "programs outside the tracepoint lifecycle reference TW_INDEX: {others:#?}");
+    // Not vacuous: each lifecycle has its pair of walks, and only the `_tp`
+    // one indexes.
+    for name in ["iter_listeners", "iter_timewait", "iter_reconcile", "iter_timewait_tp", "iter_reconcile_tp"] {
+        let (section, used) = l.programs.get(name).unwrap_or_else(|| panic!("{name} not in the object"));
+        assert!(matches!(section, ProgramSection::Iter { .. }), "{name} is {section:?}, not an iterator");
+        assert!(used.contains("TW_SOCKS") || name == "iter_listeners", "{name} walks minisockets: {used:?}");
+        assert_eq!(used.contains("TW_INDEX"), tp_walks.contains(&name), "{name} and TW_INDEX: {used:?}");
+    }
 }
+

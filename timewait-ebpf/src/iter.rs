@@ -2,55 +2,39 @@
 //! daemon's network namespace (`iter/tcp`, ctx `struct bpf_iter__tcp { meta;
 //! sk_common; uid }`), which walk TIME_WAIT minisockets too. The daemon runs
 //! `iter_listeners` before the timer programs are attached (so every
-//! minisocket created from then on gets its direction right) and
-//! `iter_timewait` after (so nothing is missed); `follow` inserts with
-//! BPF_NOEXIST, so nothing is counted twice.
+//! minisocket created from then on gets its direction right) and the
+//! lifecycle's `iter_timewait` after (so nothing is missed); `follow`
+//! inserts with BPF_NOEXIST, so nothing is counted twice.
 //!
 //! The same walks reconcile later: each marks the entries it finds with the
 //! walk's number (`EPOCH[EPOCH_WALK]`) and follows what it finds unfollowed
 //! (a lost creation). An entry no walk found, twice in a row, that existed
 //! before both began, is one whose end was lost: the daemon removes it.
 //!
-//! The walks are the one part that serves either lifecycle with the same
-//! programs (the daemon loads them before it knows which lifecycle attaches),
-//! so they follow minisockets as `Walks`: indexed as the tracepoint
-//! lifecycle's when that is attached (`ROLE_LIFECYCLE`), else as the
-//! kernel-function one's. Iterators are BPF_PROG_TYPE_TRACING programs,
-//! which the kernel's check against maps allocated at run time does not
-//! cover (kernel/bpf/verifier.c `is_tracing_prog_type`).
+//! The minisocket walks come as one pair per lifecycle, each following what
+//! it finds as its lifecycle's programs do (`tw::Lifecycle`, decided at
+//! compile time): `iter_timewait` and `iter_reconcile` as `Functions` (the
+//! fentry or kprobe lifecycle: no index), `iter_timewait_tp` and
+//! `iter_reconcile_tp` as `Tracepoints` (every minisocket in `TW_INDEX`
+//! too). The daemon loads and runs the pair of the lifecycle that attached
+//! (`timewait-daemon/src/kernel/paths.rs`, `Walks`); `iter_listeners`
+//! serves both. Only the `_tp` pair references `TW_INDEX` (iterators are
+//! BPF_PROG_TYPE_TRACING programs, which the kernel's check against maps
+//! allocated at run time does not cover anyway: kernel/bpf/verifier.c
+//! `is_tracing_prog_type`).
 
 use core::ffi::c_void;
 
-use timewait_common::{IndexKey, IndexVal, ROLE_LIFECYCLE, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_TIME_WAIT, TwEntry, counter};
+use timewait_common::{TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_TIME_WAIT, counter};
 
 use crate::{
     listen::{connection_added, connection_closed, listener_added},
-    maps::{CONNS, TW_SOCKS, bump, config, read, roles, walk},
+    fentry::Functions,
+    maps::{CONNS, TW_SOCKS, bump, config, read, walk},
     sock::{is_listening, listen_key, netns_of, unseen_inbound, watched},
     tracepoint::Tracepoints,
     tw::{Lifecycle, close_timer, follow, resubstate},
 };
-
-/// The walks' `tw::Lifecycle`: that of the lifecycle attached.
-pub struct Walks;
-
-impl Lifecycle for Walks {
-    #[inline(always)]
-    fn indexed() -> bool {
-        roles() & ROLE_LIFECYCLE != 0
-    }
-
-    #[inline(always)]
-    fn index(key: &IndexKey, val: &IndexVal) -> bool {
-        Tracepoints::index(key, val)
-    }
-
-    /// By the entry (`TwEntry::indexed`), whichever lifecycle followed it.
-    #[inline(always)]
-    fn unindex(timer: u64, entry: &TwEntry) {
-        Tracepoints::unindex(timer, entry);
-    }
-}
 
 /// Offset of `sk_common` in `struct bpf_iter__tcp` (a UAPI-stable layout:
 /// `meta` is a pointer before it).
@@ -115,32 +99,54 @@ fn try_listeners(sk: u64) -> Result<(), i64> {
 }
 
 /// Both in one walk, for reconciliation (the walk visits the listening
-/// hash before the established one, so listeners still come first).
+/// hash before the established one, so listeners still come first): the
+/// fentry or kprobe lifecycle's.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub extern "C" fn iter_reconcile(ctx: *mut c_void) -> i32 {
-    let sk = sk_of(ctx);
-    if sk == 0 {
-        return 0;
-    }
-    let cfg = config();
-    if read::<u8>(sk, cfg.offsets.skc_state).is_ok_and(|s| s == TCP_TIME_WAIT) {
-        let _ = try_timewait(sk);
-    } else {
-        let _ = try_listeners(sk);
-    }
+    reconcile::<Functions>(sk_of(ctx));
     0
 }
 
+/// `iter_reconcile` of the tracepoint lifecycle.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
-pub extern "C" fn iter_timewait(ctx: *mut c_void) -> i32 {
-    let _ = try_timewait(sk_of(ctx));
+pub extern "C" fn iter_reconcile_tp(ctx: *mut c_void) -> i32 {
+    reconcile::<Tracepoints>(sk_of(ctx));
     0
 }
 
 #[inline(always)]
-fn try_timewait(tw: u64) -> Result<(), i64> {
+fn reconcile<P: Lifecycle>(sk: u64) {
+    if sk == 0 {
+        return;
+    }
+    let cfg = config();
+    if read::<u8>(sk, cfg.offsets.skc_state).is_ok_and(|s| s == TCP_TIME_WAIT) {
+        let _ = try_timewait::<P>(sk);
+    } else {
+        let _ = try_listeners(sk);
+    }
+}
+
+/// Existing minisockets, for the fentry or kprobe lifecycle.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub extern "C" fn iter_timewait(ctx: *mut c_void) -> i32 {
+    let _ = try_timewait::<Functions>(sk_of(ctx));
+    0
+}
+
+/// Existing minisockets, for the tracepoint lifecycle.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub extern "C" fn iter_timewait_tp(ctx: *mut c_void) -> i32 {
+    let _ = try_timewait::<Tracepoints>(sk_of(ctx));
+    0
+}
+
+#[inline(always)]
+fn try_timewait<P: Lifecycle>(tw: u64) -> Result<(), i64> {
     if tw == 0 {
         return Ok(());
     }
@@ -170,7 +176,7 @@ fn try_timewait(tw: u64) -> Result<(), i64> {
         let _ = resubstate(&cfg, entry, tw);
         return Ok(());
     }
-    if follow::<Walks>(&cfg, tw, timer, netns, 1).is_none() {
+    if follow::<P>(&cfg, tw, timer, netns, 1).is_none() {
         return Ok(());
     }
     // Walk 0 is the start-up snapshot; later ones reconcile.
@@ -179,7 +185,7 @@ fn try_timewait(tw: u64) -> Result<(), i64> {
     // and the insert, with the cancel seeing no entry: look again and close it
     // ourselves if so.
     if read::<u64>(timer, cfg.offsets.timer_pprev)? == 0 {
-        close_timer::<Walks>(timer, counter::CLOSED_OTHER);
+        close_timer::<P>(timer, counter::CLOSED_OTHER);
     }
     Ok(())
 }

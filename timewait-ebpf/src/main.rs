@@ -12,8 +12,10 @@
 //! creation to end (`tw`: its life, shared). What one path alone keeps is
 //! that path's, chosen when its programs are compiled (`tw::Lifecycle`): the
 //! tracepoint lifecycle's maps are in `tracepoint::maps`, and no fentry or
-//! kprobe program references them. Listeners and connections (`listen`),
-//! `connect()` (`connect`) and the start-up snapshot (`iter`) serve both.
+//! kprobe program references them. Listeners and connections (`listen`)
+//! and `connect()` (`connect`) serve both; the socket iterators (`iter`:
+//! start-up snapshot, reconciliation) walk minisockets with one pair of
+//! programs per lifecycle, and the daemon runs the pair of the one attached.
 //! Struct offsets come from the running kernel's BTF through the `CONFIG`
 //! global, never from this build.
 #![no_std]

@@ -34,8 +34,8 @@ pub const SCRATCH_NEW: u32 = 0;
 pub const SCRATCH_OLD: u32 = 1;
 
 /// `ROLE_*` bits: what `inet_sock_set_state` serves (the daemon sets them as
-/// it attaches each signal); the socket iterators read which lifecycle they
-/// walk for (`iter::Walks`). No kprobe or fentry program reads it.
+/// it attaches each signal): one tp_btf program serves the sockets signal,
+/// the tracepoint lifecycle or both. No other program reads it.
 #[map]
 pub static ROLES: Array<u32> = Array::with_max_entries(1, 0);
 

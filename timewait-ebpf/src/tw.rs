@@ -41,7 +41,8 @@ use crate::{
 ///   kprobe); nothing more, no index.
 /// - `tracepoint::Tracepoints`: the tracepoint lifecycle (tp_btf); every
 ///   minisocket in `TW_INDEX` too.
-/// - `iter::Walks`: the socket iterators, which run on either lifecycle.
+/// The socket iterators that follow minisockets come in one pair per
+/// lifecycle (`iter.rs`), each with its lifecycle's type.
 pub trait Lifecycle {
     /// Whether a minisocket followed now goes into `TW_INDEX`.
     fn indexed() -> bool;

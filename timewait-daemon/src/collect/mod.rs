@@ -134,6 +134,8 @@ fn clock_monotonic_ns() -> u64 {
 /// (its iterator programs) and handles of their own on the per-socket tables.
 struct Walker {
     ebpf: Option<aya::Ebpf>,
+    /// The reconciliation iterator of the lifecycle attached.
+    reconcile: &'static str,
     tw_socks: Option<aya::maps::HashMap<aya::maps::MapData, u64, TwEntry>>,
     conns: Option<aya::maps::HashMap<aya::maps::MapData, u64, timewait_common::ConnEntry>>,
 }
@@ -149,6 +151,7 @@ impl Collector {
         });
         let walker = Mutex::new(Walker {
             ebpf: probes.ebpf.take(),
+            reconcile: probes.walks.reconcile,
             tw_socks: second_handle(&probes.tw_socks),
             conns: second_handle(&probes.conns),
         });

@@ -34,10 +34,11 @@ impl Collector {
             (walk, probes.all_netns)
         };
         let began = clock_monotonic_ns();
+        let iter = walker.reconcile;
         let Some(ebpf) = walker.ebpf.as_mut() else {
             return Ok(Unseen { tw: HashSet::new(), conns: HashSet::new() });
         };
-        crate::kernel::load::run_iter(ebpf, "iter_reconcile")?;
+        crate::kernel::load::run_iter(ebpf, iter)?;
         let looked = match all_netns {
             None => None,
             Some(own) => {
@@ -47,7 +48,7 @@ impl Collector {
                     // Gone meanwhile: it has no sockets left to find.
                     let Ok(inode) = std::fs::metadata(&ns).map(|m| m.ino() as u32) else { continue };
                     looked.listed.insert(inode);
-                    match crate::kernel::netns::in_netns(&ns, || crate::kernel::load::run_iter(ebpf, "iter_reconcile")) {
+                    match crate::kernel::netns::in_netns(&ns, || crate::kernel::load::run_iter(ebpf, iter)) {
                         Ok(()) => {
                             looked.walked.insert(inode);
                         }

@@ -91,6 +91,9 @@ pub struct Probes {
     /// The object: its iterator programs run again for each reconciliation
     /// (the collector takes it).
     pub ebpf: Option<Ebpf>,
+    /// The minisocket walks of the lifecycle attached (`walks.reconcile`
+    /// is each reconciliation's).
+    pub walks: paths::Walks,
     pub tw_socks: HashMap<MapData, u64, TwEntry>,
     pub conns: HashMap<MapData, u64, ConnEntry>,
     /// Tracepoint lifecycle: followed minisockets by 4-tuple (`IndexKey`).
@@ -184,9 +187,9 @@ fn iter_prog<'e>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut Iter,
         .map_err(prog_err(name, "convert"))
 }
 
-/// Loads the iterator programs (once; they run once per namespace).
-fn load_iters(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), LoadError> {
-    for name in ["iter_listeners", "iter_timewait", "iter_reconcile"] {
+/// Loads iterator programs (once; they run once per namespace).
+fn load_iters(ebpf: &mut Ebpf, btf: &Btf, names: &[&'static str]) -> Result<(), LoadError> {
+    for &name in names {
         iter_prog(ebpf, name)?.load("tcp", btf).map_err(prog_err(name, "load"))?;
     }
     Ok(())
@@ -299,8 +302,8 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     // syscall tracepoint has them, and attaching any sends every system call
     // of every task through the slow path, so only when asked.
     let bind_errors = bind_errors(&mut ebpf, &sockets, opts.syscall_tracepoints);
-    load_iters(&mut ebpf, &btf)?;
-    run_iter(&mut ebpf, "iter_listeners")?;
+    load_iters(&mut ebpf, &btf, &[paths::LISTENERS_WALK])?;
+    run_iter(&mut ebpf, paths::LISTENERS_WALK)?;
     // 2. Minisockets: their lifecycle and segments, each on the path that
     //    attaches, then the snapshot of those that already exist. The
     //    snapshot inserts with BPF_NOEXIST: no double count.
@@ -319,14 +322,18 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
             debug!(signal = sp.signal, refused = %sp.refused.join("; "), "paths not taken");
         }
     }
-    run_iter(&mut ebpf, "iter_timewait")?;
+    // The minisocket walks of the lifecycle's path, and only they: those of
+    // the other path are never loaded.
+    let walks = paths::walks(lifecycle.path);
+    load_iters(&mut ebpf, &btf, &[walks.timewait, walks.reconcile])?;
+    run_iter(&mut ebpf, walks.timewait)?;
     if opts.all_netns {
         // A TCP iterator walks the namespace of whoever creates it: visit the
         // others from this thread, then come back.
         for ns in other_namespaces(netns) {
             if let Err(e) = in_netns(&ns, || {
-                run_iter(&mut ebpf, "iter_listeners")?;
-                run_iter(&mut ebpf, "iter_timewait")
+                run_iter(&mut ebpf, paths::LISTENERS_WALK)?;
+                run_iter(&mut ebpf, walks.timewait)
             }) {
                 tracing::warn!(netns = %ns.display(), error = %e, "start-up snapshot of this namespace skipped");
             }
@@ -356,6 +363,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         lifetime: take(&mut ebpf, "LIFETIME")?,
         connect_errors: take(&mut ebpf, "CONNECT_ERRORS")?,
         ebpf: Some(ebpf),
+        walks,
         hooks,
         signals: vec![sockets, bind_errors, lifecycle, segments],
     };

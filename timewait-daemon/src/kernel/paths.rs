@@ -10,7 +10,9 @@
 //! Per function of the lifecycle, fentry first, then a kprobe. The tracepoint
 //! lifecycle is one state machine over the timer events, so it is taken
 //! whole, when any lifecycle function can be had neither way; what the
-//! `inet_sock_set_state` program serves is told by `ROLES`. Segments follow
+//! `inet_sock_set_state` program serves is told by `ROLES`. The start-up
+//! snapshot and the reconciliation walk minisockets with the iterators of
+//! the lifecycle's path (`walks`). Segments follow
 //! the lifecycle's path; where none of their hooks attaches they are
 //! reported unavailable (never as zeros).
 
@@ -327,6 +329,30 @@ pub fn lifecycle(ebpf: &mut Ebpf, btf: &Btf, want: ProbePath, sockets: Path) -> 
     Ok(sp)
 }
 
+/// The socket iterators that walk minisockets for a lifecycle path
+/// (`timewait-ebpf/src/iter.rs`): each pair follows what it finds as that
+/// lifecycle's programs do, so the fentry and kprobe lifecycle's reference
+/// no map only the tracepoint lifecycle uses. Only this pair is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Walks {
+    /// The start-up snapshot of existing minisockets.
+    pub timewait: &'static str,
+    /// A reconciliation walk: listeners, connections and minisockets.
+    pub reconcile: &'static str,
+}
+
+/// The iterator that walks listeners and our connections, on either path.
+pub const LISTENERS_WALK: &str = "iter_listeners";
+
+/// The minisocket walks of the lifecycle attached on `lifecycle`.
+pub fn walks(lifecycle: Path) -> Walks {
+    if lifecycle == Path::Tracepoint {
+        Walks { timewait: "iter_timewait_tp", reconcile: "iter_reconcile_tp" }
+    } else {
+        Walks { timewait: "iter_timewait", reconcile: "iter_reconcile" }
+    }
+}
+
 fn refused(want: ProbePath, sp: &SignalPath) -> LoadError {
     LoadError::Path(format!(
         "--probe-path {}: {} cannot be served that way here: {}",
@@ -426,5 +452,15 @@ mod tests {
             "the BPF_PROG_LOAD syscall returned Permission denied (os error 13): verifier: R0 unbounded memory access"
         );
         assert_eq!(super::short("no such file".into()), "no such file");
+    }
+
+    #[test]
+    fn each_lifecycle_walks_with_its_own_iterators() {
+        use super::{Path, walks};
+        for path in [Path::Fentry, Path::Kprobe] {
+            assert_eq!((walks(path).timewait, walks(path).reconcile), ("iter_timewait", "iter_reconcile"));
+        }
+        let tp = walks(Path::Tracepoint);
+        assert_eq!((tp.timewait, tp.reconcile), ("iter_timewait_tp", "iter_reconcile_tp"));
     }
 }

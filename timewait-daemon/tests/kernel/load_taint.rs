@@ -7,13 +7,14 @@
 //! The matrix runs this on 5.10's forced kprobe path (the lifecycle's and the
 //! segments' kprobes, and with `--syscall-tracepoints` the classic
 //! `syscalls` tracepoints); on any kernel it also checks the rule itself on
-//! the daemon's loaded programs and their maps, as the kernel sees them.
+//! the daemon's loaded programs and their maps, as the kernel sees them,
+//! and that of the socket iterators only its lifecycle's pair is loaded.
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::support::{Daemon, NetNs, require_root, run_cmd};
+use crate::support::{Daemon, NetNs, expected_paths, require_root, run_cmd};
 
 /// The program types that kernels 5.6-6.0 check (`is_tracing_prog_type`):
 /// fentry/fexit, tp_btf and iterators are `tracing`, which they do not.
@@ -91,6 +92,7 @@ fn load_neither_warns_nor_taints() {
     let after = tainted();
     let log = dmesg_since(&last);
     let (trace, runtime_maps) = trace_programs_with_runtime_maps(daemon.pid());
+    let iters = iterators(daemon.pid());
     daemon.stop();
     eprintln!("tainted {before} -> {after}; {} new kernel log lines; {trace} trace-type programs loaded", log.len());
     let warned: Vec<&String> =
@@ -98,4 +100,31 @@ fn load_neither_warns_nor_taints() {
     assert!(warned.is_empty(), "the daemon's load made the kernel warn:\n{}", log.join("\n"));
     assert_eq!(after, before, "the daemon's load tainted the kernel (/proc/sys/kernel/tainted)");
     assert!(runtime_maps.is_empty(), "trace-type programs reference maps allocated at run time: {runtime_maps:#?}");
+    // Only the minisocket walks of the lifecycle attached are loaded
+    // (`kernel/paths.rs`, `walks`): `iter_listeners` and one pair, which
+    // references `TW_INDEX` on the tracepoint lifecycle alone.
+    let lifecycle = expected_paths().0;
+    assert_eq!(iters.len(), 3, "iter_listeners and one pair of minisocket walks ({lifecycle}): {iters:?}");
+    let indexing = iters.iter().filter(|(_, uses)| *uses).count();
+    assert_eq!(indexing, if lifecycle == "tracepoint" { 2 } else { 0 }, "{lifecycle}: iterators that reference TW_INDEX: {iters:?}");
+}
+
+
+/// The daemon's iterator programs, each with whether it references
+/// `TW_INDEX` (kernel program names are cut at 15 characters: "iter_"
+/// survives).
+fn iterators(pid: u32) -> Vec<(String, bool)> {
+    let ours = prog_ids(pid);
+    let tw_index: Vec<u64> =
+        bpftool_json("map").iter().filter(|m| m["name"].as_str() == Some("TW_INDEX")).filter_map(|m| m["id"].as_u64()).collect();
+    assert!(!tw_index.is_empty(), "no map named TW_INDEX");
+    bpftool_json("prog")
+        .iter()
+        .filter(|p| p["id"].as_u64().is_some_and(|id| ours.contains(&id)))
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("iter_")))
+        .map(|p| {
+            let mut ids = p["map_ids"].as_array().into_iter().flatten().filter_map(Value::as_u64);
+            (p["name"].as_str().unwrap_or("?").to_string(), ids.any(|id| tw_index.contains(&id)))
+        })
+        .collect()
 }

@@ -1,7 +1,8 @@
 //! What only the tracepoint lifecycle keeps: its maps, and `Tracepoints`,
 //! the `tw::Lifecycle` of its programs (every minisocket they follow is also
-//! indexed by its 4-tuple). Only tracepoint programs (tp_btf) and the
-//! socket iterators (`iter::Walks`, on this lifecycle) reference these maps:
+//! indexed by its 4-tuple). Only tracepoint programs (tp_btf) and this
+//! lifecycle's socket iterators (`iter_timewait_tp`, `iter_reconcile_tp`)
+//! reference these maps:
 //! `TW_INDEX` is allocated as used, and a kprobe program that referenced it
 //! would make kernels 5.6-6.0 WARN at load (see `tw::Lifecycle`).
 
