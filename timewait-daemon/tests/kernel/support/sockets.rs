@@ -3,7 +3,6 @@
 use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub const fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
@@ -76,10 +75,26 @@ fn thread_port_range() -> (u16, u16) {
     }
 }
 
-/// Where [`connect_fresh_port`] takes its next source port: one cursor for the
-/// whole test process, so no two connections made through it use the same
-/// port until it has gone round the range.
-static CLIENT_PORT: AtomicUsize = AtomicUsize::new(0);
+/// Where [`connect_fresh_port`] takes its next source port: one cursor per
+/// network namespace (by its inode), so no two connections a namespace
+/// makes through it use the same port until that namespace has gone round
+/// its range. One cursor for the whole process (as before) let the tests
+/// running beside one move it, modulo each namespace's own range size: a
+/// test with a 100-port range came back to a port it still held within a
+/// few connections, and a 4-tuple reused while in TIME_WAIT is reopened by
+/// the kernel, leaving a workload of N connections N-1 TIME_WAIT.
+static CLIENT_PORT: std::sync::Mutex<Option<std::collections::HashMap<u64, usize>>> = std::sync::Mutex::new(None);
+
+/// The next cursor value of the calling thread's namespace.
+fn next_client_port() -> usize {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()).unwrap_or(0);
+    let mut cursors = CLIENT_PORT.lock().unwrap_or_else(|e| e.into_inner());
+    let cursor = cursors.get_or_insert_with(Default::default).entry(ns).or_insert(0);
+    let n = *cursor;
+    *cursor += 1;
+    n
+}
 
 /// A connection from `local` to `remote` on a source port of the calling
 /// namespace's ephemeral range (`range`) that no earlier connection through
@@ -94,7 +109,7 @@ static CLIENT_PORT: AtomicUsize = AtomicUsize::new(0);
 pub fn connect_fresh_port(local: IpAddr, remote: SocketAddr, (lo, hi): (u16, u16)) -> io::Result<TcpStream> {
     let size = usize::from(hi.saturating_sub(lo)) + 1;
     for _ in 0..size {
-        let port = lo + (CLIENT_PORT.fetch_add(1, Ordering::Relaxed) % size) as u16;
+        let port = lo + (next_client_port() % size) as u16;
         let from = SocketAddr::new(local, port);
         match connect_from_port(from, remote) {
             Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
