@@ -1,0 +1,1 @@
+//! Conntrack over netlink: one streaming dump per interval, folded as it arrives (stub).

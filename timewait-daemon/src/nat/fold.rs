@@ -1,0 +1,1 @@
+//! Pure: conntrack entries into counts per destination (stub).

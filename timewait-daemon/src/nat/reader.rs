@@ -1,0 +1,1 @@
+//! The NAT reader thread (stub).

@@ -1,0 +1,1 @@
+//! conntrack's entries, limit and per-CPU stats from procfs (stub).
