@@ -26,6 +26,10 @@ use crate::{
     },
 };
 
+/// How long readiness waits for the NAT side's start-up dump (a million
+/// conntrack entries take a few seconds).
+const NAT_FIRST_ROUND: Duration = Duration::from_secs(120);
+
 /// How often the SYN tables are drained and lost events looked for.
 const TICK: Duration = Duration::from_secs(1);
 /// At most this share of the time goes to walks triggered by lost events
@@ -91,6 +95,11 @@ pub fn main(args: &RunArgs) -> ExitCode {
     {
         return fail(why);
     }
+    if cfg.nat.mode == crate::nat::reader::NatMode::On
+        && let Some(why) = crate::nat::reader::unavailable(&cfg.nat)
+    {
+        return fail(format!("--nat on: {why}"));
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&cfg.log_level) {
         Ok(f) => f,
         Err(e) => return fail(format!("invalid log.level {:?}: {e}", cfg.log_level)),
@@ -133,6 +142,10 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
         ("reconcile-interval", new.reconcile_interval != running.reconcile_interval),
         ("probe-path", new.probe_path != running.probe_path),
         ("syscall-tracepoints", new.syscall_tracepoints != running.syscall_tracepoints),
+        ("nat", new.nat.mode != running.nat.mode),
+        ("nat-interval", new.nat.interval != running.nat.interval),
+        ("nat-port-range", new.nat.port_range != running.nat.port_range),
+        ("nat-max-destinations", new.nat.max_destinations != running.nat.max_destinations),
     ];
     for (key, changed) in fixed {
         if changed {
@@ -195,6 +208,22 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         "serving; attaching probes"
     );
 
+    // The NAT reader starts with the probes' loading; its first round
+    // (the start-up dump) ends before /readyz says ready.
+    let nat = match crate::nat::reader::spawn(cfg.nat.clone()) {
+        Ok(n) => {
+            info!(interval_secs = cfg.nat.interval.as_secs(), "NAT: reading conntrack");
+            let _ = state.nat.set(Ok(n.clone()));
+            Some(n)
+        }
+        Err(why) => {
+            if cfg.nat.mode != crate::nat::reader::NatMode::Off {
+                info!(reason = %why, "NAT: not watched");
+            }
+            let _ = state.nat.set(Err(why));
+            None
+        }
+    };
     let opts = LoadOptions::of(&cfg);
     let loading = tokio::task::spawn_blocking(move || load::load(&opts));
     let probes = tokio::select! {
@@ -214,6 +243,12 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
         }
         Err(e) => return fail(format!("loader panicked: {e}")),
     };
+    if let Some(n) = nat.clone() {
+        let waited = tokio::task::spawn_blocking(move || n.wait_first(NAT_FIRST_ROUND)).await;
+        if !matches!(waited, Ok(true)) {
+            warn!(within_secs = NAT_FIRST_ROUND.as_secs(), "NAT: the start-up dump is not done; ready without it");
+        }
+    }
     let _ = state.collector.set(collector.clone());
     info!("ready");
 
@@ -266,6 +301,9 @@ async fn serve(cfg: Config, args: RunArgs) -> ExitCode {
     }
     info!("stopping: detaching probes");
     let _ = stop_tx.send(true);
+    if let Some(n) = &nat {
+        n.stop();
+    }
     let _ = reconciler.await;
     // serve() itself gives requests in flight 2 s.
     if tokio::time::timeout(Duration::from_secs(3), server).await.is_err() {

@@ -122,6 +122,18 @@ pub struct RunArgs {
     /// Where the fentry hooks are refused (the tracepoint path): also count TCP bind() EADDRINUSE through the syscalls/sys_enter_bind and sys_exit_bind tracepoints, which sends every system call of every process through the kernel's slow path (50 ns more a call here, BENCHMARKS.md scenario 8); off by default.
     #[arg(long)]
     pub syscall_tracepoints: bool,
+    /// NAT source ports per (NAT address, destination) from conntrack, and its stats: auto (where the daemon holds CAP_NET_ADMIN and conntrack is loaded), on (refuse to start without CAP_NET_ADMIN), off [default: auto].
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub nat: Option<crate::nat::reader::NatMode>,
+    /// Seconds between conntrack dumps, stretched so that they take at most 2 % of one core [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub nat_interval: Option<u64>,
+    /// The source-port range every NAT address may hand out (the ratio's denominator), where the NAT rules' own cannot be read (iptables-legacy, ranges from maps) [default: read from the nf_tables ruleset, else 1024-65535].
+    #[arg(long, value_name = "A-B")]
+    pub nat_port_range: Option<String>,
+    /// Distinct (NAT address, destination, protocol) kept apart per namespace; entries toward more are summed into remote="other" [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub nat_max_destinations: Option<usize>,
     /// Log filter (tracing EnvFilter syntax) [default: info].
     #[arg(long = "log.level", value_name = "FILTER")]
     pub log_level: Option<String>,

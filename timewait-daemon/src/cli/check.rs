@@ -86,6 +86,7 @@ pub fn main(args: &RunArgs) -> ExitCode {
         },
     ));
     lines.extend(attach_lines(&cfg));
+    lines.extend(nat_lines(&cfg.nat));
     for s in ["net.ipv4.tcp_max_tw_buckets", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_tw_reuse", "net.ipv4.tcp_fin_timeout"] {
         let v = procfs::sysctl(s);
         lines.push(line(s, ok_or(v.is_some(), Status::Missing), v.unwrap_or_else(|| "unreadable".into()).replace('\t', " ")));
@@ -153,6 +154,70 @@ fn attach_lines(cfg: &config::Config) -> Vec<Line> {
             } else {
                 "missing"
             },
+        ));
+    }
+    lines
+}
+
+/// The NAT side: whether conntrack can be read here, what it holds, and
+/// where each NAT address's port range comes from.
+fn nat_lines(opts: &crate::nat::reader::NatOptions) -> Vec<Line> {
+    use crate::nat::{RangeSource, reader};
+    const WHAT: &str = "nat (NAT source ports per destination, conntrack stats)";
+    if opts.mode == reader::NatMode::Off {
+        return vec![line(WHAT, Status::Ok, "off: --nat off")];
+    }
+    if !reader::has_net_admin() {
+        let status = if opts.mode == reader::NatMode::On { Status::Missing } else { Status::Partial };
+        return vec![line(
+            WHAT,
+            status,
+            "unavailable: CAP_NET_ADMIN missing; fix: the unit's nat drop-in (deploy/systemd/timewaitd.service.d/nat.conf), or --nat off",
+        )];
+    }
+    let ns = reader::check_here(opts);
+    if let Some(why) = &ns.unavailable {
+        let status = if ns.stats.is_none() { Status::Ok } else { Status::Partial };
+        return vec![line(WHAT, status, format!("not watched: {why}"))];
+    }
+    let stats = ns.stats.clone().unwrap_or_default();
+    let mut lines = vec![line(
+        WHAT,
+        Status::Ok,
+        format!(
+            "ctnetlink: {} entries (limit {}), {} NAT addresses x destinations, dump {:.3} s",
+            ns.dump.entries,
+            stats.limit.map_or_else(|| "unknown".to_string(), |l| l.to_string()),
+            ns.fold.by_dest.len(),
+            ns.dump_wall.as_secs_f64()
+        ),
+    )];
+    match &ns.rules_error {
+        Some(e) => lines.push(line("nat rules", Status::Partial, format!("{e}; ranges default to 1024-65535 unless --nat-port-range"))),
+        None => {
+            for r in &ns.rules {
+                lines.push(line("nat rule", Status::Ok, r.clone()));
+            }
+            if ns.rules_unreadable > 0 {
+                lines.push(line(
+                    "nat rules",
+                    Status::Partial,
+                    format!("{} rule(s) whose port range cannot be read (a map, a register loaded at run time): set --nat-port-range", ns.rules_unreadable),
+                ));
+            }
+        }
+    }
+    for (addr, proto, range, source, conflict) in &ns.ranges {
+        let source = match source {
+            RangeSource::Nftables => "nftables",
+            RangeSource::Flag => "--nat-port-range",
+            RangeSource::Default => "default (no rule names ports)",
+        };
+        let conflict = if *conflict { "; rules disagree: the union is used" } else { "" };
+        lines.push(line(
+            format!("nat range {addr} {}", proto.label()),
+            Status::Ok,
+            format!("{}-{} ({} ports) from {source}{conflict}", range.min, range.max, range.size()),
         ));
     }
     lines

@@ -51,6 +51,10 @@ struct FileConfig {
     reconcile_interval: Option<u64>,
     probe_path: Option<ProbePath>,
     syscall_tracepoints: Option<bool>,
+    nat: Option<crate::nat::reader::NatMode>,
+    nat_interval: Option<u64>,
+    nat_port_range: Option<String>,
+    nat_max_destinations: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,6 +94,8 @@ pub struct Config {
     pub probe_path: ProbePath,
     /// `--syscall-tracepoints`: bind() errors on the tracepoint path.
     pub syscall_tracepoints: bool,
+    /// `--nat`, `--nat-interval`, `--nat-port-range`, `--nat-max-destinations`.
+    pub nat: crate::nat::reader::NatOptions,
 }
 
 fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -161,7 +167,31 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
         return Err(ConfigError::Range { key: "max-tracked-sockets", value: "0".into(), range: "at least 1" });
     }
     let probe_path = args.probe_path.or(file.probe_path).unwrap_or_default();
+    let nat_interval = args.nat_interval.or(file.nat_interval).unwrap_or(10);
+    if nat_interval == 0 {
+        return Err(ConfigError::Range { key: "nat-interval", value: "0".into(), range: "at least 1" });
+    }
+    let nat_port_range = match args.nat_port_range.clone().or(file.nat_port_range) {
+        Some(s) => Some(crate::nat::PortRange::parse(&s).map_err(|_| ConfigError::Range {
+            key: "nat-port-range",
+            value: s.clone(),
+            range: "A-B with 1 <= A <= B <= 65535",
+        })?),
+        None => None,
+    };
+    let nat_max_destinations = args.nat_max_destinations.or(file.nat_max_destinations).unwrap_or(65_536);
+    if nat_max_destinations == 0 {
+        return Err(ConfigError::Range { key: "nat-max-destinations", value: "0".into(), range: "at least 1" });
+    }
+    let nat = crate::nat::reader::NatOptions {
+        mode: args.nat.or(file.nat).unwrap_or_default(),
+        interval: std::time::Duration::from_secs(nat_interval),
+        port_range: nat_port_range,
+        max_destinations: nat_max_destinations,
+        all_netns: args.all_netns || file.all_netns.unwrap_or(false),
+    };
     Ok(Config {
+        nat,
         probe_path,
         syscall_tracepoints: args.syscall_tracepoints || file.syscall_tracepoints.unwrap_or(false),
         listen,

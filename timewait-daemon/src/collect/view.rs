@@ -119,6 +119,10 @@ pub struct View {
     /// Per remote series (inbound), the inbound ratio of its busiest real
     /// remote address.
     pub inbound_ratios: Vec<InboundRatio>,
+    /// The NAT side (conntrack), or why it is not watched; None when `--nat off`
+    /// or not asked for by the reader of this view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<Result<crate::nat::reader::NatView, String>>,
 }
 
 /// Per errno, the process names with the most errors that keep a series of
@@ -299,6 +303,7 @@ impl Collector {
             connect_errors,
             sysctls,
             estimates,
+            nat: None,
         }
     }
 

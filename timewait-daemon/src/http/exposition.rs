@@ -21,10 +21,10 @@ pub struct Static<'a> {
     pub reconcile_age: Option<std::time::Duration>,
 }
 
-struct Family(MetricFamily);
+pub(super) struct Family(pub(super) MetricFamily);
 
 impl Family {
-    fn new(name: &str, help: &str, kind: MetricType) -> Self {
+    pub(super) fn new(name: &str, help: &str, kind: MetricType) -> Self {
         let mut mf = MetricFamily::default();
         mf.set_name(name.to_string());
         mf.set_help(help.to_string());
@@ -69,7 +69,7 @@ impl Family {
         self.0.mut_metric().push(m);
     }
 
-    fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
+    pub(super) fn sample(&mut self, labels: &[(&str, &str)], value: f64) -> &mut Self {
         let mut m = Self::labelled(labels);
         match self.0.get_field_type() {
             MetricType::COUNTER => {
@@ -89,7 +89,7 @@ impl Family {
 }
 
 /// `labels`, plus `netns` when the series has one (`--all-netns`).
-fn with_netns<'a>(labels: &[(&'a str, &'a str)], netns: &'a Option<String>) -> Vec<(&'a str, &'a str)> {
+pub(super) fn with_netns<'a>(labels: &[(&'a str, &'a str)], netns: &'a Option<String>) -> Vec<(&'a str, &'a str)> {
     let mut v = labels.to_vec();
     if let Some(n) = netns {
         v.push(("netns", n.as_str()));
@@ -397,6 +397,12 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     );
     for sp in st.signals {
         paths.sample(&[("signal", sp.signal), ("path", sp.path.as_str())], 1.0);
+    }
+    if let Some(nat) = &view.nat {
+        for (signal, path) in super::nat_exposition::paths(nat) {
+            paths.sample(&[("signal", signal), ("path", path)], 1.0);
+        }
+        super::nat_exposition::families(nat, &mut fams);
     }
     fams.push(paths);
 

@@ -32,6 +32,8 @@ pub struct AppState {
     pub kernel_release: String,
     /// When the last reconciliation walk succeeded (run.rs).
     pub reconciled_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The NAT side's reader, or why there is none (run.rs).
+    pub nat: OnceLock<Result<Arc<crate::nat::reader::NatShared>, String>>,
 }
 
 /// A drain runs every second; one this far behind means the task that runs
@@ -45,6 +47,15 @@ impl AppState {
             agg: std::sync::RwLock::new(agg),
             kernel_release,
             reconciled_at: std::sync::Mutex::new(None),
+            nat: OnceLock::new(),
+        }
+    }
+
+    /// The NAT side at a scrape: its view, or why it is not watched.
+    pub fn nat_view(&self, agg: &AggOptions) -> Option<Result<crate::nat::reader::NatView, String>> {
+        match self.nat.get()? {
+            Ok(n) => n.view(agg).map(Ok),
+            Err(why) => Some(Err(why.clone())),
         }
     }
 
@@ -103,7 +114,8 @@ async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {
     let st2 = st.clone();
     let body = tokio::task::spawn_blocking(move || {
         let agg = st2.agg();
-        let view = c.read(&agg);
+        let mut view = c.read(&agg);
+        view.nat = st2.nat_view(&agg);
         exposition::render(
             &view,
             &exposition::Static {
@@ -129,7 +141,14 @@ async fn snapshot(State(st): State<Arc<AppState>>) -> Response {
         return not_ready();
     };
     let st2 = st.clone();
-    match tokio::task::spawn_blocking(move || c.read(&st2.agg())).await {
+    match tokio::task::spawn_blocking(move || {
+        let agg = st2.agg();
+        let mut view = c.read(&agg);
+        view.nat = st2.nat_view(&agg);
+        view
+    })
+    .await
+    {
         Ok(view) => axum::Json(view).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "collection failed\n").into_response(),
     }

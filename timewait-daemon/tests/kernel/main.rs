@@ -47,6 +47,7 @@ mod check_paths;
 mod direction_history;
 mod dead_listener;
 mod nat_lab;
+mod nat_ports;
 mod nginx_wrk;
 mod dead_listener_70k;
 

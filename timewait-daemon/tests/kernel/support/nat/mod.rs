@@ -1,4 +1,4 @@
-//! Helpers for the NAT lab (issue 12, `nat_lab`), one file per piece.
+//! Helpers for the NAT labs (issue 12, `nat_lab`: the server behind a balancer; issue 27, `router`: the balancer itself), one file per piece.
 //!
 //! A routed topology of network namespaces joined by veth pairs, a real web
 //! server (Debian's nginx) inside one of them, HTTP/1.1 clients that send
@@ -13,8 +13,10 @@
 
 mod capture;
 mod lab;
+mod router;
 mod truth;
 
 pub use capture::*;
 pub use lab::*;
+pub use router::*;
 pub use truth::*;

@@ -1,0 +1,110 @@
+//! The NAT side's series: NAT source ports per (NAT address, destination), their ratios, conntrack's entries, limit and stats.
+//!
+//! Nothing is written for a side that is not watched (absent, never
+//! zeros); `timewait_probe_path` says why.
+
+use prometheus::proto::MetricType::{COUNTER, GAUGE};
+
+use super::exposition::{Family, with_netns};
+use crate::nat::{RangeSource, reader::NatView};
+
+/// `timewait_probe_path` rows of the NAT side's signals.
+pub fn paths(nat: &Result<NatView, String>) -> Vec<(&'static str, &'static str)> {
+    match nat {
+        Err(why) if why.starts_with("--nat off") => vec![("nat_ports", "off"), ("conntrack_stats", "off")],
+        Err(_) => vec![("nat_ports", "unavailable"), ("conntrack_stats", "unavailable")],
+        Ok(v) => {
+            let ports = if v.unavailable.is_some() && v.dump_entries == 0 && v.conntrack.is_empty() {
+                "unavailable"
+            } else {
+                "ctnetlink"
+            };
+            let stats = if v.conntrack.is_empty() { "unavailable" } else { "procfs" };
+            let mut rows = vec![("nat_ports", ports), ("conntrack_stats", stats)];
+            if let Some(source) = v.range_source {
+                rows.push((
+                    "nat_port_range",
+                    match source {
+                        RangeSource::Nftables => "nftables",
+                        RangeSource::Flag => "flag",
+                        RangeSource::Default => "default",
+                    },
+                ));
+            }
+            rows
+        }
+    }
+}
+
+pub fn families(nat: &Result<NatView, String>, fams: &mut Vec<Family>) {
+    let Ok(v) = nat else { return };
+    let mut in_use = Family::new(
+        "timewait_nat_ports_in_use",
+        "conntrack entries holding a source port of nat_address toward remote:port (reply tuple from remote:port to nat_address; equals `conntrack -L` filtered so).",
+        GAUGE,
+    );
+    let mut tw = Family::new("timewait_nat_ports_time_wait", "Of timewait_nat_ports_in_use, entries in conntrack's TCP TIME_WAIT.", GAUGE);
+    let mut ratio = Family::new(
+        "timewait_nat_port_exhaustion_ratio",
+        "NAT source ports in use toward one real destination / the ports the NAT rule allows nat_address, 0..1 (a folded series: its busiest real destination's).",
+        GAUGE,
+    );
+    for s in &v.series {
+        let netns = s.netns.map(|n| n.to_string());
+        let labels = with_netns(
+            &[
+                ("nat_address", s.nat_address.as_str()),
+                ("remote", s.remote.as_str()),
+                ("port", s.port.as_str()),
+                ("protocol", s.protocol.label()),
+            ],
+            &netns,
+        );
+        in_use.sample(&labels, s.in_use as f64);
+        tw.sample(&labels, s.time_wait as f64);
+        if let Some(r) = s.ratio {
+            ratio.sample(&labels, r);
+        }
+    }
+    fams.push(in_use);
+    fams.push(tw);
+    fams.push(ratio);
+
+    let mut entries = Family::new("timewait_conntrack_entries", "conntrack's entries now (nf_conntrack_count).", GAUGE);
+    let mut limit = Family::new("timewait_conntrack_limit", "conntrack's table limit (nf_conntrack_max).", GAUGE);
+    let mut stat = Family::new(
+        "timewait_conntrack_stat_total",
+        "conntrack's per-CPU stats summed (/proc/net/stat/nf_conntrack): insert_failed and drop move when NAT finds no free port.",
+        COUNTER,
+    );
+    for c in &v.conntrack {
+        let netns = c.netns.map(|n| n.to_string());
+        entries.sample(&with_netns(&[], &netns), c.stats.entries as f64);
+        if let Some(l) = c.stats.limit {
+            limit.sample(&with_netns(&[], &netns), l as f64);
+        }
+        for (name, n) in &c.stats.stats {
+            stat.sample(&with_netns(&[("stat", name)], &netns), *n as f64);
+        }
+    }
+    fams.push(entries);
+    fams.push(limit);
+    fams.push(stat);
+
+    let mut age = Family::new("timewait_nat_last_dump_age_seconds", "Seconds since the last conntrack dump ended.", GAUGE);
+    age.sample(&[], v.age_seconds);
+    fams.push(age);
+    let mut n = Family::new("timewait_nat_dump_entries", "Entries the last conntrack dump read (every watched namespace).", GAUGE);
+    n.sample(&[], v.dump_entries as f64);
+    fams.push(n);
+    let mut d = Family::new("timewait_nat_dump_duration_seconds", "Wall-clock seconds the last conntrack dump took.", GAUGE);
+    d.sample(&[], v.dump_seconds);
+    fams.push(d);
+    let mut over = Family::new(
+        "timewait_nat_entries_over_limit",
+        "Entries of the last dump toward destinations beyond --nat-max-destinations (counted under remote=\"other\", without a ratio).",
+        GAUGE,
+    );
+    over.sample(&[], v.over_limit_entries as f64);
+    fams.push(over);
+}
