@@ -1,1 +1,1125 @@
-//! The port range each SNAT/MASQUERADE rule allows, read from the kernel's nf_tables ruleset (stub: filled in by the ruleset work).
+//! The port range each SNAT/MASQUERADE rule allows, read from the kernel's nf_tables ruleset.
+//!
+//! One `NFT_MSG_GETRULE` dump (every family) per call of [`read`], through
+//! `netlink-packet-netfilter`'s `nftables` types, in the calling thread's
+//! network namespace. Three front ends store a NAT source range there
+//! (`RESEARCH.md` §2.1, measured with `nft --debug=netlink`):
+//! - native nft `masquerade to :A-B`: a `masq` expression whose
+//!   `REG_PROTO_MIN/MAX` name registers loaded by `immediate` expressions
+//!   earlier in the rule (ports big-endian in the register's first bytes);
+//! - native nft `snat ip to X-Y:A-B`: a `nat` expression (type snat), the
+//!   same for the addresses (`REG_ADDR_MIN/MAX`);
+//! - iptables-nft `-j MASQUERADE --to-ports` / `-j SNAT --to-source`: an xt
+//!   compat `target` expression whose info blob is the x_tables struct of
+//!   the target's family and revision (`nf_nat_ipv4_multi_range_compat`,
+//!   `nf_nat_range`, `nf_nat_range2`).
+//!
+//! A rule's protocol comes from a `meta l4proto` (or `ip protocol` /
+//! `ip6 nexthdr`) comparison, its out interface from a `meta oifname` (or
+//! `meta oif`) comparison; a rule without them applies to tcp and udp, and
+//! to every address. A range held in registers loaded by anything else than
+//! an `immediate` (a map lookup, `numgen`…) is never guessed: the rule is
+//! counted by [`Rules::unreadable`].
+//!
+//! iptables-legacy rules are not in nf_tables at all (they live in
+//! `IPT_SO_GET_ENTRIES`, which needs CAP_NET_RAW besides): they are out of
+//! scope here, and `--nat-port-range` covers them.
+
+use std::ffi::CStr;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use netlink_packet_core::{
+    DefaultNla, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLA_TYPE_MASK, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::nftables::{
+    Cmp, DataAttribute, ExpressionAttribute, Expressions, Immediate, ListAttribute, Lookup, Meta, MetaKey,
+    NfTablesMessage, Operator, Payload, Register, RuleAttribute, RuleMessage,
+};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+use super::{PortRange, Protocol};
+
+/// Why the ruleset could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesetError {
+    #[error("nf_tables: cannot open a netfilter netlink socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("nf_tables: the rule dump needs CAP_NET_ADMIN: {0}")]
+    Permission(#[source] io::Error),
+    #[error("nf_tables: the kernel refused the rule dump: {0}")]
+    Kernel(#[source] io::Error),
+    #[error("nf_tables: netlink I/O failed during the rule dump: {0}")]
+    Io(#[source] io::Error),
+    #[error("nf_tables: malformed netlink reply to the rule dump: {0}")]
+    Malformed(String),
+    #[error("nf_tables: the ruleset changed during each of {0} rule dumps in a row")]
+    Interrupted(u32),
+}
+
+/// The SNAT/MASQUERADE rules of one network namespace, as far as their
+/// port ranges go.
+#[derive(Clone, Debug, Default)]
+pub struct Rules {
+    rules: Vec<NatRule>,
+    /// Rule messages the netlink crate could not parse (one line each).
+    unparsed: Vec<String>,
+}
+
+/// What the rules allow for one (NAT address, protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleRange {
+    pub range: PortRange,
+    /// More than one rule matches and they do not all allow the same ports
+    /// (a rule naming no ports, i.e. the kernel's default, counts as
+    /// different): `range` is then the span of those that name ports.
+    pub conflict: bool,
+}
+
+/// Reads the nf_tables ruleset of the calling thread's network namespace
+/// (the caller has already `setns()`'d). Needs CAP_NET_ADMIN.
+///
+/// Never makes the kernel autoload nf_tables (RESEARCH 4.2): when nf_tables
+/// is neither loaded nor built in, and modules exist, returns
+/// `Ok(Rules::empty())` without opening a socket.
+pub fn read() -> Result<Rules, RulesetError> {
+    if !nf_tables_queryable() {
+        return Ok(Rules::empty());
+    }
+    for _ in 0..DUMP_ATTEMPTS {
+        if let Some(rules) = dump(&resolve_ifindex)? {
+            return Ok(rules);
+        }
+    }
+    Err(RulesetError::Interrupted(DUMP_ATTEMPTS))
+}
+
+/// The interface that holds `addr` in the calling thread's network namespace.
+pub fn interface_of(addr: IpAddr) -> Option<String> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `head` is a valid out-pointer; the list is freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: non-null ifa_addr points to a sockaddr of the family it names.
+        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+        let here = match family {
+            libc::AF_INET => {
+                // SAFETY: AF_INET entries hold a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: AF_INET6 entries hold a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+            }
+            _ => continue,
+        };
+        if here == addr {
+            // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+            found = Some(unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned());
+            break;
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    found
+}
+
+impl Rules {
+    pub fn empty() -> Rules {
+        Rules::default()
+    }
+
+    /// The range rules allow for source ports of `nat_address` and `protocol`.
+    ///
+    /// `iface_of(addr)` names the interface that holds `addr` in that
+    /// namespace (MASQUERADE rules name an out interface, not an address).
+    /// None when no rule names ports for this address/protocol. Several
+    /// matching rules with different ranges: the span of those naming
+    /// ports (min of mins, max of maxes), and `conflict` set; a matching
+    /// rule naming no ports does not widen the span but sets `conflict`.
+    /// Unreadable rules are left out (see [`Rules::unreadable`]).
+    pub fn range_for(
+        &self,
+        nat_address: IpAddr,
+        protocol: Protocol,
+        iface_of: &dyn Fn(IpAddr) -> Option<String>,
+    ) -> Option<RuleRange> {
+        let mut iface: Option<Option<String>> = None;
+        let mut iface_lookup = || iface.get_or_insert_with(|| iface_of(nat_address)).clone();
+        let mut ranges: Vec<PortRange> = Vec::new();
+        let mut portless = false;
+        for rule in &self.rules {
+            let Ok(target) = &rule.target else { continue };
+            if !rule.protocols.has(protocol) || !rule.families.has(nat_address) {
+                continue;
+            }
+            let applies = match (&rule.kind, &target.addrs) {
+                (_, AddrSel::Unknown) => false,
+                (Kind::Snat, AddrSel::Range(min, max)) => in_range(nat_address, *min, *max),
+                // SNAT without addresses keeps the source address: any address.
+                (Kind::Snat, AddrSel::Any) => true,
+                // MASQUERADE takes an address of the out interface.
+                (Kind::Masquerade, _) => {
+                    rule.oif.is_empty() || {
+                        let name = iface_lookup();
+                        rule.oif.iter().all(|c| c.matches(name.as_deref()))
+                    }
+                }
+            };
+            if !applies {
+                continue;
+            }
+            match target.ports {
+                Some(r) => ranges.push(r),
+                None => portless = true,
+            }
+        }
+        let first = *ranges.first()?;
+        let range = ranges.iter().fold(first, |acc, r| PortRange { min: acc.min.min(r.min), max: acc.max.max(r.max) });
+        let conflict = portless || ranges.iter().any(|r| *r != first);
+        Some(RuleRange { range, conflict })
+    }
+
+    /// One line per rule found, for `timewaitd check`
+    /// (e.g. "ip nat POSTROUTING: MASQUERADE -o to-s tcp ports 40000-40007").
+    pub fn describe(&self) -> Vec<String> {
+        self.rules.iter().map(NatRule::describe).chain(self.unparsed.iter().cloned()).collect()
+    }
+
+    /// Rules whose range cannot be read statically (registers loaded by a
+    /// map lookup, an unknown xt revision, attributes that do not parse…).
+    pub fn unreadable(&self) -> usize {
+        self.rules.iter().filter(|r| r.target.is_err()).count() + self.unparsed.len()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The model of one rule.
+
+/// Address families a rule applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Families {
+    v4: bool,
+    v6: bool,
+}
+
+impl Families {
+    fn has(self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(_) => self.v4,
+            IpAddr::V6(_) => self.v6,
+        }
+    }
+}
+
+/// Layer-4 protocols (of those holding ports) a rule applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Protocols {
+    tcp: bool,
+    udp: bool,
+}
+
+impl Protocols {
+    const BOTH: Protocols = Protocols { tcp: true, udp: true };
+
+    fn has(self, p: Protocol) -> bool {
+        match p {
+            Protocol::Tcp => self.tcp,
+            Protocol::Udp => self.udp,
+        }
+    }
+
+    /// The rule requires (`equal`) or excludes IP protocol `proto`.
+    fn restrict(&mut self, proto: u8, equal: bool) {
+        for p in [Protocol::Tcp, Protocol::Udp] {
+            let is = p.ip_number() == proto;
+            if is != equal {
+                match p {
+                    Protocol::Tcp => self.tcp = false,
+                    Protocol::Udp => self.udp = false,
+                }
+            }
+        }
+    }
+}
+
+/// An out-interface condition of a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct IfaceCond {
+    name: String,
+    /// `-o eth+` / `oifname "eth*"`: the cmp holds the prefix without a NUL.
+    prefix: bool,
+    negate: bool,
+}
+
+impl IfaceCond {
+    fn matches(&self, iface: Option<&str>) -> bool {
+        let hit = match iface {
+            Some(i) if self.prefix => i.starts_with(&self.name),
+            Some(i) => i == self.name,
+            None => false,
+        };
+        hit != self.negate
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Masquerade,
+    Snat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FrontEnd {
+    /// iptables-nft: an xt compat target.
+    Xt,
+    /// nft: a `masq` / `nat` expression.
+    Native,
+}
+
+/// The addresses an SNAT rule hands out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AddrSel {
+    /// No address given (MASQUERADE, or SNAT keeping the source address).
+    Any,
+    Range(IpAddr, IpAddr),
+    /// Loaded from a map: which addresses is not known statically.
+    Unknown,
+}
+
+/// What the NAT expression hands out, when readable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Target {
+    addrs: AddrSel,
+    /// None: the rule names no ports (the kernel's default range).
+    ports: Option<PortRange>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NatRule {
+    family: u8,
+    table: String,
+    chain: String,
+    front: FrontEnd,
+    kind: Kind,
+    families: Families,
+    protocols: Protocols,
+    oif: Vec<IfaceCond>,
+    /// Err: why the range cannot be read statically.
+    target: Result<Target, String>,
+}
+
+impl NatRule {
+    fn describe(&self) -> String {
+        let mut s = format!("{} {} {}: ", family_name(self.family), self.table, self.chain);
+        s.push_str(match (self.front, self.kind) {
+            (FrontEnd::Xt, Kind::Masquerade) => "MASQUERADE",
+            (FrontEnd::Xt, Kind::Snat) => "SNAT",
+            (FrontEnd::Native, Kind::Masquerade) => "masquerade",
+            (FrontEnd::Native, Kind::Snat) => "snat",
+        });
+        for c in &self.oif {
+            s.push_str(if c.negate { " ! -o " } else { " -o " });
+            s.push_str(&c.name);
+            if c.prefix {
+                s.push('+');
+            }
+        }
+        match (self.protocols.tcp, self.protocols.udp) {
+            (true, true) => {}
+            (true, false) => s.push_str(" tcp"),
+            (false, true) => s.push_str(" udp"),
+            (false, false) => s.push_str(" (no tcp/udp)"),
+        }
+        match &self.target {
+            Err(why) => {
+                s.push_str(" ports unreadable: ");
+                s.push_str(why);
+            }
+            Ok(t) => {
+                match t.addrs {
+                    AddrSel::Any => {}
+                    AddrSel::Range(a, b) if a == b => s.push_str(&format!(" to {a}")),
+                    AddrSel::Range(a, b) => s.push_str(&format!(" to {a}-{b}")),
+                    AddrSel::Unknown => s.push_str(" to (addresses from a map)"),
+                }
+                match t.ports {
+                    Some(p) if p.min == p.max => s.push_str(&format!(" port {}", p.min)),
+                    Some(p) => s.push_str(&format!(" ports {}-{}", p.min, p.max)),
+                    None => s.push_str(" no ports (kernel default)"),
+                }
+            }
+        }
+        s
+    }
+}
+
+fn in_range(addr: IpAddr, min: IpAddr, max: IpAddr) -> bool {
+    match (addr, min, max) {
+        (IpAddr::V4(a), IpAddr::V4(lo), IpAddr::V4(hi)) => (u32::from(lo)..=u32::from(hi)).contains(&u32::from(a)),
+        (IpAddr::V6(a), IpAddr::V6(lo), IpAddr::V6(hi)) => (u128::from(lo)..=u128::from(hi)).contains(&u128::from(a)),
+        _ => false,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel constants (include/uapi/linux/netfilter/*.h).
+
+const NFPROTO_INET: u8 = 1;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+
+const NF_NAT_RANGE_MAP_IPS: u32 = 1 << 0;
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 1 << 1;
+
+const NFTA_MASQ_FLAGS: u16 = 1;
+const NFTA_MASQ_REG_PROTO_MIN: u16 = 2;
+const NFTA_MASQ_REG_PROTO_MAX: u16 = 3;
+
+const NFTA_NAT_TYPE: u16 = 1;
+const NFTA_NAT_FAMILY: u16 = 2;
+const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_NAT_REG_ADDR_MAX: u16 = 4;
+const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+const NFTA_NAT_REG_PROTO_MAX: u16 = 6;
+const NFTA_NAT_FLAGS: u16 = 7;
+const NFT_NAT_SNAT: u32 = 0;
+
+const NFTA_TARGET_NAME: u16 = 1;
+const NFTA_TARGET_REV: u16 = 2;
+const NFTA_TARGET_INFO: u16 = 3;
+
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWRULE: u16 = 6;
+
+/// 32-bit register slots: 4 for the verdict, 16 for data (`NFT_REG32_NUM`).
+const SLOTS: usize = 20;
+
+const DUMP_ATTEMPTS: u32 = 3;
+
+fn family_name(family: u8) -> String {
+    match family {
+        NFPROTO_INET => "inet".into(),
+        NFPROTO_IPV4 => "ip".into(),
+        NFPROTO_IPV6 => "ip6".into(),
+        other => format!("family{other}"),
+    }
+}
+
+/// The kernel's 32-bit slot of a register number (`nft_parse_register`):
+/// `NFT_REG_1..4` are 16 bytes wide and start at slot `reg * 4`,
+/// `NFT_REG32_00..15` (8..23) are slots 4..19.
+fn slot_of(reg: u32) -> Option<usize> {
+    match reg {
+        0..=4 => Some(reg as usize * 4),
+        8..=23 => Some(reg as usize - 4),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Register tracking within one rule.
+
+/// What a rule's registers hold at some point of its expression list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Unknown,
+    /// First slot of a `meta load KEY`.
+    Meta(MetaKey),
+    /// First slot of a 1-byte network-header payload load at this offset.
+    NetByte(u32),
+    /// Four bytes an `immediate` wrote.
+    Data([u8; 4]),
+}
+
+struct Registers([Slot; SLOTS]);
+
+impl Registers {
+    fn new() -> Self {
+        Registers([Slot::Unknown; SLOTS])
+    }
+
+    fn forget_all(&mut self) {
+        self.0 = [Slot::Unknown; SLOTS];
+    }
+
+    /// A load of `len` bytes into `reg`, the first slot marked `first`.
+    fn load(&mut self, reg: u32, len: usize, first: Slot) {
+        let Some(start) = slot_of(reg) else {
+            self.forget_all();
+            return;
+        };
+        let n = len.div_ceil(4).max(1);
+        for i in start..(start + n).min(SLOTS) {
+            self.0[i] = Slot::Unknown;
+        }
+        if start < SLOTS {
+            self.0[start] = first;
+        }
+    }
+
+    fn immediate(&mut self, reg: u32, bytes: &[u8]) {
+        let Some(start) = slot_of(reg) else {
+            self.forget_all();
+            return;
+        };
+        for (i, chunk) in bytes.chunks(4).enumerate() {
+            let mut b = [0u8; 4];
+            b[..chunk.len()].copy_from_slice(chunk);
+            if let Some(s) = self.0.get_mut(start + i) {
+                *s = Slot::Data(b);
+            }
+        }
+    }
+
+    fn get(&self, reg: u32) -> Slot {
+        slot_of(reg).and_then(|s| self.0.get(s).copied()).unwrap_or(Slot::Unknown)
+    }
+
+    /// `len` bytes an immediate wrote from `reg` on, if all of them did.
+    fn bytes(&self, reg: u32, len: usize) -> Option<Vec<u8>> {
+        let start = slot_of(reg)?;
+        let mut out = Vec::with_capacity(len);
+        for i in 0..len.div_ceil(4) {
+            match self.0.get(start + i)? {
+                Slot::Data(b) => out.extend_from_slice(b),
+                _ => return None,
+            }
+        }
+        out.truncate(len);
+        Some(out)
+    }
+
+    /// `nft_reg_load16`: the port, big-endian in the register's first two bytes.
+    fn port(&self, reg: u32) -> Option<u16> {
+        let b = self.bytes(reg, 2)?;
+        Some(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn addr(&self, reg: u32, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            let b: [u8; 16] = self.bytes(reg, 16)?.try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        } else {
+            let b: [u8; 4] = self.bytes(reg, 4)?.try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(b)))
+        }
+    }
+}
+
+/// Bytes a meta key loads (`nft_meta_get_init`), enough for slot tracking.
+fn meta_len(key: MetaKey) -> usize {
+    match key {
+        MetaKey::Iifname
+        | MetaKey::Oifname
+        | MetaKey::BriIifname
+        | MetaKey::BriOifname
+        | MetaKey::Iifkind
+        | MetaKey::Oifkind
+        | MetaKey::Sdifname => 16,
+        MetaKey::TimeNs | MetaKey::BriIifhwaddr => 8,
+        _ => 4,
+    }
+}
+
+/// Expressions that write no register (everything else unknown is assumed
+/// to write any).
+fn writes_no_register(name: &str) -> bool {
+    matches!(
+        name,
+        "counter"
+            | "log"
+            | "limit"
+            | "quota"
+            | "notrack"
+            | "match"
+            | "target"
+            | "masq"
+            | "nat"
+            | "redir"
+            | "reject"
+            | "queue"
+            | "dup"
+            | "fwd"
+            | "connlimit"
+            | "last"
+            | "objref"
+            | "dynset"
+            | "range"
+            | "synproxy"
+            | "tproxy"
+            | "flow_offload"
+            | "secmark"
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Decoding.
+
+fn nla_kind(nla: &DefaultNla) -> u16 {
+    nla.kind() & NLA_TYPE_MASK
+}
+
+fn nla_value(nla: &DefaultNla) -> Vec<u8> {
+    let mut v = vec![0u8; nla.value_len()];
+    nla.emit_value(&mut v);
+    v
+}
+
+fn attr<'a>(attrs: &'a [DefaultNla], kind: u16) -> Option<&'a DefaultNla> {
+    attrs.iter().find(|a| nla_kind(a) == kind)
+}
+
+/// A big-endian u32 attribute; Err when present but not 4 bytes.
+fn attr_u32(attrs: &[DefaultNla], kind: u16) -> Result<Option<u32>, String> {
+    match attr(attrs, kind) {
+        None => Ok(None),
+        Some(a) => {
+            let v = nla_value(a);
+            let b: [u8; 4] = v.as_slice().try_into().map_err(|_| format!("attribute {kind} is {} bytes, not 4", v.len()))?;
+            Ok(Some(u32::from_be_bytes(b)))
+        }
+    }
+}
+
+/// Decodes one `NFT_MSG_NEWRULE` body into its NAT rule, if it has one.
+/// `ifname_of(index)` names an interface index (for `meta oif`).
+fn decode_rule(family: u8, attrs: &[RuleAttribute], ifname_of: &dyn Fn(u32) -> Option<String>) -> Option<NatRule> {
+    let families = match family {
+        NFPROTO_IPV4 => Families { v4: true, v6: false },
+        NFPROTO_IPV6 => Families { v4: false, v6: true },
+        NFPROTO_INET => Families { v4: true, v6: true },
+        _ => return None,
+    };
+    let mut table = String::new();
+    let mut chain = String::new();
+    let mut exprs: &[ListAttribute<ExpressionAttribute>] = &[];
+    for a in attrs {
+        match a {
+            RuleAttribute::Table(t) => table = t.clone(),
+            RuleAttribute::Chain(c) => chain = c.clone(),
+            RuleAttribute::Expressions(e) => exprs = e,
+            _ => {}
+        }
+    }
+    let mut rule = NatRule {
+        family,
+        table,
+        chain,
+        front: FrontEnd::Native,
+        kind: Kind::Masquerade,
+        families,
+        protocols: Protocols::BOTH,
+        oif: Vec::new(),
+        target: Err(String::new()),
+    };
+    let mut regs = Registers::new();
+    for elem in exprs {
+        let ListAttribute::Element(parts) = elem else { continue };
+        let mut name: Option<&str> = None;
+        let mut data: Option<&Expressions> = None;
+        for p in parts {
+            match p {
+                ExpressionAttribute::Name(n) => name = Some(n),
+                ExpressionAttribute::Data(d) => data = Some(d),
+                _ => {}
+            }
+        }
+        let Some(data) = data else {
+            // An expression without data (e.g. `notrack`) writes nothing,
+            // unless it is one we do not know.
+            if !name.is_some_and(writes_no_register) {
+                regs.forget_all();
+            }
+            continue;
+        };
+        match data {
+            Expressions::Immediate(im) => immediate(&mut regs, im),
+            Expressions::Meta(m) => meta(&mut regs, m),
+            Expressions::Payload(p) => payload(&mut regs, p),
+            Expressions::Cmp(c) => cmp(&regs, c, &mut rule, ifname_of),
+            Expressions::Lookup(l) => {
+                if l.iter().any(|x| matches!(x, Lookup::DestinationRegister(_))) {
+                    regs.forget_all();
+                }
+            }
+            Expressions::Bitwise(_) => regs.forget_all(),
+            Expressions::Other { expression_type, attributes } => {
+                let nat = match expression_type.as_str() {
+                    "masq" => Some(masq(&regs, attributes).map(|t| (FrontEnd::Native, Kind::Masquerade, t))),
+                    "nat" => nat(&regs, attributes).map(|r| {
+                        r.map(|(fams, t)| {
+                            rule.families = Families { v4: rule.families.v4 && fams.v4, v6: rule.families.v6 && fams.v6 };
+                            (FrontEnd::Native, Kind::Snat, t)
+                        })
+                    }),
+                    "target" => xt_target(family, attributes).map(|r| r.map(|(k, t)| (FrontEnd::Xt, k, t))),
+                    other if writes_no_register(other) => None,
+                    _ => {
+                        regs.forget_all();
+                        None
+                    }
+                };
+                if let Some(found) = nat {
+                    match found {
+                        Ok((front, kind, target)) => {
+                            rule.front = front;
+                            rule.kind = kind;
+                            rule.target = Ok(target);
+                        }
+                        Err((front, kind, why)) => {
+                            rule.front = front;
+                            rule.kind = kind;
+                            rule.target = Err(why);
+                        }
+                    }
+                    return Some(rule);
+                }
+            }
+            _ => regs.forget_all(),
+        }
+    }
+    None
+}
+
+type Decoded<T> = Result<T, (FrontEnd, Kind, String)>;
+
+fn reg_of(r: &Register) -> u32 {
+    u32::from(*r)
+}
+
+fn immediate(regs: &mut Registers, im: &[Immediate]) {
+    let mut dreg = None;
+    let mut value = None;
+    for x in im {
+        match x {
+            Immediate::DestinationRegister(r) => dreg = Some(reg_of(r)),
+            Immediate::Data(DataAttribute::Value(v)) => value = Some(v.as_slice()),
+            _ => {}
+        }
+    }
+    match (dreg, value) {
+        (Some(0), _) => {} // a verdict
+        (Some(r), Some(v)) => regs.immediate(r, v),
+        (Some(r), None) => regs.load(r, 16, Slot::Unknown),
+        (None, _) => {}
+    }
+}
+
+fn meta(regs: &mut Registers, m: &[Meta]) {
+    let mut dreg = None;
+    let mut key = None;
+    for x in m {
+        match x {
+            Meta::DestinationRegister(r) => dreg = Some(reg_of(r)),
+            Meta::Key(k) => key = Some(*k),
+            _ => {}
+        }
+    }
+    if let Some(r) = dreg {
+        match key {
+            Some(k) => regs.load(r, meta_len(k), Slot::Meta(k)),
+            None => regs.load(r, 16, Slot::Unknown),
+        }
+    }
+}
+
+fn payload(regs: &mut Registers, p: &[Payload]) {
+    let (mut dreg, mut base, mut offset, mut len) = (None, None, None, None);
+    for x in p {
+        match x {
+            Payload::DestinationRegister(r) => dreg = Some(reg_of(r)),
+            Payload::Base(b) => base = Some(*b),
+            Payload::Offset(o) => offset = Some(*o),
+            Payload::Len(l) => len = Some(*l),
+            _ => {}
+        }
+    }
+    let Some(r) = dreg else { return };
+    let len = len.unwrap_or(16) as usize;
+    let first = match (base, offset) {
+        (Some(NFT_PAYLOAD_NETWORK_HEADER), Some(o)) if len == 1 => Slot::NetByte(o),
+        _ => Slot::Unknown,
+    };
+    regs.load(r, len, first);
+}
+
+/// A comparison the rule makes: protocol and out interface narrow it;
+/// anything else is ignored (it can only narrow which packets match, not
+/// which address or ports they get).
+fn cmp(regs: &Registers, c: &[Cmp], rule: &mut NatRule, ifname_of: &dyn Fn(u32) -> Option<String>) {
+    let (mut sreg, mut op, mut value) = (None, Operator::Equal, None);
+    for x in c {
+        match x {
+            Cmp::SourceRegister(r) => sreg = Some(reg_of(r)),
+            Cmp::Op(o) => op = *o,
+            Cmp::Data(DataAttribute::Value(v)) => value = Some(v.as_slice()),
+            _ => {}
+        }
+    }
+    let (Some(sreg), Some(value)) = (sreg, value) else { return };
+    let equal = match op {
+        Operator::Equal => true,
+        Operator::NotEqual => false,
+        _ => return,
+    };
+    let proto_byte = || value.first().copied().filter(|_| value.len() == 1 || value[1..].iter().all(|b| *b == 0));
+    match regs.get(sreg) {
+        Slot::Meta(MetaKey::L4Proto) => {
+            if let Some(p) = proto_byte() {
+                rule.protocols.restrict(p, equal);
+            }
+        }
+        // `ip protocol` (IPv4 header byte 9) / `ip6 nexthdr` (IPv6 byte 6).
+        Slot::NetByte(9) if rule.family == NFPROTO_IPV4 => {
+            if let Some(p) = proto_byte() {
+                rule.protocols.restrict(p, equal);
+            }
+        }
+        Slot::NetByte(6) if rule.family == NFPROTO_IPV6 => {
+            if let Some(p) = proto_byte() {
+                rule.protocols.restrict(p, equal);
+            }
+        }
+        Slot::Meta(MetaKey::Nfproto) if equal => match value.first() {
+            Some(&NFPROTO_IPV4) => rule.families.v6 = false,
+            Some(&NFPROTO_IPV6) => rule.families.v4 = false,
+            _ => {}
+        },
+        Slot::Meta(MetaKey::Oifname) => {
+            let (name, prefix) = match value.iter().position(|b| *b == 0) {
+                Some(nul) => (&value[..nul], false),
+                None => (value, true),
+            };
+            rule.oif.push(IfaceCond { name: String::from_utf8_lossy(name).into_owned(), prefix, negate: !equal });
+        }
+        Slot::Meta(MetaKey::Oif) => {
+            if let Ok(b) = <[u8; 4]>::try_from(value) {
+                let index = u32::from_ne_bytes(b);
+                let name = ifname_of(index).unwrap_or_else(|| format!("(ifindex {index}, gone)"));
+                rule.oif.push(IfaceCond { name, prefix: false, negate: !equal });
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Native `masq`: ports from registers, used by the kernel only with
+/// `NF_NAT_RANGE_PROTO_SPECIFIED` in its flags (`nft_masq_eval`).
+fn masq(regs: &Registers, attrs: &[DefaultNla]) -> Decoded<Target> {
+    let bad = |why: String| (FrontEnd::Native, Kind::Masquerade, why);
+    let flags = attr_u32(attrs, NFTA_MASQ_FLAGS).map_err(bad)?.unwrap_or(0);
+    let min = attr_u32(attrs, NFTA_MASQ_REG_PROTO_MIN).map_err(bad)?;
+    let max = attr_u32(attrs, NFTA_MASQ_REG_PROTO_MAX).map_err(bad)?;
+    let ports = port_regs(regs, min, max).map_err(bad)?;
+    let ports = ports.filter(|_| flags & NF_NAT_RANGE_PROTO_SPECIFIED != 0);
+    Ok(Target { addrs: AddrSel::Any, ports })
+}
+
+/// Native `nat`: `None` for dnat, else the families it maps and its target.
+fn nat(regs: &Registers, attrs: &[DefaultNla]) -> Option<Decoded<(Families, Target)>> {
+    let bad = |why: String| (FrontEnd::Native, Kind::Snat, why);
+    let kind = match attr_u32(attrs, NFTA_NAT_TYPE) {
+        Ok(Some(k)) => k,
+        Ok(None) => return Some(Err(bad("nat expression without a type".into()))),
+        Err(e) => return Some(Err(bad(e))),
+    };
+    if kind != NFT_NAT_SNAT {
+        return None;
+    }
+    Some((|| {
+        let family = attr_u32(attrs, NFTA_NAT_FAMILY).map_err(bad)?;
+        let v6 = match family.and_then(|f| u8::try_from(f).ok()) {
+            Some(NFPROTO_IPV4) => false,
+            Some(NFPROTO_IPV6) => true,
+            other => return Err(bad(format!("nat expression of family {other:?}"))),
+        };
+        let fams = Families { v4: !v6, v6 };
+        let _flags = attr_u32(attrs, NFTA_NAT_FLAGS).map_err(bad)?;
+        let pmin = attr_u32(attrs, NFTA_NAT_REG_PROTO_MIN).map_err(bad)?;
+        let pmax = attr_u32(attrs, NFTA_NAT_REG_PROTO_MAX).map_err(bad)?;
+        let amin = attr_u32(attrs, NFTA_NAT_REG_ADDR_MIN).map_err(bad)?;
+        let amax = attr_u32(attrs, NFTA_NAT_REG_ADDR_MAX).map_err(bad)?.or(amin);
+        // The kernel sets NF_NAT_RANGE_PROTO_SPECIFIED itself when the
+        // registers are there (`nft_nat_eval`).
+        let ports = port_regs(regs, pmin, pmax).map_err(bad)?;
+        let addrs = match (amin, amax) {
+            (Some(lo), Some(hi)) => match (regs.addr(lo, v6), regs.addr(hi, v6)) {
+                (Some(a), Some(b)) => AddrSel::Range(a, b),
+                _ if ports.is_some() => {
+                    return Err(bad("addresses loaded by something else than an immediate (a map?)".into()));
+                }
+                _ => AddrSel::Unknown,
+            },
+            _ => AddrSel::Any,
+        };
+        Ok((fams, Target { addrs, ports }))
+    })())
+}
+
+/// Ports from the min/max registers (max defaults to min, as the kernel's
+/// init does); Err when a register was not loaded by an immediate.
+fn port_regs(regs: &Registers, min: Option<u32>, max: Option<u32>) -> Result<Option<PortRange>, String> {
+    let Some(min) = min else { return Ok(None) };
+    let max = max.unwrap_or(min);
+    match (regs.port(min), regs.port(max)) {
+        (Some(lo), Some(hi)) if lo <= hi => Ok(Some(PortRange { min: lo, max: hi })),
+        (Some(lo), Some(hi)) => Err(format!("port range {lo}-{hi} is inverted")),
+        _ => Err("ports loaded by something else than an immediate (a map?)".into()),
+    }
+}
+
+/// iptables-nft's xt `target`: `None` when it is not MASQUERADE or SNAT.
+fn xt_target(family: u8, attrs: &[DefaultNla]) -> Option<Decoded<(Kind, Target)>> {
+    let name_attr = attr(attrs, NFTA_TARGET_NAME)?;
+    let raw = nla_value(name_attr);
+    let name = raw.split(|b| *b == 0).next().unwrap_or_default();
+    let kind = match name {
+        b"MASQUERADE" => Kind::Masquerade,
+        b"SNAT" => Kind::Snat,
+        _ => return None,
+    };
+    let bad = |why: String| (FrontEnd::Xt, kind, why);
+    let rev = match attr_u32(attrs, NFTA_TARGET_REV) {
+        Ok(r) => r.unwrap_or(0),
+        Err(e) => return Some(Err(bad(e))),
+    };
+    let Some(info) = attr(attrs, NFTA_TARGET_INFO).map(nla_value) else {
+        return Some(Err(bad("xt target without its info blob".into())));
+    };
+    Some(decode_xt(family, kind, rev, &info).map(|t| (kind, t)).map_err(bad))
+}
+
+/// The x_tables blob of MASQUERADE/SNAT (`xt_MASQUERADE.c`, `xt_nat.c`):
+/// IPv4 MASQUERADE rev 0 and SNAT rev 0 hold `nf_nat_ipv4_multi_range_compat`,
+/// IPv6 MASQUERADE rev 0 and SNAT rev 1 `nf_nat_range`, SNAT rev 2
+/// `nf_nat_range2` (`nf_nat_range` + `base_proto`). Flags and `rangesize`
+/// are host-endian, addresses and ports big-endian.
+fn decode_xt(family: u8, kind: Kind, rev: u32, info: &[u8]) -> Result<Target, String> {
+    let v6 = match family {
+        NFPROTO_IPV4 => false,
+        NFPROTO_IPV6 => true,
+        other => return Err(format!("xt target in family {other}")),
+    };
+    let compat = match (kind, v6, rev) {
+        (Kind::Masquerade, false, 0) | (Kind::Snat, false, 0) => true,
+        (Kind::Masquerade, true, 0) | (Kind::Snat, _, 1) | (Kind::Snat, _, 2) => false,
+        _ => return Err(format!("xt revision {rev} not known for this family")),
+    };
+    let u32_at = |o: usize| -> Option<u32> { Some(u32::from_ne_bytes(info.get(o..o + 4)?.try_into().ok()?)) };
+    let be16_at = |o: usize| -> Option<u16> { Some(u16::from_be_bytes(info.get(o..o + 2)?.try_into().ok()?)) };
+    let short = || format!("xt info blob of {} bytes is too short", info.len());
+    // (flags offset, address offsets, address width, port offsets)
+    let (flags_at, addr_at, width, ports_at) = if compat {
+        let rangesize = u32_at(0).ok_or_else(short)?;
+        if rangesize != 1 {
+            return Err(format!("xt rangesize {rangesize}, expected 1"));
+        }
+        // rangesize, { flags, min_ip, max_ip, min, max }
+        (4, (8, 12), 4, (16, 18))
+    } else {
+        // flags, min_addr[16], max_addr[16], min_proto, max_proto (, base_proto)
+        (0, (4, 20), if v6 { 16 } else { 4 }, (36, 38))
+    };
+    let needed = ports_at.1 + 2;
+    if info.len() < needed {
+        return Err(short());
+    }
+    let flags = u32_at(flags_at).ok_or_else(short)?;
+    let ports = if flags & NF_NAT_RANGE_PROTO_SPECIFIED != 0 {
+        let (lo, hi) = (be16_at(ports_at.0).ok_or_else(short)?, be16_at(ports_at.1).ok_or_else(short)?);
+        if lo > hi {
+            return Err(format!("port range {lo}-{hi} is inverted"));
+        }
+        Some(PortRange { min: lo, max: hi })
+    } else {
+        None
+    };
+    let addr = |o: usize| -> Option<IpAddr> {
+        let b = info.get(o..o + width)?;
+        Some(if width == 16 {
+            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?))
+        })
+    };
+    let addrs = match kind {
+        Kind::Snat if flags & NF_NAT_RANGE_MAP_IPS != 0 => {
+            AddrSel::Range(addr(addr_at.0).ok_or_else(short)?, addr(addr_at.1).ok_or_else(short)?)
+        }
+        _ => AddrSel::Any,
+    };
+    Ok(Target { addrs, ports })
+}
+
+// ---------------------------------------------------------------------------
+// The dump.
+
+/// One `NFT_MSG_GETRULE` dump; `Ok(None)` when the kernel flagged it
+/// interrupted (`NLM_F_DUMP_INTR`: the ruleset changed meanwhile).
+fn dump(ifname_of: &dyn Fn(u32) -> Option<String>) -> Result<Option<Rules>, RulesetError> {
+    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(RulesetError::Socket)?;
+    socket.bind_auto().map_err(RulesetError::Socket)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(RulesetError::Socket)?;
+    set_recv_timeout(&socket, std::time::Duration::from_secs(5)).map_err(RulesetError::Socket)?;
+
+    const SEQ: u32 = 0x7477_7273; // "twrs"
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = SEQ;
+    let mut request = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, 0),
+            NfTablesMessage::GetRule(RuleMessage { attributes: vec![] }),
+        )),
+    );
+    request.finalize();
+    let mut buf = vec![0u8; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0).map_err(RulesetError::Io)?;
+
+    let mut rules = Rules::empty();
+    let mut interrupted = false;
+    loop {
+        let (datagram, _) = socket.recv_from_full().map_err(RulesetError::Io)?;
+        if datagram.is_empty() {
+            return Err(RulesetError::Malformed("empty datagram".into()));
+        }
+        let mut off = 0;
+        while off < datagram.len() {
+            let msg = &datagram[off..];
+            let nl = NetlinkBuffer::new_checked(msg).map_err(|e| RulesetError::Malformed(e.to_string()))?;
+            let len = nl.length() as usize;
+            let (kind, flags, seq) = (nl.message_type(), nl.flags(), nl.sequence_number());
+            if len < 16 || len > msg.len() {
+                return Err(RulesetError::Malformed(format!("message length {len} in a datagram of {}", msg.len())));
+            }
+            off += len.next_multiple_of(4);
+            if seq != SEQ {
+                continue;
+            }
+            if flags & NLM_F_DUMP_INTR != 0 {
+                interrupted = true;
+            }
+            match feed(&mut rules, &msg[..len], kind, ifname_of)? {
+                Step::More => {}
+                Step::Done => return Ok(if interrupted { None } else { Some(rules) }),
+            }
+        }
+    }
+}
+
+enum Step {
+    More,
+    Done,
+}
+
+/// Adds one reply message to `rules`.
+fn feed(rules: &mut Rules, msg: &[u8], kind: u16, ifname_of: &dyn Fn(u32) -> Option<String>) -> Result<Step, RulesetError> {
+    match NetlinkMessage::<NetfilterMessage>::deserialize(msg) {
+        Ok(m) => match m.payload {
+            NetlinkPayload::Done(_) => Ok(Step::Done),
+            NetlinkPayload::Error(e) => match e.code {
+                None => Ok(Step::More),
+                Some(_) => {
+                    let err = e.to_io();
+                    Err(if err.raw_os_error() == Some(libc::EPERM) {
+                        RulesetError::Permission(err)
+                    } else {
+                        RulesetError::Kernel(err)
+                    })
+                }
+            },
+            NetlinkPayload::InnerMessage(NetfilterMessage {
+                header,
+                inner: NetfilterMessageInner::NfTables(NfTablesMessage::NewRule(RuleMessage { attributes })),
+                ..
+            }) => {
+                if let Some(rule) = decode_rule(u8::from(header.family), &attributes, ifname_of) {
+                    rules.rules.push(rule);
+                }
+                Ok(Step::More)
+            }
+            _ => Ok(Step::More),
+        },
+        Err(e) if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE => {
+            // Kernel input the crate cannot parse: that rule is skipped, and
+            // counted, since it may be a NAT rule.
+            let family = msg.get(16).copied().map(family_name).unwrap_or_default();
+            rules.unparsed.push(format!("{family}: a rule that does not parse, skipped: {e}"));
+            Ok(Step::More)
+        }
+        Err(e) => Err(RulesetError::Malformed(e.to_string())),
+    }
+}
+
+fn set_recv_timeout(socket: &Socket, timeout: std::time::Duration) -> io::Result<()> {
+    let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: 0 };
+    // SAFETY: a valid socket fd and a timeval of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn resolve_ifindex(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+// ---------------------------------------------------------------------------
+// The autoload guard (RESEARCH 4.2).
+
+/// Whether a rule dump can go to the kernel without loading nf_tables.
+fn nf_tables_queryable() -> bool {
+    let modules = Path::new("/proc/modules").exists();
+    let loaded = Path::new("/sys/module/nf_tables/initstate").exists();
+    let builtin = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .and_then(|rel| std::fs::read_to_string(format!("/lib/modules/{}/modules.builtin", rel.trim())).ok());
+    queryable(modules, loaded, builtin.as_deref())
+}
+
+/// No `/proc/modules`: the kernel has no modules, nothing can autoload.
+/// Else only when nf_tables is loaded or listed as built in.
+fn queryable(proc_modules: bool, initstate: bool, modules_builtin: Option<&str>) -> bool {
+    !proc_modules
+        || initstate
+        || modules_builtin.is_some_and(|text| {
+            text.lines().map(str::trim).any(|l| l == "nf_tables.ko" || l.ends_with("/nf_tables.ko"))
+        })
+}
