@@ -1123,3 +1123,624 @@ fn queryable(proc_modules: bool, initstate: bool, modules_builtin: Option<&str>)
             text.lines().map(str::trim).any(|l| l == "nf_tables.ko" || l.ends_with("/nf_tables.ko"))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The decoders on rule messages built as the kernel sends them
+    //! (serialised by the same crate, xt blobs laid out as the kernel's
+    //! structs), then the real thing in a throwaway namespace when root.
+
+    use super::*;
+    use netlink_packet_core::ErrorMessage;
+    use std::num::NonZeroI32;
+
+    const NO_IFINDEX: &dyn Fn(u32) -> Option<String> = &|_| None;
+
+    fn v4(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn be32(v: u32) -> Vec<u8> {
+        v.to_be_bytes().to_vec()
+    }
+
+    fn imm(reg: u32, bytes: &[u8]) -> Expressions {
+        Expressions::Immediate(vec![
+            Immediate::DestinationRegister(Register::from(reg)),
+            Immediate::Data(DataAttribute::Value(bytes.to_vec())),
+        ])
+    }
+
+    fn port_imm(reg: u32, port: u16) -> Expressions {
+        // nft loads a port as 4 bytes, big-endian in the first two.
+        let p = port.to_be_bytes();
+        imm(reg, &[p[0], p[1], 0, 0])
+    }
+
+    fn meta_load(key: MetaKey, reg: u32) -> Expressions {
+        Expressions::Meta(vec![Meta::DestinationRegister(Register::from(reg)), Meta::Key(key)])
+    }
+
+    fn cmp_expr(reg: u32, op: Operator, bytes: &[u8]) -> Expressions {
+        Expressions::Cmp(vec![
+            Cmp::SourceRegister(Register::from(reg)),
+            Cmp::Op(op),
+            Cmp::Data(DataAttribute::Value(bytes.to_vec())),
+        ])
+    }
+
+    /// iptables-nft `-o NAME`: the name, NUL-padded to a multiple of 4.
+    fn oifname(name: &str, op: Operator) -> [Expressions; 2] {
+        let mut v = name.as_bytes().to_vec();
+        v.push(0);
+        v.resize(v.len().next_multiple_of(4), 0);
+        [meta_load(MetaKey::Oifname, 1), cmp_expr(1, op, &v)]
+    }
+
+    fn l4proto(p: u8, op: Operator) -> [Expressions; 2] {
+        [meta_load(MetaKey::L4Proto, 1), cmp_expr(1, op, &[p])]
+    }
+
+    fn other(name: &str, attrs: Vec<(u16, Vec<u8>)>) -> Expressions {
+        Expressions::Other {
+            expression_type: name.into(),
+            attributes: attrs.into_iter().map(|(k, v)| DefaultNla::new(k, v)).collect(),
+        }
+    }
+
+    fn masq_expr(flags: u32, regs: Option<(u32, u32)>) -> Expressions {
+        let mut a = Vec::new();
+        if flags != 0 {
+            a.push((NFTA_MASQ_FLAGS, be32(flags)));
+        }
+        if let Some((lo, hi)) = regs {
+            a.push((NFTA_MASQ_REG_PROTO_MIN, be32(lo)));
+            a.push((NFTA_MASQ_REG_PROTO_MAX, be32(hi)));
+        }
+        other("masq", a)
+    }
+
+    fn nat_expr(kind: u32, family: u8, addr: Option<(u32, u32)>, proto: Option<(u32, u32)>, flags: u32) -> Expressions {
+        let mut a = vec![(NFTA_NAT_TYPE, be32(kind)), (NFTA_NAT_FAMILY, be32(u32::from(family)))];
+        if let Some((lo, hi)) = addr {
+            a.push((NFTA_NAT_REG_ADDR_MIN, be32(lo)));
+            a.push((NFTA_NAT_REG_ADDR_MAX, be32(hi)));
+        }
+        if let Some((lo, hi)) = proto {
+            a.push((NFTA_NAT_REG_PROTO_MIN, be32(lo)));
+            a.push((NFTA_NAT_REG_PROTO_MAX, be32(hi)));
+        }
+        if flags != 0 {
+            a.push((NFTA_NAT_FLAGS, be32(flags)));
+        }
+        other("nat", a)
+    }
+
+    fn xt(name: &str, rev: u32, info: Vec<u8>) -> Expressions {
+        let mut n = name.as_bytes().to_vec();
+        n.push(0);
+        other("target", vec![(NFTA_TARGET_NAME, n), (NFTA_TARGET_REV, be32(rev)), (NFTA_TARGET_INFO, info)])
+    }
+
+    /// `struct nf_nat_ipv4_multi_range_compat` with one range, XT_ALIGN'd to 24.
+    fn compat_blob(flags: u32, ips: (Ipv4Addr, Ipv4Addr), ports: (u16, u16)) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&1u32.to_ne_bytes());
+        b.extend_from_slice(&flags.to_ne_bytes());
+        b.extend_from_slice(&ips.0.octets());
+        b.extend_from_slice(&ips.1.octets());
+        b.extend_from_slice(&ports.0.to_be_bytes());
+        b.extend_from_slice(&ports.1.to_be_bytes());
+        b.resize(24, 0);
+        b
+    }
+
+    /// `struct nf_nat_range` (40 bytes), or `nf_nat_range2` with `base_proto`
+    /// (42, padded to 44, XT_ALIGN'd to 48).
+    fn range_blob(flags: u32, addrs: (IpAddr, IpAddr), ports: (u16, u16), v2: bool) -> Vec<u8> {
+        let addr16 = |a: IpAddr| -> [u8; 16] {
+            match a {
+                IpAddr::V4(a) => {
+                    let mut b = [0u8; 16];
+                    b[..4].copy_from_slice(&a.octets());
+                    b
+                }
+                IpAddr::V6(a) => a.octets(),
+            }
+        };
+        let mut b = Vec::new();
+        b.extend_from_slice(&flags.to_ne_bytes());
+        b.extend_from_slice(&addr16(addrs.0));
+        b.extend_from_slice(&addr16(addrs.1));
+        b.extend_from_slice(&ports.0.to_be_bytes());
+        b.extend_from_slice(&ports.1.to_be_bytes());
+        if v2 {
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.resize(48, 0);
+        }
+        b
+    }
+
+    /// One `NFT_MSG_NEWRULE` as the dump carries it.
+    fn rule_msg(family: NetfilterProtoFamily, table: &str, chain: &str, exprs: Vec<Expressions>) -> Vec<u8> {
+        let attributes = vec![
+            RuleAttribute::Table(table.into()),
+            RuleAttribute::Chain(chain.into()),
+            RuleAttribute::Handle(2),
+            RuleAttribute::Expressions(exprs.into_iter().map(ListAttribute::from).collect()),
+        ];
+        let mut header = NetlinkHeader::default();
+        header.flags = netlink_packet_core::NLM_F_MULTIPART;
+        let mut m = NetlinkMessage::new(
+            header,
+            NetlinkPayload::from(NetfilterMessage::new(
+                NetfilterHeader::new(family, 0, 0),
+                NfTablesMessage::NewRule(RuleMessage { attributes }),
+            )),
+        );
+        m.finalize();
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        buf
+    }
+
+    fn rules_of(msgs: &[Vec<u8>]) -> Rules {
+        rules_with(msgs, NO_IFINDEX)
+    }
+
+    fn rules_with(msgs: &[Vec<u8>], ifname_of: &dyn Fn(u32) -> Option<String>) -> Rules {
+        let mut rules = Rules::empty();
+        for m in msgs {
+            let kind = NetlinkBuffer::new_checked(m.as_slice()).unwrap().message_type();
+            assert!(matches!(feed(&mut rules, m, kind, ifname_of).unwrap(), Step::More));
+        }
+        rules
+    }
+
+    fn on(iface: &'static str) -> impl Fn(IpAddr) -> Option<String> {
+        move |_| Some(iface.to_string())
+    }
+
+    fn range(min: u16, max: u16) -> PortRange {
+        PortRange { min, max }
+    }
+
+    const IP: NetfilterProtoFamily = NetfilterProtoFamily::IPv4;
+    const IP6: NetfilterProtoFamily = NetfilterProtoFamily::IPv6;
+    const INET: NetfilterProtoFamily = NetfilterProtoFamily::Inet;
+
+    /// `oifname "d1" meta l4proto tcp masquerade to :41000-41003` as measured (RESEARCH 1.4).
+    fn native_masq_rule(iface: &str, from: u16, to: u16) -> Vec<u8> {
+        let mut e: Vec<Expressions> = oifname(iface, Operator::Equal).into();
+        e.extend(l4proto(6, Operator::Equal));
+        e.extend([port_imm(1, from), port_imm(2, to), masq_expr(NF_NAT_RANGE_PROTO_SPECIFIED, Some((1, 2)))]);
+        rule_msg(IP, "natlab", "post", e)
+    }
+
+    #[test]
+    fn masq_with_range() {
+        let rules = rules_of(&[native_masq_rule("d1", 41000, 41003)]);
+        let got = rules.range_for(v4("10.97.4.1"), Protocol::Tcp, &on("d1"));
+        assert_eq!(got, Some(RuleRange { range: range(41000, 41003), conflict: false }));
+        assert_eq!(rules.range_for(v4("10.97.4.1"), Protocol::Udp, &on("d1")), None, "tcp only");
+        assert_eq!(rules.range_for(v4("10.97.4.1"), Protocol::Tcp, &on("d10")), None, "exact name");
+        assert_eq!(rules.range_for(v4("10.97.4.1"), Protocol::Tcp, &|_| None), None, "address on no interface");
+        assert_eq!(rules.range_for("fd00::1".parse().unwrap(), Protocol::Tcp, &on("d1")), None, "ip table: IPv4 only");
+        assert_eq!(rules.describe(), vec!["ip natlab post: masquerade -o d1 tcp ports 41000-41003".to_string()]);
+        assert_eq!(rules.unreadable(), 0);
+    }
+
+    #[test]
+    fn masq_without_range() {
+        // `oifname "eth8" masquerade`: `[ masq ]`.
+        let mut e: Vec<Expressions> = oifname("eth8", Operator::Equal).into();
+        e.push(masq_expr(0, None));
+        // Registers but no PROTO_SPECIFIED: the kernel ignores the ports.
+        let mut e2: Vec<Expressions> = l4proto(17, Operator::Equal).into();
+        e2.extend([port_imm(1, 3000), port_imm(2, 3001), masq_expr(0x4, Some((1, 2)))]);
+        let rules = rules_of(&[rule_msg(IP, "t", "c", e), rule_msg(IP, "t", "c", e2)]);
+        assert_eq!(rules.range_for(v4("192.0.2.1"), Protocol::Tcp, &on("eth8")), None);
+        assert_eq!(rules.range_for(v4("192.0.2.1"), Protocol::Udp, &on("eth8")), None);
+        assert_eq!(
+            rules.describe(),
+            vec![
+                "ip t c: masquerade -o eth8 no ports (kernel default)".to_string(),
+                "ip t c: masquerade udp no ports (kernel default)".to_string()
+            ]
+        );
+        assert_eq!(rules.unreadable(), 0);
+    }
+
+    #[test]
+    fn snat_with_addresses_and_ports() {
+        // `meta l4proto tcp snat ip to 10.97.3.10-10.97.3.11:40000-40063` as measured (RESEARCH 2.4).
+        let mut e: Vec<Expressions> = l4proto(6, Operator::Equal).into();
+        e.extend([
+            imm(1, &[10, 97, 3, 10]),
+            imm(2, &[10, 97, 3, 11]),
+            port_imm(3, 40000),
+            port_imm(4, 40063),
+            nat_expr(NFT_NAT_SNAT, NFPROTO_IPV4, Some((1, 2)), Some((3, 4)), 0x3),
+        ]);
+        let rules = rules_of(&[rule_msg(IP, "natlab", "post", e)]);
+        let want = Some(RuleRange { range: range(40000, 40063), conflict: false });
+        let nowhere = |_| None;
+        assert_eq!(rules.range_for(v4("10.97.3.10"), Protocol::Tcp, &nowhere), want);
+        assert_eq!(rules.range_for(v4("10.97.3.11"), Protocol::Tcp, &on("x")), want, "any interface");
+        assert_eq!(rules.range_for(v4("10.97.3.12"), Protocol::Tcp, &nowhere), None);
+        assert_eq!(rules.range_for(v4("10.97.3.9"), Protocol::Tcp, &nowhere), None);
+        assert_eq!(rules.range_for(v4("10.97.3.10"), Protocol::Udp, &nowhere), None);
+        assert_eq!(rules.describe(), vec!["ip natlab post: snat tcp to 10.97.3.10-10.97.3.11 ports 40000-40063".to_string()]);
+    }
+
+    #[test]
+    fn snat_ipv6_in_inet_table_and_dnat_ignored() {
+        // `meta l4proto udp snat ip6 to [fd00::1]-[fd00::2]:5000-5010` (measured): 16-byte immediates.
+        let a: Ipv6Addr = "fd00::1".parse().unwrap();
+        let b: Ipv6Addr = "fd00::2".parse().unwrap();
+        let mut e: Vec<Expressions> = l4proto(17, Operator::Equal).into();
+        e.extend([
+            imm(1, &a.octets()),
+            imm(2, &b.octets()),
+            port_imm(3, 5000),
+            port_imm(4, 5010),
+            nat_expr(NFT_NAT_SNAT, NFPROTO_IPV6, Some((1, 2)), Some((3, 4)), 0x3),
+        ]);
+        // A dnat with ports: not a source range, not a rule here.
+        let dnat = vec![imm(1, &[10, 0, 0, 1]), port_imm(2, 80), nat_expr(1, NFPROTO_IPV4, Some((1, 1)), Some((2, 2)), 0)];
+        let rules = rules_of(&[rule_msg(INET, "n6", "post", e), rule_msg(INET, "n6", "pre", dnat)]);
+        let nowhere = |_| None;
+        assert_eq!(
+            rules.range_for("fd00::2".parse().unwrap(), Protocol::Udp, &nowhere),
+            Some(RuleRange { range: range(5000, 5010), conflict: false })
+        );
+        assert_eq!(rules.range_for("fd00::3".parse().unwrap(), Protocol::Udp, &nowhere), None);
+        assert_eq!(rules.range_for(v4("10.0.0.1"), Protocol::Udp, &nowhere), None);
+        assert_eq!(rules.describe(), vec!["inet n6 post: snat udp to fd00::1-fd00::2 ports 5000-5010".to_string()]);
+    }
+
+    #[test]
+    fn snat_ports_only_keeps_any_address() {
+        // `udp dport 80 snat to :6000-6001` (measured): no address registers.
+        let mut e: Vec<Expressions> = l4proto(17, Operator::Equal).into();
+        e.extend([port_imm(1, 6000), port_imm(2, 6001), nat_expr(NFT_NAT_SNAT, NFPROTO_IPV4, None, Some((1, 2)), 0x2)]);
+        let rules = rules_of(&[rule_msg(IP, "t", "c", e)]);
+        assert_eq!(
+            rules.range_for(v4("172.16.0.9"), Protocol::Udp, &|_| None),
+            Some(RuleRange { range: range(6000, 6001), conflict: false })
+        );
+    }
+
+    #[test]
+    fn xt_masquerade_rev0_ipv4_compat_blob() {
+        // iptables-nft `-o to-s -p tcp -j MASQUERADE --to-ports 40000-40007` (RESEARCH 2.1).
+        let zero = Ipv4Addr::UNSPECIFIED;
+        let mut e: Vec<Expressions> = oifname("to-s", Operator::Equal).into();
+        e.extend(l4proto(6, Operator::Equal));
+        e.push(other("counter", vec![]));
+        e.push(xt("MASQUERADE", 0, compat_blob(NF_NAT_RANGE_PROTO_SPECIFIED, (zero, zero), (40000, 40007))));
+        // The same without --to-ports (flags 0, ports left 0).
+        let mut plain: Vec<Expressions> = oifname("eth1", Operator::Equal).into();
+        plain.push(xt("MASQUERADE", 0, compat_blob(0, (zero, zero), (0, 0))));
+        let rules = rules_of(&[rule_msg(IP, "nat", "POSTROUTING", e), rule_msg(IP, "nat", "POSTROUTING", plain)]);
+        assert_eq!(
+            rules.range_for(v4("10.97.3.1"), Protocol::Tcp, &on("to-s")),
+            Some(RuleRange { range: range(40000, 40007), conflict: false })
+        );
+        assert_eq!(rules.range_for(v4("10.97.3.1"), Protocol::Udp, &on("to-s")), None);
+        assert_eq!(rules.range_for(v4("10.97.9.1"), Protocol::Tcp, &on("eth1")), None, "no PROTO_SPECIFIED");
+        assert_eq!(
+            rules.describe(),
+            vec![
+                "ip nat POSTROUTING: MASQUERADE -o to-s tcp ports 40000-40007".to_string(),
+                "ip nat POSTROUTING: MASQUERADE -o eth1 no ports (kernel default)".to_string(),
+            ]
+        );
+        assert_eq!(rules.unreadable(), 0);
+    }
+
+    #[test]
+    fn xt_snat_revisions() {
+        let (a, b) = (Ipv4Addr::new(192, 0, 2, 5), Ipv4Addr::new(192, 0, 2, 6));
+        let both = NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED;
+        // rev 0 (IPv4 compat): `-p udp -j SNAT --to-source 192.0.2.5-192.0.2.6:6000-6010`.
+        let mut r0: Vec<Expressions> = l4proto(17, Operator::Equal).into();
+        r0.push(xt("SNAT", 0, compat_blob(both, (a, b), (6000, 6010))));
+        // rev 1 (nf_nat_range) in ip6.
+        let (c, d): (IpAddr, IpAddr) = ("2001:db8::1".parse().unwrap(), "2001:db8::1".parse().unwrap());
+        let mut r1: Vec<Expressions> = l4proto(6, Operator::Equal).into();
+        r1.push(xt("SNAT", 1, range_blob(both, (c, d), (7000, 7099), false)));
+        // rev 2 (nf_nat_range2) in ip.
+        let e = Ipv4Addr::new(198, 51, 100, 1);
+        let mut r2: Vec<Expressions> = l4proto(6, Operator::Equal).into();
+        r2.push(xt("SNAT", 2, range_blob(both, (IpAddr::V4(e), IpAddr::V4(e)), (8000, 8001), true)));
+        // ip6tables MASQUERADE rev 0 (nf_nat_range, no addresses).
+        let any6: IpAddr = Ipv6Addr::UNSPECIFIED.into();
+        let mut m6: Vec<Expressions> = oifname("d0", Operator::Equal).into();
+        m6.extend(l4proto(17, Operator::Equal));
+        m6.push(xt("MASQUERADE", 0, range_blob(NF_NAT_RANGE_PROTO_SPECIFIED, (any6, any6), (3000, 3100), false)));
+        // SNAT without MAP_IPS: keeps the source address.
+        let mut keep: Vec<Expressions> = l4proto(17, Operator::Equal).into();
+        keep.push(xt("SNAT", 0, compat_blob(NF_NAT_RANGE_PROTO_SPECIFIED, (a, a), (9000, 9001))));
+        let rules = rules_of(&[
+            rule_msg(IP, "nat", "POSTROUTING", r0),
+            rule_msg(IP6, "nat", "POSTROUTING", r1),
+            rule_msg(IP, "nat", "POSTROUTING", r2),
+            rule_msg(IP6, "nat", "POSTROUTING", m6),
+        ]);
+        let nowhere = |_| None;
+        let rr = |min, max| Some(RuleRange { range: range(min, max), conflict: false });
+        assert_eq!(rules.range_for(IpAddr::V4(b), Protocol::Udp, &nowhere), rr(6000, 6010));
+        assert_eq!(rules.range_for(v4("192.0.2.7"), Protocol::Udp, &nowhere), None);
+        assert_eq!(rules.range_for(c, Protocol::Tcp, &nowhere), rr(7000, 7099));
+        assert_eq!(rules.range_for(IpAddr::V4(e), Protocol::Tcp, &nowhere), rr(8000, 8001));
+        assert_eq!(rules.range_for("fd00::1".parse().unwrap(), Protocol::Udp, &on("d0")), rr(3000, 3100));
+        assert_eq!(rules.range_for(v4("10.0.0.1"), Protocol::Udp, &on("d0")), None, "ip6 rule, IPv4 address");
+        assert_eq!(
+            rules.describe(),
+            vec![
+                "ip nat POSTROUTING: SNAT udp to 192.0.2.5-192.0.2.6 ports 6000-6010".to_string(),
+                "ip6 nat POSTROUTING: SNAT tcp to 2001:db8::1 ports 7000-7099".to_string(),
+                "ip nat POSTROUTING: SNAT tcp to 198.51.100.1 ports 8000-8001".to_string(),
+                "ip6 nat POSTROUTING: MASQUERADE -o d0 udp ports 3000-3100".to_string(),
+            ]
+        );
+        let keep = rules_of(&[rule_msg(IP, "nat", "POSTROUTING", keep)]);
+        assert_eq!(keep.range_for(v4("10.1.2.3"), Protocol::Udp, &nowhere), rr(9000, 9001));
+    }
+
+    #[test]
+    fn xt_unknown_revision_or_short_blob_is_unreadable() {
+        let zero = Ipv4Addr::UNSPECIFIED;
+        let mut short = compat_blob(NF_NAT_RANGE_PROTO_SPECIFIED, (zero, zero), (1, 2));
+        short.truncate(17);
+        let rules = rules_of(&[
+            rule_msg(IP, "nat", "POSTROUTING", vec![xt("MASQUERADE", 7, vec![0; 24])]),
+            rule_msg(IP, "nat", "POSTROUTING", vec![xt("MASQUERADE", 0, short)]),
+            rule_msg(IP, "nat", "POSTROUTING", vec![xt("DNAT", 0, vec![0; 24])]),
+            rule_msg(IP, "filter", "FORWARD", vec![xt("ACCEPT", 0, vec![])]),
+        ]);
+        assert_eq!(rules.unreadable(), 2);
+        assert_eq!(rules.describe().len(), 2, "DNAT and ACCEPT are not source NAT rules");
+        assert!(rules.describe()[0].contains("ports unreadable"), "{:?}", rules.describe());
+        assert_eq!(rules.range_for(v4("10.0.0.1"), Protocol::Tcp, &on("x")), None);
+    }
+
+    #[test]
+    fn register_numbering() {
+        // The kernel's slots: NFT_REG_1..4 = 4, 8, 12, 16; NFT_REG32_00..15 = 4..19.
+        assert_eq!((slot_of(1), slot_of(2), slot_of(4)), (Some(4), Some(8), Some(16)));
+        assert_eq!((slot_of(8), slot_of(12), slot_of(23)), (Some(4), Some(8), Some(19)));
+        assert_eq!((slot_of(5), slot_of(24)), (None, None));
+        // 32-bit registers (nft packs concatenations so): ports in REG32_01 and REG32_05.
+        let mut e: Vec<Expressions> = l4proto(6, Operator::Equal).into();
+        e.extend([port_imm(9, 1024), port_imm(13, 2000), masq_expr(NF_NAT_RANGE_PROTO_SPECIFIED, Some((9, 13)))]);
+        // Loaded through NFT_REG_2 (slot 8), read back as NFT_REG32_04 (slot 8); max omitted = min.
+        let mut f: Vec<Expressions> = l4proto(17, Operator::Equal).into();
+        f.extend([port_imm(2, 7000), other("masq", vec![(NFTA_MASQ_FLAGS, be32(2)), (NFTA_MASQ_REG_PROTO_MIN, be32(12))])]);
+        // An IPv4 address spread over REG32 slots, ports after it.
+        let mut g: Vec<Expressions> = l4proto(6, Operator::Equal).into();
+        g.extend([
+            imm(8, &[10, 9, 9, 9]),
+            port_imm(9, 100),
+            port_imm(10, 200),
+            nat_expr(NFT_NAT_SNAT, NFPROTO_IPV4, Some((8, 8)), Some((9, 10)), 0),
+        ]);
+        let rules = rules_of(&[rule_msg(IP, "t", "a", e), rule_msg(IP, "t", "b", f), rule_msg(IP, "t", "c", g)]);
+        let rr = |min, max| Some(RuleRange { range: range(min, max), conflict: false });
+        assert_eq!(rules.range_for(v4("10.0.0.1"), Protocol::Tcp, &on("x")), rr(1024, 2000));
+        assert_eq!(rules.range_for(v4("10.0.0.1"), Protocol::Udp, &on("x")), rr(7000, 7000));
+        // 10.9.9.9 gets both the masquerade's and the snat's tcp ranges.
+        assert_eq!(
+            rules.range_for(v4("10.9.9.9"), Protocol::Tcp, &on("x")),
+            Some(RuleRange { range: range(100, 2000), conflict: true })
+        );
+        assert_eq!(rules.unreadable(), 0);
+    }
+
+    #[test]
+    fn register_overwritten_or_loaded_by_a_map_is_unreadable() {
+        // `snat ip to ip saddr map { 10.0.0.1 : 10.97.3.30 . 5000-5001 }` (measured):
+        // lookup with a dreg, then registers the lookup wrote.
+        let mut e: Vec<Expressions> = l4proto(6, Operator::Equal).into();
+        e.extend([
+            Expressions::Payload(vec![
+                Payload::DestinationRegister(Register::Reg1),
+                Payload::Base(NFT_PAYLOAD_NETWORK_HEADER),
+                Payload::Offset(12),
+                Payload::Len(4),
+            ]),
+            Expressions::Lookup(vec![
+                Lookup::SourceRegister(Register::Reg1),
+                Lookup::Set("__map1".into()),
+                Lookup::DestinationRegister(Register::Reg1),
+            ]),
+            nat_expr(NFT_NAT_SNAT, NFPROTO_IPV4, Some((1, 10)), Some((9, 11)), 0x3),
+        ]);
+        // Immediates, then an unknown expression (could write registers), then masq.
+        let mut f: Vec<Expressions> = l4proto(6, Operator::Equal).into();
+        f.extend([port_imm(1, 1), port_imm(2, 2), other("numgen", vec![(1, be32(1))]), masq_expr(2, Some((1, 2)))]);
+        // A port register nothing loaded.
+        let g = vec![masq_expr(2, Some((3, 4)))];
+        // A map for the address only, no ports: names no ports, readable.
+        let h = vec![
+            Expressions::Lookup(vec![Lookup::DestinationRegister(Register::Reg1)]),
+            nat_expr(NFT_NAT_SNAT, NFPROTO_IPV4, Some((1, 1)), None, 0x1),
+        ];
+        // A malformed attribute (flags of 2 bytes).
+        let bad = vec![other("masq", vec![(NFTA_MASQ_FLAGS, vec![0, 2])])];
+        let rules = rules_of(&[
+            rule_msg(IP, "t", "c", e),
+            rule_msg(IP, "t", "c", f),
+            rule_msg(IP, "t", "c", g),
+            rule_msg(IP, "t", "c", h),
+            rule_msg(IP, "t", "c", bad),
+        ]);
+        assert_eq!(rules.unreadable(), 4, "{:#?}", rules.describe());
+        assert_eq!(rules.range_for(v4("10.97.3.30"), Protocol::Tcp, &on("x")), None);
+        let d = rules.describe();
+        assert!(d[0].starts_with("ip t c: snat tcp ports unreadable: "), "{d:?}");
+        assert_eq!(d[3], "ip t c: snat to (addresses from a map) no ports (kernel default)");
+    }
+
+    #[test]
+    fn union_and_conflict() {
+        let a = native_masq_rule("d0", 40000, 40007);
+        let b = native_masq_rule("d0", 40004, 40100);
+        let same = native_masq_rule("d0", 40000, 40007);
+        let other_iface = native_masq_rule("d9", 1, 2);
+        let rules = rules_of(&[a.clone(), b]);
+        assert_eq!(
+            rules.range_for(v4("10.0.0.1"), Protocol::Tcp, &on("d0")),
+            Some(RuleRange { range: range(40000, 40100), conflict: true })
+        );
+        let rules = rules_of(&[a.clone(), same, other_iface]);
+        assert_eq!(
+            rules.range_for(v4("10.0.0.1"), Protocol::Tcp, &on("d0")),
+            Some(RuleRange { range: range(40000, 40007), conflict: false })
+        );
+        // A rule naming no ports that matches too: the span stays, conflict says so.
+        let portless = rule_msg(IP, "nat", "POSTROUTING", vec![masq_expr(0, None)]);
+        let rules = rules_of(&[a, portless]);
+        assert_eq!(
+            rules.range_for(v4("10.0.0.1"), Protocol::Tcp, &on("d0")),
+            Some(RuleRange { range: range(40000, 40007), conflict: true })
+        );
+        // Alone, it names no ports: None.
+        assert_eq!(rules.range_for(v4("10.0.0.1"), Protocol::Udp, &on("d0")), None);
+    }
+
+    #[test]
+    fn protocol_filter() {
+        let masq = || [port_imm(1, 5), port_imm(2, 6), masq_expr(2, Some((1, 2)))];
+        // `meta l4proto != tcp`: udp only.
+        let mut neq: Vec<Expressions> = l4proto(6, Operator::NotEqual).into();
+        neq.extend(masq());
+        // `meta l4proto icmp`: neither.
+        let mut icmp: Vec<Expressions> = l4proto(1, Operator::Equal).into();
+        icmp.extend(masq());
+        // `ip protocol tcp`: a payload byte at network header + 9.
+        let mut ipproto = vec![
+            Expressions::Payload(vec![
+                Payload::DestinationRegister(Register::Reg1),
+                Payload::Base(NFT_PAYLOAD_NETWORK_HEADER),
+                Payload::Offset(9),
+                Payload::Len(1),
+            ]),
+            cmp_expr(1, Operator::Equal, &[6]),
+        ];
+        ipproto.extend(masq());
+        // `meta l4proto { tcp, udp }`: a set lookup, no dreg: both.
+        let mut set = vec![
+            meta_load(MetaKey::L4Proto, 1),
+            Expressions::Lookup(vec![Lookup::SourceRegister(Register::Reg1), Lookup::Set("__set0".into())]),
+        ];
+        set.extend(masq());
+        let rr = Some(RuleRange { range: range(5, 6), conflict: false });
+        let one = |e: Vec<Expressions>| rules_of(&[rule_msg(IP, "t", "c", e)]);
+        let addr = v4("10.0.0.1");
+        let (r, tcp, udp) = (one(neq), Protocol::Tcp, Protocol::Udp);
+        assert_eq!((r.range_for(addr, tcp, &on("x")), r.range_for(addr, udp, &on("x"))), (None, rr));
+        let r = one(icmp);
+        assert_eq!((r.range_for(addr, tcp, &on("x")), r.range_for(addr, udp, &on("x"))), (None, None));
+        assert_eq!(r.describe(), vec!["ip t c: masquerade (no tcp/udp) ports 5-6".to_string()]);
+        let r = one(ipproto);
+        assert_eq!((r.range_for(addr, tcp, &on("x")), r.range_for(addr, udp, &on("x"))), (rr, None));
+        let r = one(set);
+        assert_eq!((r.range_for(addr, tcp, &on("x")), r.range_for(addr, udp, &on("x"))), (rr, rr));
+    }
+
+    #[test]
+    fn interface_filter() {
+        let masq = || [port_imm(1, 5), port_imm(2, 6), masq_expr(2, Some((1, 2)))];
+        let proto: [Expressions; 2] = l4proto(6, Operator::Equal);
+        // `-o d+`: the prefix without a NUL (measured: `cmp eq reg 1 0x00000064`).
+        let mut prefix = vec![meta_load(MetaKey::Oifname, 1), cmp_expr(1, Operator::Equal, b"d")];
+        prefix.extend(proto.clone());
+        prefix.extend(masq());
+        // `! -o lo`.
+        let mut not_lo: Vec<Expressions> = oifname("lo", Operator::NotEqual).into();
+        not_lo.extend(proto.clone());
+        not_lo.extend(masq());
+        // `oif "d1"`: an interface index, host-endian.
+        let mut oif = vec![meta_load(MetaKey::Oif, 1), cmp_expr(1, Operator::Equal, &7u32.to_ne_bytes())];
+        oif.extend(proto.clone());
+        oif.extend(masq());
+        let addr = v4("10.0.0.1");
+        let tcp = Protocol::Tcp;
+        let r = rules_of(&[rule_msg(IP, "t", "c", prefix)]);
+        assert!(r.range_for(addr, tcp, &on("d0")).is_some() && r.range_for(addr, tcp, &on("d17")).is_some());
+        assert!(r.range_for(addr, tcp, &on("eth0")).is_none());
+        assert_eq!(r.describe(), vec!["ip t c: masquerade -o d+ tcp ports 5-6".to_string()]);
+        let r = rules_of(&[rule_msg(IP, "t", "c", not_lo)]);
+        assert!(r.range_for(addr, tcp, &on("eth0")).is_some() && r.range_for(addr, tcp, &on("lo")).is_none());
+        assert_eq!(r.describe(), vec!["ip t c: masquerade ! -o lo tcp ports 5-6".to_string()]);
+        let index = |i: u32| (i == 7).then(|| "d1".to_string());
+        let r = rules_with(&[rule_msg(IP, "t", "c", oif.clone())], &index);
+        assert!(r.range_for(addr, tcp, &on("d1")).is_some() && r.range_for(addr, tcp, &on("d0")).is_none());
+        // An index that names no interface any more matches none.
+        let r = rules_of(&[rule_msg(IP, "t", "c", oif)]);
+        assert!(r.range_for(addr, tcp, &on("d1")).is_none());
+        // iface_of is asked once per call, and only when a rule needs it.
+        let calls = std::cell::Cell::new(0);
+        let counting = |_: IpAddr| {
+            calls.set(calls.get() + 1);
+            Some("d0".to_string())
+        };
+        let r = rules_of(&[native_masq_rule("d0", 1, 2), native_masq_rule("d0", 1, 3)]);
+        assert!(r.range_for(addr, tcp, &counting).is_some());
+        assert_eq!(calls.get(), 1);
+    }
+
+    #[test]
+    fn unparseable_rule_message_is_counted_and_errors_are_typed() {
+        // nlmsghdr + nfgenmsg + NFTA_RULE_HANDLE of 3 bytes (u64 expected).
+        let mut m = Vec::new();
+        let len: u32 = 16 + 4 + 8;
+        m.extend_from_slice(&len.to_ne_bytes());
+        m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE).to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&[0; 8]);
+        m.extend_from_slice(&[NFPROTO_IPV4, 0, 0, 0]);
+        m.extend_from_slice(&7u16.to_ne_bytes());
+        m.extend_from_slice(&3u16.to_ne_bytes());
+        m.extend_from_slice(&[1, 2, 3, 0]);
+        let rules = rules_of(&[m]);
+        assert_eq!(rules.unreadable(), 1);
+        assert!(rules.describe()[0].starts_with("ip: a rule that does not parse"), "{:?}", rules.describe());
+
+        let reply = |code: i32| {
+            let mut e = ErrorMessage::default();
+            e.code = NonZeroI32::new(code);
+            let mut m = NetlinkMessage::<NetfilterMessage>::new(NetlinkHeader::default(), NetlinkPayload::Error(e));
+            m.finalize();
+            let mut buf = vec![0u8; m.buffer_len()];
+            m.serialize(&mut buf);
+            buf
+        };
+        let mut r = Rules::empty();
+        let eperm = reply(-libc::EPERM);
+        let kind = NetlinkBuffer::new_checked(eperm.as_slice()).unwrap().message_type();
+        let err = feed(&mut r, &eperm, kind, NO_IFINDEX).err().unwrap();
+        assert!(matches!(err, RulesetError::Permission(_)), "{err}");
+        assert!(err.to_string().contains("CAP_NET_ADMIN") && !err.to_string().contains('\n'));
+        let einval = reply(-libc::EINVAL);
+        assert!(matches!(feed(&mut r, &einval, kind, NO_IFINDEX), Err(RulesetError::Kernel(_))));
+    }
+
+    #[test]
+    fn autoload_guard() {
+        let builtin = "kernel/net/netfilter/nf_conntrack.ko\nkernel/net/netfilter/nf_tables.ko\n";
+        assert!(queryable(false, false, None), "no modules at all: nothing can autoload");
+        assert!(queryable(true, true, None), "loaded");
+        assert!(queryable(true, false, Some(builtin)), "built in");
+        assert!(!queryable(true, false, Some("kernel/net/netfilter/nf_tables_set.ko\n")));
+        assert!(!queryable(true, false, None), "modules, not loaded, no modules.builtin: would autoload");
+    }
+
+    #[test]
+    fn interface_of_loopback() {
+        assert_eq!(interface_of(IpAddr::V4(Ipv4Addr::LOCALHOST)).as_deref(), Some("lo"));
+        assert_eq!(interface_of(v4("192.0.2.254")), None);
+    }
+}
