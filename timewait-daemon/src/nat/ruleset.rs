@@ -1866,6 +1866,8 @@ table ip natlab {
         type nat hook postrouting priority srcnat; policy accept;
         oifname "d1" meta l4proto tcp masquerade to :41000-41003
         meta l4proto tcp snat ip to 10.97.3.10-10.97.3.11:40000-40063
+        oif "d2" meta l4proto udp masquerade to :42000-42001
+        tcp dport 80 snat ip to ip saddr map { 10.0.0.1 : 10.97.3.30 . 5000-5001 }
     }
 }
 "#;
@@ -1903,6 +1905,8 @@ table ip natlab {
             "iptables -t nat -A POSTROUTING -o d0 -p tcp -j MASQUERADE --to-ports 40000-40007",
             "iptables -t nat -A POSTROUTING -o d0 -p udp -j SNAT --to-source 10.97.3.20:6000-6010",
             "ip6tables -t nat -A POSTROUTING -o d0 -p udp -j MASQUERADE --to-ports 3000-3100",
+            "ip6tables -t nat -A POSTROUTING -o d1 -p tcp -j SNAT --to-source [fd00:97::5]:7000-7010",
+            "iptables -t nat -A POSTROUTING -o d+ -p udp -j MASQUERADE",
         ];
         for cmd in setup {
             ns.exec(&cmd.split_whitespace().collect::<Vec<_>>()).expect("namespace setup");
@@ -1920,6 +1924,8 @@ table ip natlab {
             ("10.97.3.12", Protocol::Tcp),
             ("fd00:97::1", Protocol::Udp),
             ("fd00:97::1", Protocol::Tcp),
+            ("fd00:97::5", Protocol::Tcp),
+            ("10.97.3.10", Protocol::Udp),
         ];
         let (rules, got, ifaces) = ns
             .on_thread(move || {
@@ -1948,6 +1954,9 @@ table ip natlab {
                 None,
                 rr(3000, 3100), // ip6tables-nft MASQUERADE (nf_nat_range blob)
                 None,
+                rr(7000, 7010), // ip6tables-nft SNAT rev 1 (nf_nat_range blob)
+                // nft masquerade oif "d2" (an ifindex) and the portless -o d+ udp MASQUERADE.
+                Some(RuleRange { range: range(42000, 42001), conflict: true }),
             ],
             "{:#?}",
             rules.describe()
@@ -1958,14 +1967,18 @@ table ip natlab {
         assert_eq!(
             lines,
             vec![
+                "ip nat POSTROUTING: MASQUERADE -o d+ udp no ports (kernel default)",
                 "ip nat POSTROUTING: MASQUERADE -o d0 tcp ports 40000-40007",
                 "ip nat POSTROUTING: SNAT -o d0 udp to 10.97.3.20 ports 6000-6010",
                 "ip natlab post: masquerade -o d1 tcp ports 41000-41003",
+                "ip natlab post: masquerade -o d2 udp ports 42000-42001",
+                "ip natlab post: snat tcp ports unreadable: ports loaded by something else than an immediate (a map?)",
                 "ip natlab post: snat tcp to 10.97.3.10-10.97.3.11 ports 40000-40063",
                 "ip6 nat POSTROUTING: MASQUERADE -o d0 udp ports 3000-3100",
+                "ip6 nat POSTROUTING: SNAT -o d1 tcp to fd00:97::5 ports 7000-7010",
             ]
         );
-        assert_eq!(rules.unreadable(), 0);
+        assert_eq!(rules.unreadable(), 1, "the map rule");
         drop(ns);
     }
 }
