@@ -19,7 +19,11 @@
 //! `meta oif`) comparison; a rule without them applies to tcp and udp, and
 //! to every address. A range held in registers loaded by anything else than
 //! an `immediate` (a map lookup, `numgen`…) is never guessed: the rule is
-//! counted by [`Rules::unreadable`].
+//! counted by [`Rules::unreadable`]. A condition it does not read (a set of
+//! interfaces, a source subnet, a mark…) only narrows which packets a rule
+//! takes, so it is treated as matching: two such rules for one address
+//! show as a union with `conflict`. Every rule of the ip/ip6/inet tables is
+//! looked at: the kernel accepts `masq`/`nat`/SNAT only in nat chains.
 //!
 //! iptables-legacy rules are not in nf_tables at all (they live in
 //! `IPT_SO_GET_ENTRIES`, which needs CAP_NET_RAW besides): they are out of
@@ -36,8 +40,8 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use netlink_packet_core::{
-    DefaultNla, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLA_TYPE_MASK, NLM_F_DUMP,
-    NLM_F_DUMP_INTR, NLM_F_REQUEST,
+    DefaultNla, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NlasIterator, NLA_TYPE_MASK,
+    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::nftables::{
     Cmp, DataAttribute, ExpressionAttribute, Expressions, Immediate, ListAttribute, Lookup, Meta, MetaKey,
@@ -52,13 +56,13 @@ use super::{PortRange, Protocol};
 #[derive(Debug, thiserror::Error)]
 pub enum RulesetError {
     #[error("nf_tables: cannot open a netfilter netlink socket: {0}")]
-    Socket(#[source] io::Error),
+    Socket(io::Error),
     #[error("nf_tables: the rule dump needs CAP_NET_ADMIN: {0}")]
-    Permission(#[source] io::Error),
+    Permission(io::Error),
     #[error("nf_tables: the kernel refused the rule dump: {0}")]
-    Kernel(#[source] io::Error),
+    Kernel(io::Error),
     #[error("nf_tables: netlink I/O failed during the rule dump: {0}")]
-    Io(#[source] io::Error),
+    Io(io::Error),
     #[error("nf_tables: malformed netlink reply to the rule dump: {0}")]
     Malformed(String),
     #[error("nf_tables: the ruleset changed during each of {0} rule dumps in a row")]
@@ -102,7 +106,8 @@ pub fn read() -> Result<Rules, RulesetError> {
     Err(RulesetError::Interrupted(DUMP_ATTEMPTS))
 }
 
-/// The interface that holds `addr` in the calling thread's network namespace.
+/// The interface that holds `addr` in the calling thread's network namespace
+/// (the first `getifaddrs` lists, if several do).
 pub fn interface_of(addr: IpAddr) -> Option<String> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: `head` is a valid out-pointer; the list is freed below.
@@ -411,6 +416,9 @@ const NFTA_TARGET_INFO: u16 = 3;
 
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 
+const NLMSG_HDRLEN: usize = 16;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_EXPR_NAME: u16 = 1;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWRULE: u16 = 6;
 
@@ -1016,7 +1024,7 @@ fn dump(ifname_of: &dyn Fn(u32) -> Option<String>) -> Result<Option<Rules>, Rule
             let nl = NetlinkBuffer::new_checked(msg).map_err(|e| RulesetError::Malformed(e.to_string()))?;
             let len = nl.length() as usize;
             let (kind, flags, seq) = (nl.message_type(), nl.flags(), nl.sequence_number());
-            if len < 16 || len > msg.len() {
+            if len < NLMSG_HDRLEN || len > msg.len() {
                 return Err(RulesetError::Malformed(format!("message length {len} in a datagram of {}", msg.len())));
             }
             off += len.next_multiple_of(4);
@@ -1074,13 +1082,43 @@ fn feed(
         },
         Err(e) if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE => {
             // Kernel input the crate cannot parse: that rule is skipped, and
-            // counted, since it may be a NAT rule.
-            let family = msg.get(16).copied().map(family_name).unwrap_or_default();
-            rules.unparsed.push(format!("{family}: a rule that does not parse, skipped: {e}"));
+            // counted when it may be a NAT rule.
+            if may_be_nat(msg.get(NLMSG_HDRLEN + 4..).unwrap_or_default()) {
+                let family = msg.get(NLMSG_HDRLEN).copied().map(family_name).unwrap_or_default();
+                rules.unparsed.push(format!("{family}: a rule that does not parse, skipped: {e}"));
+            }
             Ok(Step::More)
         }
         Err(e) => Err(RulesetError::Malformed(e.to_string())),
     }
+}
+
+/// Whether a rule body (after `nfgenmsg`) has a `masq`, `nat` or `target`
+/// expression, walking its attributes without typing them; true when even
+/// that walk fails.
+fn may_be_nat(body: &[u8]) -> bool {
+    let names = |buf: &[u8]| -> Result<bool, ()> {
+        for rule_attr in NlasIterator::new(buf) {
+            let rule_attr = rule_attr.map_err(|_| ())?;
+            if rule_attr.kind() & NLA_TYPE_MASK != NFTA_RULE_EXPRESSIONS {
+                continue;
+            }
+            for elem in NlasIterator::new(rule_attr.value()) {
+                let elem = elem.map_err(|_| ())?;
+                for part in NlasIterator::new(elem.value()) {
+                    let part = part.map_err(|_| ())?;
+                    if part.kind() & NLA_TYPE_MASK == NFTA_EXPR_NAME {
+                        let name = part.value().split(|b| *b == 0).next().unwrap_or_default();
+                        if matches!(name, b"masq" | b"nat" | b"target") {
+                            return Ok(true);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(false)
+    };
+    names(body).unwrap_or(true)
 }
 
 fn set_recv_timeout(socket: &Socket, timeout: std::time::Duration) -> io::Result<()> {
@@ -1708,20 +1746,23 @@ mod tests {
 
     #[test]
     fn unparseable_rule_message_is_counted_and_errors_are_typed() {
-        // nlmsghdr + nfgenmsg + NFTA_RULE_HANDLE of 3 bytes (u64 expected).
-        let mut m = Vec::new();
-        let len: u32 = 16 + 4 + 8;
-        m.extend_from_slice(&len.to_ne_bytes());
-        m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE).to_ne_bytes());
-        m.extend_from_slice(&0u16.to_ne_bytes());
-        m.extend_from_slice(&[0; 8]);
-        m.extend_from_slice(&[NFPROTO_IPV4, 0, 0, 0]);
-        m.extend_from_slice(&7u16.to_ne_bytes());
-        m.extend_from_slice(&3u16.to_ne_bytes());
-        m.extend_from_slice(&[1, 2, 3, 0]);
-        let rules = rules_of(&[m]);
-        assert_eq!(rules.unreadable(), 1);
+        // A rule message with one more attribute that does not parse
+        // (NFTA_RULE_HANDLE of 3 bytes, a u64 expected).
+        let corrupt = |mut m: Vec<u8>| {
+            m.extend_from_slice(&7u16.to_ne_bytes());
+            m.extend_from_slice(&3u16.to_ne_bytes());
+            m.extend_from_slice(&[1, 2, 3, 0]);
+            let len = m.len() as u32;
+            m[..4].copy_from_slice(&len.to_ne_bytes());
+            m
+        };
+        let nat_rule = corrupt(native_masq_rule("d1", 1, 2));
+        let filter_rule = corrupt(rule_msg(IP, "filter", "input", vec![other("counter", vec![])]));
+        let rules = rules_of(&[nat_rule, filter_rule]);
+        assert_eq!(rules.unreadable(), 1, "only the rule with a masq expression counts");
         assert!(rules.describe()[0].starts_with("ip: a rule that does not parse"), "{:?}", rules.describe());
+        assert_eq!(rules.describe().len(), 1);
+        assert!(may_be_nat(&[0xff; 3]), "a walk that fails counts");
 
         let reply = |code: i32| {
             let mut e = ErrorMessage::default();
