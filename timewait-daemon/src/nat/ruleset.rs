@@ -1011,10 +1011,30 @@ fn dump(ifname_of: &dyn Fn(u32) -> Option<String>) -> Result<Option<Rules>, Rule
     request.serialize(&mut buf);
     socket.send(&buf, 0).map_err(RulesetError::Io)?;
 
-    let mut rules = Rules::empty();
-    let mut interrupted = false;
+    let mut dump = Dump { rules: Rules::empty(), interrupted: false };
     loop {
         let (datagram, _) = socket.recv_from_full().map_err(RulesetError::Io)?;
+        if let Step::Done = dump.datagram(&datagram, SEQ, ifname_of)? {
+            return Ok((!dump.interrupted).then_some(dump.rules));
+        }
+    }
+}
+
+/// A rule dump being received.
+struct Dump {
+    rules: Rules,
+    /// A message carried `NLM_F_DUMP_INTR`: the ruleset changed meanwhile.
+    interrupted: bool,
+}
+
+impl Dump {
+    /// Takes the messages of one datagram (replies to request `seq`).
+    fn datagram(
+        &mut self,
+        datagram: &[u8],
+        seq: u32,
+        ifname_of: &dyn Fn(u32) -> Option<String>,
+    ) -> Result<Step, RulesetError> {
         if datagram.is_empty() {
             return Err(RulesetError::Malformed("empty datagram".into()));
         }
@@ -1023,22 +1043,22 @@ fn dump(ifname_of: &dyn Fn(u32) -> Option<String>) -> Result<Option<Rules>, Rule
             let msg = &datagram[off..];
             let nl = NetlinkBuffer::new_checked(msg).map_err(|e| RulesetError::Malformed(e.to_string()))?;
             let len = nl.length() as usize;
-            let (kind, flags, seq) = (nl.message_type(), nl.flags(), nl.sequence_number());
+            let (kind, flags, msg_seq) = (nl.message_type(), nl.flags(), nl.sequence_number());
             if len < NLMSG_HDRLEN || len > msg.len() {
                 return Err(RulesetError::Malformed(format!("message length {len} in a datagram of {}", msg.len())));
             }
             off += len.next_multiple_of(4);
-            if seq != SEQ {
+            if msg_seq != seq {
                 continue;
             }
             if flags & NLM_F_DUMP_INTR != 0 {
-                interrupted = true;
+                self.interrupted = true;
             }
-            match feed(&mut rules, &msg[..len], kind, ifname_of)? {
-                Step::More => {}
-                Step::Done => return Ok(if interrupted { None } else { Some(rules) }),
+            if let Step::Done = feed(&mut self.rules, &msg[..len], kind, ifname_of)? {
+                return Ok(Step::Done);
             }
         }
+        Ok(Step::More)
     }
 }
 
@@ -1781,6 +1801,46 @@ mod tests {
         assert!(err.to_string().contains("CAP_NET_ADMIN") && !err.to_string().contains('\n'));
         let einval = reply(-libc::EINVAL);
         assert!(matches!(feed(&mut r, &einval, kind, NO_IFINDEX), Err(RulesetError::Kernel(_))));
+    }
+
+    #[test]
+    fn datagrams_of_a_dump() {
+        let with = |mut m: Vec<u8>, seq: u32, flags: u16| {
+            m[6..8].copy_from_slice(&flags.to_ne_bytes());
+            m[8..12].copy_from_slice(&seq.to_ne_bytes());
+            m
+        };
+        let done = {
+            let mut m = NetlinkMessage::<NetfilterMessage>::new(
+                NetlinkHeader::default(),
+                NetlinkPayload::Done(netlink_packet_core::DoneMessage::default()),
+            );
+            m.finalize();
+            let mut buf = vec![0u8; m.buffer_len()];
+            m.serialize(&mut buf);
+            buf
+        };
+        let multi = netlink_packet_core::NLM_F_MULTIPART;
+        // Two rules in one datagram, one of another request, then DONE in a second.
+        let mut first = with(native_masq_rule("d0", 1, 2), 9, multi);
+        first.extend(with(native_masq_rule("d1", 3, 4), 8, multi));
+        first.extend(with(native_masq_rule("d2", 5, 6), 9, multi));
+        let mut dump = Dump { rules: Rules::empty(), interrupted: false };
+        assert!(matches!(dump.datagram(&first, 9, NO_IFINDEX).unwrap(), Step::More));
+        assert!(matches!(dump.datagram(&with(done.clone(), 9, multi), 9, NO_IFINDEX).unwrap(), Step::Done));
+        assert!(!dump.interrupted);
+        assert_eq!(dump.rules.describe().len(), 2, "{:?}", dump.rules.describe());
+        // NLM_F_DUMP_INTR on any message: the dump is to be redone.
+        let mut dump = Dump { rules: Rules::empty(), interrupted: false };
+        let intr = with(native_masq_rule("d0", 1, 2), 9, multi | NLM_F_DUMP_INTR);
+        assert!(matches!(dump.datagram(&intr, 9, NO_IFINDEX).unwrap(), Step::More));
+        assert!(dump.interrupted);
+        // A length past the datagram, an empty datagram: malformed, no panic.
+        let mut bad = native_masq_rule("d0", 1, 2);
+        bad[..4].copy_from_slice(&4096u32.to_ne_bytes());
+        assert!(matches!(dump.datagram(&bad, 0, NO_IFINDEX), Err(RulesetError::Malformed(_))));
+        assert!(matches!(dump.datagram(&[], 0, NO_IFINDEX), Err(RulesetError::Malformed(_))));
+        assert!(matches!(dump.datagram(&[1, 2, 3], 0, NO_IFINDEX), Err(RulesetError::Malformed(_))));
     }
 
     #[test]
