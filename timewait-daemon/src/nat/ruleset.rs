@@ -656,13 +656,16 @@ fn decode_rule(family: u8, attrs: &[RuleAttribute], ifname_of: &dyn Fn(u32) -> O
                 _ => {}
             }
         }
-        let Some(data) = data else {
-            // An expression without data (e.g. `notrack`) writes nothing,
-            // unless it is one we do not know.
-            if !name.is_some_and(writes_no_register) {
-                regs.forget_all();
+        // An expression without data (`notrack`; a `masq` without flags or
+        // registers, should a kernel leave out the empty nest): its name
+        // with no attributes.
+        let bare;
+        let data = match data {
+            Some(d) => d,
+            None => {
+                bare = Expressions::Other { expression_type: name.unwrap_or_default().into(), attributes: vec![] };
+                &bare
             }
-            continue;
         };
         match data {
             Expressions::Immediate(im) => immediate(&mut regs, im),
@@ -1418,6 +1421,22 @@ mod tests {
             ]
         );
         assert_eq!(rules.unreadable(), 0);
+    }
+
+    #[test]
+    fn masq_without_data_nest() {
+        // `[ masq ]` with no NFTA_EXPR_DATA at all, and a `notrack` likewise:
+        // a masquerade without ports, and nothing.
+        let bare = |n: &str| ListAttribute::Element(vec![ExpressionAttribute::Name(n.into())]);
+        let attrs = vec![
+            RuleAttribute::Table("t".into()),
+            RuleAttribute::Chain("c".into()),
+            RuleAttribute::Expressions(vec![bare("notrack"), bare("masq")]),
+        ];
+        let rule = decode_rule(NFPROTO_IPV4, &attrs, NO_IFINDEX).expect("a masquerade rule");
+        assert_eq!(rule.describe(), "ip t c: masquerade no ports (kernel default)");
+        let attrs = vec![RuleAttribute::Expressions(vec![bare("notrack")])];
+        assert_eq!(decode_rule(NFPROTO_IPV4, &attrs, NO_IFINDEX), None);
     }
 
     #[test]
