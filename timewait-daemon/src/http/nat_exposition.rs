@@ -11,8 +11,8 @@ use crate::nat::{RangeSource, reader::NatView};
 /// `timewait_probe_path` rows of the NAT side's signals.
 pub fn paths(nat: &Result<NatView, String>) -> Vec<(&'static str, &'static str)> {
     match nat {
-        Err(why) if why.starts_with("--nat off") => vec![("nat_ports", "off"), ("conntrack_stats", "off")],
-        Err(_) => vec![("nat_ports", "unavailable"), ("conntrack_stats", "unavailable")],
+        Err(why) if why.starts_with("--nat off") => vec![("nat_ports", "off"), ("conntrack_stats", "off"), ("nat_port_range", "off")],
+        Err(_) => vec![("nat_ports", "unavailable"), ("conntrack_stats", "unavailable"), ("nat_port_range", "unavailable")],
         Ok(v) => {
             let ports = if v.unavailable.is_some() && v.dump_entries == 0 && v.conntrack.is_empty() {
                 "unavailable"
@@ -20,18 +20,8 @@ pub fn paths(nat: &Result<NatView, String>) -> Vec<(&'static str, &'static str)>
                 "ctnetlink"
             };
             let stats = if v.conntrack.is_empty() { "unavailable" } else { "procfs" };
-            let mut rows = vec![("nat_ports", ports), ("conntrack_stats", stats)];
-            if let Some(source) = v.range_source {
-                rows.push((
-                    "nat_port_range",
-                    match source {
-                        RangeSource::Nftables => "nftables",
-                        RangeSource::Flag => "flag",
-                        RangeSource::Default => "default",
-                    },
-                ));
-            }
-            rows
+            let range = if ports == "unavailable" { "unavailable" } else { v.range_path };
+            vec![("nat_ports", ports), ("conntrack_stats", stats), ("nat_port_range", range)]
         }
     }
 }
@@ -69,6 +59,22 @@ pub fn families(nat: &Result<NatView, String>, fams: &mut Vec<Family>) {
     fams.push(in_use);
     fams.push(tw);
     fams.push(ratio);
+    let mut size = Family::new(
+        "timewait_nat_port_range_size",
+        "Source ports a NAT address may hand out per destination (the ratio's denominator): from the NAT rules in the kernel's ruleset (source=\"nftables\"), --nat-port-range (\"flag\"), or the kernel's 1024-65535 where no rule names ports (\"default\").",
+        GAUGE,
+    );
+    for r in &v.ranges {
+        let netns = r.netns.map(|n| n.to_string());
+        let nat = r.nat_address.to_string();
+        let source = match r.source {
+            RangeSource::Nftables => "nftables",
+            RangeSource::Flag => "flag",
+            RangeSource::Default => "default",
+        };
+        size.sample(&with_netns(&[("nat_address", nat.as_str()), ("protocol", r.protocol.label()), ("source", source)], &netns), f64::from(r.range.size()));
+    }
+    fams.push(size);
 
     let mut entries = Family::new("timewait_conntrack_entries", "conntrack's entries now (nf_conntrack_count).", GAUGE);
     let mut limit = Family::new("timewait_conntrack_limit", "conntrack's table limit (nf_conntrack_max).", GAUGE);

@@ -104,9 +104,24 @@ pub struct NatView {
     pub dump_cpu_seconds: f64,
     /// Entries toward destinations beyond `--nat-max-destinations`.
     pub over_limit_entries: u64,
-    /// Where the ranges came from: the weakest source of any series.
-    pub range_source: Option<RangeSource>,
+    /// How the ranges are served: `nftables` (the ruleset was read), `flag`
+    /// (`--nat-port-range`), `unavailable` (the ruleset could not be read).
+    pub range_path: &'static str,
+    /// Per (namespace, NAT address, protocol): the range and where it came from.
+    pub ranges: Vec<NatRange>,
     pub unavailable: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NatRange {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+    pub nat_address: IpAddr,
+    pub protocol: Protocol,
+    pub range: PortRange,
+    pub source: RangeSource,
+    /// Rules that apply disagree: the span of their ranges is used.
+    pub conflict: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -156,7 +171,8 @@ impl NatShared {
             dump_seconds: 0.0,
             dump_cpu_seconds: 0.0,
             over_limit_entries: 0,
-            range_source: None,
+            range_path: if self.opts.port_range.is_some() { "flag" } else { "nftables" },
+            ranges: Vec::new(),
             unavailable: None,
         };
         for ns in &snap.namespaces {
@@ -172,23 +188,14 @@ impl NatShared {
             v.dump_seconds += ns.dump_wall.as_secs_f64();
             v.dump_cpu_seconds += ns.dump_cpu.as_secs_f64();
             v.over_limit_entries += ns.fold.over_entries;
-            for (.., source, _) in &ns.ranges {
-                v.range_source = Some(weakest(v.range_source, *source));
+            if ns.rules_error.is_some() {
+                v.range_path = "unavailable";
+            }
+            for (nat_address, protocol, range, source, conflict) in &ns.ranges {
+                v.ranges.push(NatRange { netns, nat_address: *nat_address, protocol: *protocol, range: *range, source: *source, conflict: *conflict });
             }
         }
         Some(v)
-    }
-}
-
-fn weakest(a: Option<RangeSource>, b: RangeSource) -> RangeSource {
-    let rank = |s: RangeSource| match s {
-        RangeSource::Flag => 0,
-        RangeSource::Nftables => 1,
-        RangeSource::Default => 2,
-    };
-    match a {
-        Some(a) if rank(a) >= rank(b) => a,
-        _ => b,
     }
 }
 

@@ -31,7 +31,6 @@
 
 // Nothing outside the tests calls this module until `reader.rs` does (the
 // lead's integration); drop this allow then.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::ffi::CStr;
 use std::io;
