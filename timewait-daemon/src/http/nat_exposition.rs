@@ -39,6 +39,12 @@ pub fn families(nat: &Result<NatView, String>, fams: &mut Vec<Family>) {
         "NAT source ports in use toward one real destination / the ports the NAT rule allows nat_address, 0..1 (a folded series: its busiest real destination's).",
         GAUGE,
     );
+    let mut left = Family::new(
+        "timewait_nat_port_exhaustion_seconds",
+        "Estimated seconds until the NAT source ports of nat_address toward remote:port run out at the current rate of new conntrack entries, \
+         their expiries taken into account (conntrack's timeouts as the hold time); +Inf when not heading there; a folded series: its soonest real destination's.",
+        GAUGE,
+    );
     for s in &v.series {
         let netns = s.netns.map(|n| n.to_string());
         let labels = with_netns(
@@ -55,10 +61,14 @@ pub fn families(nat: &Result<NatView, String>, fams: &mut Vec<Family>) {
         if let Some(r) = s.ratio {
             ratio.sample(&labels, r);
         }
+        if let Some(secs) = s.seconds {
+            left.sample(&labels, secs);
+        }
     }
     fams.push(in_use);
     fams.push(tw);
     fams.push(ratio);
+    fams.push(left);
     let mut size = Family::new(
         "timewait_nat_port_range_size",
         "Source ports a NAT address may hand out per destination (the ratio's denominator): from the NAT rules in the kernel's ruleset (source=\"nftables\"), --nat-port-range (\"flag\"), or the kernel's 1024-65535 where no rule names ports (\"default\").",

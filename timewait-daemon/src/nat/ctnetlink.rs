@@ -22,6 +22,8 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
 /// `enum tcp_conntrack`: TIME_WAIT.
 pub const TCP_CONNTRACK_TIME_WAIT: u8 = 7;
+/// `enum tcp_conntrack`: CLOSE (after a reset; ends at its 10 s timeout).
+pub const TCP_CONNTRACK_CLOSE: u8 = 8;
 /// `CTA_ID`: the entry's id (a hash: may collide, RESEARCH.md §1.5).
 const CTA_ID: u16 = 12;
 
@@ -35,6 +37,8 @@ pub struct Entry {
     pub orig_src: Option<IpAddr>,
     /// `IPS_SRC_NAT`: the source was translated (reply dst = the NAT address).
     pub src_nat: bool,
+    /// `IPS_ASSURED`: traffic seen both ways (a UDP entry then lasts while refreshed).
+    pub assured: bool,
     pub reply_src: IpAddr,
     pub reply_dst: IpAddr,
     pub reply_sport: u16,
@@ -76,6 +80,18 @@ pub struct Conntrack {
     socket: Socket,
     buf: Vec<u8>,
     seq: u32,
+}
+
+impl Entry {
+    /// Whether the entry ends on its own at its timeout (TCP TIME_WAIT or
+    /// CLOSE; UDP not ASSURED), rather than being held by traffic.
+    pub fn expiring(&self) -> bool {
+        match self.protocol {
+            6 => matches!(self.tcp_state, Some(TCP_CONNTRACK_TIME_WAIT | TCP_CONNTRACK_CLOSE)),
+            17 => !self.assured,
+            _ => false,
+        }
+    }
 }
 
 impl Conntrack {
@@ -162,6 +178,7 @@ pub fn entry_of(attrs: &[ConntrackAttribute]) -> Option<Entry> {
     let mut reply = None;
     let mut orig_src = None;
     let mut src_nat = false;
+    let mut assured = false;
     let mut tcp_state = None;
     let mut timeout = None;
     let mut id = None;
@@ -169,7 +186,7 @@ pub fn entry_of(attrs: &[ConntrackAttribute]) -> Option<Entry> {
         match a {
             ConntrackAttribute::CtaTupleReply(t) => reply = Some(tuple_of(t)?),
             ConntrackAttribute::CtaTupleOrig(t) => orig_src = tuple_of(t).map(|o| o.0),
-            ConntrackAttribute::CtaStatus(st) => src_nat = st.contains(Status::SrcNat),
+            ConntrackAttribute::CtaStatus(st) => (src_nat, assured) = (st.contains(Status::SrcNat), st.contains(Status::Assured)),
             ConntrackAttribute::CtaProtoInfo(p) => {
                 for info in p {
                     if let ProtoInfo::TCP(tcp) = info {
@@ -193,7 +210,7 @@ pub fn entry_of(attrs: &[ConntrackAttribute]) -> Option<Entry> {
         }
     }
     let (src, dst, sport, dport, protocol) = reply?;
-    Some(Entry { orig_src, src_nat, reply_src: src, reply_dst: dst, reply_sport: sport, reply_dport: dport, protocol, tcp_state, timeout, id })
+    Some(Entry { orig_src, src_nat, assured, reply_src: src, reply_dst: dst, reply_sport: sport, reply_dport: dport, protocol, tcp_state, timeout, id })
 }
 
 fn tuple_of(t: &[Tuple]) -> Option<(IpAddr, IpAddr, u16, u16, u8)> {

@@ -9,6 +9,7 @@
 //!   the kernel's nf_tables ruleset (the ratio's denominator);
 //! - `stats.rs`: conntrack's entries, its limit and its per-CPU stats from
 //!   `/proc/net/stat/nf_conntrack` (world-readable, per namespace);
+//! - `estimate.rs`: seconds until a destination's ports run out;
 //! - `reader.rs`: the thread that does all of it per watched namespace and
 //!   publishes a [`NatSnapshot`] the exposition, `snapshot` and `top` read.
 //!
@@ -23,6 +24,7 @@
 use std::net::IpAddr;
 
 pub mod ctnetlink;
+pub mod estimate;
 pub mod fold;
 pub mod reader;
 pub mod ruleset;

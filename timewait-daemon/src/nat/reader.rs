@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::{
     PortRange, Protocol, RangeSource,
     ctnetlink::{Conntrack, CtError, DumpStats},
-    fold::{Fold, NatSeries, series},
+    fold::{Fold, Model, NatSeries, series},
     ruleset,
     stats::{self, ConntrackStats},
 };
@@ -73,6 +73,8 @@ pub struct NsSnapshot {
     pub dump: DumpStats,
     pub dump_cpu: Duration,
     pub dump_wall: Duration,
+    /// When the dump ended (None: no dump).
+    pub dumped_at: Option<Instant>,
 }
 
 impl NsSnapshot {
@@ -81,6 +83,17 @@ impl NsSnapshot {
             .iter()
             .find(|(a, p, ..)| *a == nat && *p == proto)
             .map_or(PortRange::KERNEL_DEFAULT, |(_, _, r, ..)| *r)
+    }
+
+    /// How long a new port is held at least: conntrack's TIME_WAIT timeout
+    /// for TCP (120 s), its UDP timeout (30 s).
+    fn hold_of(&self, proto: Protocol) -> u32 {
+        let s = self.stats.as_ref();
+        let secs = match proto {
+            Protocol::Tcp => s.and_then(|s| s.tcp_time_wait_timeout).unwrap_or(120),
+            Protocol::Udp => s.and_then(|s| s.udp_timeout).unwrap_or(30),
+        };
+        u32::try_from(secs).unwrap_or(u32::MAX)
     }
 }
 
@@ -183,7 +196,11 @@ impl NatShared {
             if let Some(s) = &ns.stats {
                 v.conntrack.push(NsConntrack { netns, stats: s.clone() });
             }
-            v.series.extend(series(netns, &ns.fold, agg, |a, p| ns.range_of(a, p)));
+            let model = Model {
+                range_of: |a, p| ns.range_of(a, p),
+                hold_of: |p| ns.hold_of(p),
+            };
+            v.series.extend(series(netns, &ns.fold, agg, &model));
             v.dump_entries += ns.dump.entries;
             v.dump_seconds += ns.dump_wall.as_secs_f64();
             v.dump_cpu_seconds += ns.dump_cpu.as_secs_f64();
@@ -246,7 +263,8 @@ fn run(shared: &NatShared) {
     let mut warned: Option<String> = None;
     loop {
         let started = Instant::now();
-        let namespaces = round(opts);
+        let previous = shared.latest();
+        let namespaces = round(opts, previous.as_deref());
         rounds += 1;
         let cpu: Duration = namespaces.iter().map(|n| n.dump_cpu).sum();
         let problem = namespaces.iter().find_map(|n| n.unavailable.clone().or(n.rules_error.clone()));
@@ -277,20 +295,21 @@ fn run(shared: &NatShared) {
 
 /// One read of the calling thread's namespace, for `timewaitd check`.
 pub fn check_here(opts: &NatOptions) -> NsSnapshot {
-    read_here(opts, crate::kernel::procfs::own_netns().unwrap_or(0))
+    read_here(opts, crate::kernel::procfs::own_netns().unwrap_or(0), None)
 }
 
 /// One round: the daemon's namespace, then with `--all-netns` every other.
-fn round(opts: &NatOptions) -> Vec<NsSnapshot> {
+fn round(opts: &NatOptions, previous: Option<&NatSnapshot>) -> Vec<NsSnapshot> {
     let own = crate::kernel::procfs::own_netns().unwrap_or(0);
-    let mut out = vec![read_here(opts, own)];
+    let prev = |netns: u32| previous.and_then(|p| p.namespaces.iter().find(|n| n.netns == netns));
+    let mut out = vec![read_here(opts, own, prev(own))];
     if opts.all_netns {
         for path in crate::kernel::netns::other_namespaces(own) {
             let Some(inode) = inode_of(&path) else { continue };
             if out.iter().any(|n| n.netns == inode) {
                 continue;
             }
-            match crate::kernel::netns::in_netns(&path, || Ok(read_here(opts, inode))) {
+            match crate::kernel::netns::in_netns(&path, || Ok(read_here(opts, inode, prev(inode)))) {
                 Ok(s) => out.push(s),
                 Err(e) => warn!(netns = inode, error = %e, "NAT: cannot enter the namespace"),
             }
@@ -350,7 +369,7 @@ fn thread_cpu() -> Duration {
 }
 
 /// Reads the calling thread's namespace.
-fn read_here(opts: &NatOptions, netns: u32) -> NsSnapshot {
+fn read_here(opts: &NatOptions, netns: u32, previous: Option<&NsSnapshot>) -> NsSnapshot {
     let mut snap = NsSnapshot { netns, ..NsSnapshot::default() };
     if !stats::loaded() {
         snap.unavailable = Some("conntrack is not loaded in this namespace (nothing to watch)".into());
@@ -362,7 +381,13 @@ fn read_here(opts: &NatOptions, netns: u32) -> NsSnapshot {
     let dumped = Conntrack::open().and_then(|mut ct| ct.dump(|e| fold.add(e)));
     (snap.dump_cpu, snap.dump_wall) = (thread_cpu().saturating_sub(cpu0), wall0.elapsed());
     match dumped {
-        Ok(d) => snap.dump = d,
+        Ok(d) => {
+            snap.dump = d;
+            let now = Instant::now();
+            snap.dumped_at = Some(now);
+            let prev = previous.and_then(|p| Some((&p.fold, now.duration_since(p.dumped_at?).as_secs_f64())));
+            fold.finish(prev);
+        }
         Err(e @ CtError::Permission) => {
             snap.unavailable = Some(e.to_string());
             return snap;

@@ -38,7 +38,11 @@ pub struct ConntrackStats {
     /// Per-CPU counters summed, in [`EXPORTED`] order, those this kernel has.
     pub stats: Vec<(&'static str, u64)>,
     /// `nf_conntrack_tcp_timeout_time_wait` of this namespace, seconds.
+    #[serde(skip)]
     pub tcp_time_wait_timeout: Option<u64>,
+    /// `nf_conntrack_udp_timeout` of this namespace, seconds.
+    #[serde(skip)]
+    pub udp_timeout: Option<u64>,
 }
 
 /// Whether conntrack is loaded in the calling thread's namespace.
@@ -64,6 +68,7 @@ pub fn read() -> Option<ConntrackStats> {
     }
     s.limit = sysctl("nf_conntrack_max");
     s.tcp_time_wait_timeout = sysctl("nf_conntrack_tcp_timeout_time_wait");
+    s.udp_timeout = sysctl("nf_conntrack_udp_timeout");
     Some(s)
 }
 
@@ -88,7 +93,7 @@ pub fn parse(text: &str) -> Option<ConntrackStats> {
     }
     let column = |names: &[&str]| header.iter().position(|h| names.contains(h)).map(|i| sums[i]);
     let stats = EXPORTED.iter().filter_map(|(name, cols)| column(cols).map(|v| (*name, v))).collect();
-    Some(ConntrackStats { entries: entries.unwrap_or(0), limit: None, stats, tcp_time_wait_timeout: None })
+    Some(ConntrackStats { entries: entries.unwrap_or(0), limit: None, stats, tcp_time_wait_timeout: None, udp_timeout: None })
 }
 
 #[cfg(test)]
