@@ -102,7 +102,6 @@ impl NsSnapshot {
 pub struct NatSnapshot {
     pub at: Instant,
     pub namespaces: Vec<NsSnapshot>,
-    pub rounds: u64,
 }
 
 /// What the exposition and `snapshot` show of the NAT side.
@@ -259,13 +258,11 @@ pub fn spawn(opts: NatOptions) -> Result<Arc<NatShared>, String> {
 
 fn run(shared: &NatShared) {
     let opts = &shared.opts;
-    let mut rounds = 0u64;
     let mut warned: Option<String> = None;
     loop {
         let started = Instant::now();
         let previous = shared.latest();
         let namespaces = round(opts, previous.as_deref());
-        rounds += 1;
         let cpu: Duration = namespaces.iter().map(|n| n.dump_cpu).sum();
         let problem = namespaces.iter().find_map(|n| n.unavailable.clone().or(n.rules_error.clone()));
         if problem != warned {
@@ -277,7 +274,7 @@ fn run(shared: &NatShared) {
             warned = problem;
         }
         *shared.snapshot.write().unwrap_or_else(|e| e.into_inner()) =
-            Some(Arc::new(NatSnapshot { at: Instant::now(), namespaces, rounds }));
+            Some(Arc::new(NatSnapshot { at: Instant::now(), namespaces }));
         {
             let (m, cv) = &shared.first;
             *m.lock().unwrap_or_else(|e| e.into_inner()) = true;

@@ -332,3 +332,42 @@ fn nat_without_privilege_or_off() {
     assert_eq!(path(&m, "nat_ports").as_deref(), Some("off"));
     daemon.stop();
 }
+
+/// `--all-netns`: two routers with the same NAT address in two namespaces;
+/// the `netns` label keeps them apart, each exact against its own
+/// `conntrack -L`.
+#[test]
+fn nat_all_netns_keeps_routers_apart() {
+    if !require_root("nat_all_netns_keeps_routers_apart") || !tools_present("nat_all_netns_keeps_routers_apart") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let a = Router::new(Nat::IptablesMasquerade { protocols: &["udp"], ports: "40000-40007" }, 1);
+    let b = Router::new(Nat::IptablesMasquerade { protocols: &["udp"], ports: "40000-40007" }, 1);
+    let server = Router::server(5000);
+    let _sa = a.s.run(|| UdpSocket::bind(SocketAddr::V4(server))).expect("bind");
+    let _sb = b.s.run(|| UdpSocket::bind(SocketAddr::V4(server))).expect("bind");
+    for _ in 0..3 {
+        udp_send(&a.c, CLIENT, server);
+    }
+    for _ in 0..5 {
+        udp_send(&b.c, CLIENT, server);
+    }
+    let daemon = Daemon::start(&a.r, &["--nat", "on", "--nat-interval", "1", "--all-netns"]);
+    let inode = |lab: &Router| std::fs::metadata(lab.r.path()).expect("stat the namespace").ino().to_string();
+    let (ia, ib) = (inode(&a), inode(&b));
+    let per_ns = |m: &Metrics, ns: &str| -> u64 {
+        m.series("timewait_nat_ports_in_use")
+            .iter()
+            .filter(|(l, _)| l.get("netns").map(String::as_str) == Some(ns) && l.get("nat_address").map(String::as_str) == Some("10.98.3.1"))
+            .map(|(_, v)| *v as u64)
+            .sum()
+    };
+    let count = |lab: &Router| oracle(&conntrack_l(&lab.r), &[NAT_ADDRESS]).values().map(|v| v.0).sum::<u64>();
+    let agreed = quiet_equal("two routers by netns", || (count(&a), count(&b)), || {
+        let m = daemon.scrape();
+        (per_ns(&m, &ia), per_ns(&m, &ib))
+    });
+    assert_eq!(agreed, (3, 5));
+    daemon.stop();
+}

@@ -47,7 +47,7 @@ impl NetNs {
         &self.name
     }
 
-    pub(super) fn path(&self) -> PathBuf {
+    pub fn path(&self) -> PathBuf {
         PathBuf::from("/var/run/netns").join(&self.name)
     }
 
