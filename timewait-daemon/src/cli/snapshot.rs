@@ -116,7 +116,53 @@ fn render_table(view: &Value, source: &str) -> String {
             ));
         }
     }
+    render_nat(view, &mut out);
     out
+}
+
+/// The NAT side (a balancer): ports held per (NAT address, destination).
+fn render_nat(view: &Value, out: &mut String) {
+    let nat = &view["nat"];
+    match nat["state"].as_str() {
+        Some("watched") => {}
+        Some(state) => {
+            out.push_str(&format!("
+NAT: {state}: {}
+", s(nat, "unavailable")));
+            return;
+        }
+        None => return,
+    }
+    let mut series: Vec<&Value> = nat["series"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    if series.is_empty() {
+        out.push_str(&format!("
+NAT: no NATed connections ({} conntrack entries)
+", n(nat, "dump_entries")));
+        return;
+    }
+    series.sort_by_key(|x| std::cmp::Reverse(n(x, "in_use")));
+    out.push_str(&format!(
+        "
+{:<40} {:<46} {:>5} {:>8} {:>10} {:>6} {:>10}
+",
+        "NAT ADDRESS", "DESTINATION", "PROTO", "IN_USE", "TIME_WAIT", "RATIO", "LEFT"
+    ));
+    for x in series {
+        let ratio = x.get("ratio").and_then(Value::as_f64).map_or_else(|| "-".to_string(), |r| format!("{r:.2}"));
+        // Absent: not estimated yet (one dump so far); null: never (+Inf).
+        let left = fmt_left(x.get("seconds").map(Value::as_f64));
+        out.push_str(&format!(
+            "{:<40} {:<46} {:>5} {:>8} {:>10} {:>6} {:>10}
+",
+            s(x, "nat_address"),
+            format!("{}:{}", s(x, "remote"), s(x, "port")),
+            s(x, "protocol"),
+            n(x, "in_use"),
+            n(x, "time_wait"),
+            ratio,
+            left
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -144,5 +190,23 @@ mod tests {
         let est: Vec<&str> = t.lines().skip_while(|l| !l.starts_with("TIME TO EXHAUSTION")).collect();
         assert!(est[1].starts_with("10.0.0.1:443") && est[1].trim_end().ends_with("12s"), "{t}");
         assert!(est[2].trim_end().ends_with("never"), "{t}");
+    }
+
+    #[test]
+    fn nat_section_shows_destinations_busiest_first() {
+        let v: Value = serde_json::from_str(
+            r#"{"series":[],"nat":{"state":"watched","dump_entries":12,"series":[
+                {"nat_address":"10.98.3.1","remote":"10.98.3.2","port":"80","protocol":"tcp","in_use":2,"time_wait":2,"ratio":0.25,"seconds":null},
+                {"nat_address":"10.98.3.1","remote":"10.98.3.2","port":"5000","protocol":"udp","in_use":8,"time_wait":0,"ratio":1.0,"seconds":0.0},
+                {"nat_address":"10.98.3.1","remote":"other","port":"other","protocol":"tcp","in_use":3,"time_wait":0}]}}"#,
+        )
+        .unwrap();
+        let t = render_table(&v, "test");
+        let nat: Vec<&str> = t.lines().skip_while(|l| !l.starts_with("NAT ADDRESS")).collect();
+        assert!(nat[1].contains("10.98.3.2:5000") && nat[1].contains("1.00") && nat[1].trim_end().ends_with("0s"), "{t}");
+        assert!(nat[2].contains("other:other") && nat[2].trim_end().ends_with('-'), "{t}");
+        assert!(nat[3].contains("10.98.3.2:80") && nat[3].trim_end().ends_with("never"), "{t}");
+        let off: Value = serde_json::from_str(r#"{"series":[],"nat":{"state":"off","unavailable":"--nat off"}}"#).unwrap();
+        assert!(render_table(&off, "test").contains("NAT: off: --nat off"));
     }
 }

@@ -119,10 +119,11 @@ pub struct View {
     /// Per remote series (inbound), the inbound ratio of its busiest real
     /// remote address.
     pub inbound_ratios: Vec<InboundRatio>,
-    /// The NAT side (conntrack), or why it is not watched; None when `--nat off`
-    /// or not asked for by the reader of this view.
+    /// The NAT side (conntrack), or why it is not watched (`state`); None
+    /// before the daemon started its reader, and in `snapshot` read
+    /// straight from the kernel.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub nat: Option<Result<crate::nat::reader::NatView, String>>,
+    pub nat: Option<crate::nat::reader::NatView>,
 }
 
 /// Per errno, the process names with the most errors that keep a series of

@@ -9,11 +9,11 @@ use super::exposition::{Family, with_netns};
 use crate::nat::{RangeSource, reader::NatView};
 
 /// `timewait_probe_path` rows of the NAT side's signals.
-pub fn paths(nat: &Result<NatView, String>) -> Vec<(&'static str, &'static str)> {
-    match nat {
-        Err(why) if why.starts_with("--nat off") => vec![("nat_ports", "off"), ("conntrack_stats", "off"), ("nat_port_range", "off")],
-        Err(_) => vec![("nat_ports", "unavailable"), ("conntrack_stats", "unavailable"), ("nat_port_range", "unavailable")],
-        Ok(v) => {
+pub fn paths(v: &NatView) -> Vec<(&'static str, &'static str)> {
+    match v.state {
+        "off" => vec![("nat_ports", "off"), ("conntrack_stats", "off"), ("nat_port_range", "off")],
+        "unavailable" => vec![("nat_ports", "unavailable"), ("conntrack_stats", "unavailable"), ("nat_port_range", "unavailable")],
+        _ => {
             let ports = if v.unavailable.is_some() && v.dump_entries == 0 && v.conntrack.is_empty() {
                 "unavailable"
             } else {
@@ -26,8 +26,10 @@ pub fn paths(nat: &Result<NatView, String>) -> Vec<(&'static str, &'static str)>
     }
 }
 
-pub fn families(nat: &Result<NatView, String>, fams: &mut Vec<Family>) {
-    let Ok(v) = nat else { return };
+pub fn families(v: &NatView, fams: &mut Vec<Family>) {
+    if v.state != "watched" {
+        return;
+    }
     let mut in_use = Family::new(
         "timewait_nat_ports_in_use",
         "conntrack entries holding a source port of nat_address toward remote:port (reply tuple from remote:port to nat_address; equals `conntrack -L` filtered so).",

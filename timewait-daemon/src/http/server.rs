@@ -52,10 +52,10 @@ impl AppState {
     }
 
     /// The NAT side at a scrape: its view, or why it is not watched.
-    pub fn nat_view(&self, agg: &AggOptions) -> Option<Result<crate::nat::reader::NatView, String>> {
+    pub fn nat_view(&self, agg: &AggOptions) -> Option<crate::nat::reader::NatView> {
         match self.nat.get()? {
-            Ok(n) => n.view(agg).map(Ok),
-            Err(why) => Some(Err(why.clone())),
+            Ok(n) => n.view(agg),
+            Err(why) => Some(crate::nat::reader::NatView::not_watched(why.clone(), why.starts_with("--nat off"))),
         }
     }
 

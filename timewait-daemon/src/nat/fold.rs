@@ -137,7 +137,9 @@ pub struct NatSeries {
     pub worst: Option<String>,
     pub destinations: u64,
     /// Seconds until the soonest of its real destinations runs out of ports
-    /// (`f64::INFINITY`: not heading there); None until two dumps were read.
+    /// (`f64::INFINITY`, JSON null: not heading there); None (absent) until
+    /// two dumps were read.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
 }
 

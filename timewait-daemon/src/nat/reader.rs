@@ -107,6 +107,9 @@ pub struct NatSnapshot {
 /// What the exposition and `snapshot` show of the NAT side.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NatView {
+    /// `watched`, `off` (`--nat off`) or `unavailable` (no CAP_NET_ADMIN:
+    /// `unavailable` says why).
+    pub state: &'static str,
     pub series: Vec<NatSeries>,
     pub conntrack: Vec<NsConntrack>,
     /// Seconds since the last round ended.
@@ -176,6 +179,7 @@ impl NatShared {
         let snap = self.latest()?;
         let per_netns = self.opts.all_netns;
         let mut v = NatView {
+            state: "watched",
             series: Vec::new(),
             conntrack: Vec::new(),
             age_seconds: snap.at.elapsed().as_secs_f64(),
@@ -212,6 +216,25 @@ impl NatShared {
             }
         }
         Some(v)
+    }
+}
+
+impl NatView {
+    /// The NAT side is not watched at all: `why` (`--nat off`, or a missing privilege).
+    pub fn not_watched(why: String, off: bool) -> Self {
+        Self {
+            state: if off { "off" } else { "unavailable" },
+            series: Vec::new(),
+            conntrack: Vec::new(),
+            age_seconds: 0.0,
+            dump_entries: 0,
+            dump_seconds: 0.0,
+            dump_cpu_seconds: 0.0,
+            over_limit_entries: 0,
+            range_path: if off { "off" } else { "unavailable" },
+            ranges: Vec::new(),
+            unavailable: Some(why),
+        }
     }
 }
 
