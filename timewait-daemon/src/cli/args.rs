@@ -122,6 +122,9 @@ pub struct RunArgs {
     /// Where the fentry hooks are refused (the tracepoint path): also count TCP bind() EADDRINUSE through the syscalls/sys_enter_bind and sys_exit_bind tracepoints, which sends every system call of every process through the kernel's slow path (50 ns more a call here, BENCHMARKS.md scenario 8); off by default.
     #[arg(long)]
     pub syscall_tracepoints: bool,
+    /// NAT allocation failures per destination (packets conntrack dropped for want of a NAT port): auto (where conntrack is loaded), on, off [default: auto].
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub nat: Option<super::config::NatMode>,
     /// Log filter (tracing EnvFilter syntax) [default: info].
     #[arg(long = "log.level", value_name = "FILTER")]
     pub log_level: Option<String>,

@@ -51,6 +51,18 @@ struct FileConfig {
     reconcile_interval: Option<u64>,
     probe_path: Option<ProbePath>,
     syscall_tracepoints: Option<bool>,
+    nat: Option<NatMode>,
+}
+
+/// `--nat`: whether NAT allocation failures are counted per destination.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatMode {
+    /// Where conntrack is loaded in the daemon's namespace.
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,6 +102,8 @@ pub struct Config {
     pub probe_path: ProbePath,
     /// `--syscall-tracepoints`: bind() errors on the tracepoint path.
     pub syscall_tracepoints: bool,
+    /// `--nat`.
+    pub nat: NatMode,
 }
 
 fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -164,6 +178,7 @@ pub fn resolve(args: &RunArgs) -> Result<Config, ConfigError> {
     Ok(Config {
         probe_path,
         syscall_tracepoints: args.syscall_tracepoints || file.syscall_tracepoints.unwrap_or(false),
+        nat: args.nat.or(file.nat).unwrap_or_default(),
         listen,
         web_config_file: args
             .web_config_file
@@ -203,6 +218,12 @@ impl LoadOptions {
             probe_path: cfg.probe_path,
             attribute_cgroups: cfg.attribute_cgroups,
             syscall_tracepoints: cfg.syscall_tracepoints,
+            // auto: where conntrack is loaded (its per-namespace sysctls exist).
+            nat_drops: match cfg.nat {
+                NatMode::On => true,
+                NatMode::Off => false,
+                NatMode::Auto => Path::new("/proc/sys/net/netfilter/nf_conntrack_count").exists(),
+            },
         }
     }
 }
