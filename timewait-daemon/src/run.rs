@@ -133,6 +133,7 @@ fn reload(args: &RunArgs, running: &Config, state: &AppState) {
         ("reconcile-interval", new.reconcile_interval != running.reconcile_interval),
         ("probe-path", new.probe_path != running.probe_path),
         ("syscall-tracepoints", new.syscall_tracepoints != running.syscall_tracepoints),
+        ("nat", new.nat != running.nat),
     ];
     for (key, changed) in fixed {
         if changed {

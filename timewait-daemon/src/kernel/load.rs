@@ -343,7 +343,12 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         None => (None, None),
     };
     for sp in [&sockets, &bind_errors, &lifecycle, &segments].into_iter().chain(nat_failures.as_ref()) {
-        hooks.extend(sp.hooks.iter().map(|h| (h.clone(), true)));
+        // One series per hook: segments and NAT failures share kfree_skb.
+        for h in &sp.hooks {
+            if !hooks.iter().any(|(seen, _)| seen == h) {
+                hooks.push((h.clone(), true));
+            }
+        }
         info!(signal = sp.signal, path = sp.path.as_str(), hooks = %sp.hooks.join(", "), "attached");
         if !sp.refused.is_empty() {
             debug!(signal = sp.signal, refused = %sp.refused.join("; "), "paths not taken");
