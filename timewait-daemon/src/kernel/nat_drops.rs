@@ -206,6 +206,22 @@ mod tests {
         assert!(destination(&k).is_none());
     }
 
+    #[test]
+    fn series_fold_namespaces_only_when_asked() {
+        let key = |netns: u32, l4proto: u8| {
+            let mut k = NatDropKey { netns, family: AF_INET, l4proto, port: 83, ..NatDropKey::default() };
+            k.nat_address[..4].copy_from_slice(&[10, 0, 0, 1]);
+            k.remote[..4].copy_from_slice(&[10, 0, 0, 2]);
+            k
+        };
+        let raw = vec![(key(1, 6), 2), (key(2, 6), 3), (key(1, 1), 4)];
+        let one = crate::collect::view::nat_failures(raw.clone(), 5, false);
+        assert_eq!(one.by_destination.iter().map(|f| (f.netns, f.count)).collect::<Vec<_>>(), vec![(None, 5)]);
+        assert_eq!(one.unattributed, 5 + 4, "ICMP has no destination port: unattributed");
+        let per = crate::collect::view::nat_failures(raw, 0, true);
+        assert_eq!(per.by_destination.iter().map(|f| (f.netns, f.count)).collect::<Vec<_>>(), vec![(Some(1), 2), (Some(2), 3)]);
+    }
+
     /// Needs a readable BTF; on this machine's kernel conntrack is built in.
     #[test]
     fn nat_config_from_running_kernel() {
