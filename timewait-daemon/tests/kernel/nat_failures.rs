@@ -208,3 +208,53 @@ fn nat_failures() {
     drop(listener);
     daemon.stop();
 }
+
+/// The IPv6 header path of `nat_kfree_skb`: 9 UDP flows through 8 NAT
+/// ports of an `ip6tables` MASQUERADE, one failure for the destination.
+#[test]
+fn nat_failures_ipv6() {
+    if !require_root("nat_failures_ipv6") {
+        return;
+    }
+    for (cmd, pkg) in [("ip6tables", "iptables"), ("conntrack", "conntrack")] {
+        assert!(have(cmd), "nat_failures_ipv6 needs `{cmd}` (Debian package {pkg}; `cargo xtask setup` installs it)");
+    }
+    let (nat, server_ip) = ("fd97:3::1", "fd97:3::2");
+    let c = NetNs::new();
+    let r = NetNs::new();
+    let s = NetNs::new();
+    veth(&c, "eth0", "10.97.1.2/24", &r, "to-c", "10.97.1.1/24");
+    veth(&r, "to-s", "10.97.3.1/24", &s, "eth0", "10.97.3.2/24");
+    // nodad: usable at once, no duplicate-address detection wait.
+    for (ns, ifname, addr) in [(&c, "eth0", "fd97:1::2/64"), (&r, "to-c", "fd97:1::1/64"), (&r, "to-s", "fd97:3::1/64"), (&s, "eth0", "fd97:3::2/64")] {
+        ns.exec(&["ip", "-6", "addr", "add", addr, "dev", ifname, "nodad"]);
+    }
+    route(&c, "fd97:3::/64", "fd97:1::1");
+    r.sysctl("net.ipv6.conf.all.forwarding", "1");
+    r.exec(&["ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "to-s", "-p", "udp", "-j", "MASQUERADE", "--to-ports", "40000-40007"]);
+
+    let daemon = Daemon::start(&r, &["--nat", "on"]);
+    let server = s.run(move || UdpSocket::bind((server_ip, 5000)).expect("bind server"));
+    let before = insert_failed(&r);
+    let to: SocketAddr = format!("[{server_ip}]:5000").parse().unwrap();
+    c.run(move || {
+        let socks: Vec<UdpSocket> = (0..9).map(|_| UdpSocket::bind("[fd97:1::2]:0").expect("bind client")).collect();
+        for s in &socks {
+            s.send_to(b"x", to).expect("send");
+        }
+    });
+    let got = received(&server);
+    let failed = insert_failed(&r) - before;
+    eprintln!("udp6: server received {got}, insert_failed +{failed}");
+    assert_eq!((got, failed), (8, 1), "9 flows through 8 NAT ports");
+    if expected_path() != "tracepoint" {
+        assert!(daemon.scrape().series(FAILURES).is_empty(), "no NAT failure series where unavailable");
+        return;
+    }
+    let get = |m: &Metrics| m.get(FAILURES, &[("nat_address", nat), ("remote", server_ip), ("port", "5000"), ("protocol", "udp")]);
+    wait_until(Duration::from_secs(10), "the UDP/IPv6 failure counted", || get(&daemon.scrape()).is_some());
+    let m = daemon.scrape();
+    assert_eq!(get(&m), Some(1.0), "{:?}", m.series(FAILURES));
+    assert_eq!((m.sum(FAILURES, &[]), m.get(UNATTRIBUTED, &[])), (1.0, Some(0.0)), "{:?}", m.series(FAILURES));
+    daemon.stop();
+}
