@@ -119,6 +119,53 @@ pub struct Config {
     pub head_fast: u32,
 }
 
+/// What `nat_kfree_skb` is told at load (`--nat`): the drop reason and the
+/// function that mean "conntrack refused the packet", and the offsets of
+/// `struct nf_conn` (vmlinux BTF, or module BTF `/sys/kernel/btf/nf_conntrack`).
+/// A separate global from `Config`: only the NAT program reads it.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatConfig {
+    /// `nf_hook_slow`'s code, [start, end) from `/proc/kallsyms`: a drop's
+    /// `location` is a return address inside it. 0, 0: not tested.
+    pub hook_slow_start: u64,
+    pub hook_slow_end: u64,
+    /// `SKB_DROP_REASON_NETFILTER_DROP` in this kernel's `enum skb_drop_reason`.
+    pub netfilter_drop: u32,
+    /// `sk_buff._nfct`
+    pub skb_nfct: u32,
+    /// `nf_conn.status`, `nf_conn.ct_net`
+    pub ct_status: u32,
+    pub ct_net: u32,
+    /// Where the reply tuple (`tuplehash[IP_CT_DIR_REPLY].tuple`) is in `nf_conn`.
+    pub reply_tuple: u32,
+    /// In `nf_conntrack_tuple`: `src.u3`, `src.u.all`, `dst.u3`, `dst.protonum`.
+    pub tuple_src_u3: u32,
+    pub tuple_src_port: u32,
+    pub tuple_dst_u3: u32,
+    pub tuple_dst_protonum: u32,
+    pub _pad: u32,
+}
+
+impl NatConfig {
+    /// The value compiled into the object; the daemon overrides it when it
+    /// attaches the program.
+    pub const ZERO: Self = Self {
+        hook_slow_start: 0,
+        hook_slow_end: 0,
+        netfilter_drop: 0,
+        skb_nfct: 0,
+        ct_status: 0,
+        ct_net: 0,
+        reply_tuple: 0,
+        tuple_src_u3: 0,
+        tuple_src_port: 0,
+        tuple_dst_u3: 0,
+        tuple_dst_protonum: 0,
+        _pad: 0,
+    };
+}
+
 /// The first 20 bytes of `struct sock_common` (`inet_timewait_sock` and
 /// `sock` both begin with it), as laid out since Linux 3.x: the daemon
 /// checks the BTF offsets against it (`Config::head_fast`), else the

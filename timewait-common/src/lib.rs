@@ -387,8 +387,30 @@ pub mod counter {
     pub const COUNT: u32 = 19;
 }
 
+/// Key of `NAT_DROPS`: one destination that a packet could not reach
+/// because conntrack found no free NAT source port (`nat_kfree_skb`).
+/// Addresses as in the translated packet: `nat_address` its source (IPv4 in
+/// the first 4 bytes), `remote` its destination, `port` the destination
+/// port (host order), `l4proto` the IP protocol number.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatDropKey {
+    pub netns: u32,
+    pub family: u16,
+    pub l4proto: u8,
+    pub _pad: u8,
+    pub nat_address: [u8; 16],
+    pub remote: [u8; 16],
+    pub port: u16,
+    pub _pad2: [u8; 2],
+}
+
+/// Capacity of `NAT_DROPS`; what no longer fits is counted in
+/// `NAT_UNATTRIBUTED[0]`.
+pub const NAT_DROP_KEYS: u32 = 4096;
+
 mod config;
-pub use config::{Config, Offsets, SockHead};
+pub use config::{Config, NatConfig, Offsets, SockHead};
 
 const _: () = assert!(core::mem::size_of::<AggKey>() == 40);
 const _: () = assert!(core::mem::size_of::<RemoteKey>() == 24);
@@ -405,6 +427,8 @@ const _: () = assert!(core::mem::size_of::<TwEntry>() == 40 + 8 * 2 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 44 * 4);
 const _: () = assert!(core::mem::size_of::<Config>() == 176 + 24);
 const _: () = assert!(core::mem::size_of::<Untold>() == 40 + 16);
+const _: () = assert!(core::mem::size_of::<NatDropKey>() == 44);
+const _: () = assert!(core::mem::size_of::<NatConfig>() == 16 + 10 * 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -429,4 +453,8 @@ mod pod {
     unsafe impl aya::Pod for super::IndexKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IndexVal {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatDropKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatConfig {}
 }

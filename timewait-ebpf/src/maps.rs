@@ -202,7 +202,7 @@ pub fn unbump(idx: u32) {
 }
 
 #[inline(always)]
-fn atomic_add(p: *mut i64, delta: i64) {
+pub fn atomic_add(p: *mut i64, delta: i64) {
     // The BPF target offers no `AtomicI64::fetch_add`; with its result unused
     // this intrinsic lowers to the BPF atomic add every kernel supports.
     // SAFETY: p points to an i64 map value that stays valid while the program

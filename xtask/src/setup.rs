@@ -35,6 +35,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("iptables", "iptables"),
     ("tshark", "tshark"),
+    // NAT allocation failures (issue 27): conntrack's table, the oracle.
+    ("conntrack", "conntrack"),
     // virtme-ng runs depmod for the guest kernels' modules.
     ("depmod", "kmod"),
 ];

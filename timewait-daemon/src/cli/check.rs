@@ -10,7 +10,7 @@ use super::{args::RunArgs, config, fail, print_out};
 use crate::kernel::{
     load::{self, LoadOptions},
     offsets,
-    paths::{BIND_ERRORS, LIFECYCLE, Path, SEGMENTS, SOCKETS},
+    paths::{BIND_ERRORS, LIFECYCLE, NAT_FAILURES, Path, SEGMENTS, SOCKETS},
     procfs,
 };
 
@@ -44,6 +44,7 @@ fn feature(signal: &str) -> &'static str {
         SEGMENTS => "segments (SYN accepted/rejected, segment kinds, reset reasons)",
         SOCKETS => "sockets (listeners for direction, active opens for ports in use, connect errors)",
         BIND_ERRORS => "bind errors (EADDRINUSE)",
+        NAT_FAILURES => "NAT failures (packets dropped for want of a NAT port, per destination)",
         _ => "",
     }
 }
@@ -129,7 +130,7 @@ fn attach_lines(cfg: &config::Config) -> Vec<Line> {
         let refused = if sp.refused.is_empty() { String::new() } else { format!(" (not taken: {})", sp.refused.join("; ")) };
         if sp.path == Path::Off {
             lines.push(line(what, Status::Ok, format!("off: {}", sp.refused.join("; "))));
-        } else if sp.path == Path::Unavailable && sp.signal == BIND_ERRORS {
+        } else if sp.path == Path::Unavailable && (sp.signal == BIND_ERRORS || sp.signal == NAT_FAILURES) {
             lines.push(line(what, Status::Partial, format!("unavailable{refused}")));
         } else if sp.path == Path::Unavailable {
             lines.push(line(

@@ -233,6 +233,12 @@ impl LoadOptions {
             probe_path: cfg.probe_path,
             attribute_cgroups: cfg.attribute_cgroups,
             syscall_tracepoints: cfg.syscall_tracepoints,
+            // auto: where conntrack is loaded (its per-namespace sysctls exist).
+            nat_drops: match cfg.nat.mode {
+                crate::nat::reader::NatMode::On => true,
+                crate::nat::reader::NatMode::Off => false,
+                crate::nat::reader::NatMode::Auto => Path::new("/proc/sys/net/netfilter/nf_conntrack_count").exists(),
+            },
         }
     }
 }

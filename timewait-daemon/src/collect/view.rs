@@ -103,6 +103,43 @@ pub struct Sysctls {
     pub overflow: Option<u64>,
 }
 
+/// NAT allocation failures per destination (`--nat`, where the kernel
+/// serves them): cumulative, never decreasing.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NatFailures {
+    pub by_destination: Vec<NatFailure>,
+    /// Drops no destination could be given to (the kernel's table full,
+    /// headers unreadable, a protocol without ports).
+    pub unattributed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NatFailure {
+    /// With `--all-netns` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+    #[serde(flatten)]
+    pub destination: crate::nat::Destination,
+    pub count: u64,
+}
+
+/// Folds the kernel's keys into series: per namespace only with
+/// `per_netns`; keys without a destination into `unattributed`.
+pub fn nat_failures(raw: Vec<(timewait_common::NatDropKey, u64)>, unattributed: u64, per_netns: bool) -> NatFailures {
+    let mut by: std::collections::BTreeMap<(Option<u32>, crate::nat::Destination), u64> = Default::default();
+    let mut other = unattributed;
+    for (k, n) in raw {
+        match crate::kernel::nat_drops::destination(&k) {
+            Some((netns, d)) => *by.entry((per_netns.then_some(netns), d)).or_default() += n,
+            None => other += n,
+        }
+    }
+    NatFailures {
+        by_destination: by.into_iter().map(|((netns, destination), count)| NatFailure { netns, destination, count }).collect(),
+        unattributed: other,
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct View {
     pub series: Vec<Series>,
@@ -124,6 +161,9 @@ pub struct View {
     /// straight from the kernel.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nat: Option<crate::nat::reader::NatView>,
+    /// None when NAT failures are not counted (`--nat`, the kernel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat_failures: Option<NatFailures>,
 }
 
 /// Per errno, the process names with the most errors that keep a series of
@@ -238,6 +278,7 @@ impl Collector {
             .collect();
         drop(ledger);
         connect_errors.sort_by(|a, b| (a.errno, &a.comm, &a.cgroup, &a.remote, a.port).cmp(&(b.errno, &b.comm, &b.cgroup, &b.remote, b.port)));
+        let nat_failures = probes.nat_drops(&self.read_errors).map(|(raw, other)| nat_failures(raw, other, opts.per_netns));
         let per_cpu = probes.lifetime.get(&0, 0).ok();
         let mut slots = vec![0u64; (LIFETIME_REASONS * LIFETIME_SLOTS) as usize];
         for (i, slot) in slots.iter_mut().enumerate() {
@@ -305,6 +346,7 @@ impl Collector {
             sysctls,
             estimates,
             nat: None,
+            nat_failures,
         }
     }
 

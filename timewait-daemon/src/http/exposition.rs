@@ -97,6 +97,32 @@ pub(super) fn with_netns<'a>(labels: &[(&'a str, &'a str)], netns: &'a Option<St
     v
 }
 
+/// `--nat`: packets conntrack dropped for want of a NAT port, per
+/// destination; absent (not zeros) where the kernel does not serve them.
+fn nat_failures(view: &View, fams: &mut Vec<Family>) {
+    let Some(nat) = &view.nat_failures else { return };
+    let mut per = Family::new(
+        "timewait_nat_allocation_failures_total",
+        "Packets dropped because NAT found no free source port (conntrack insert_failed), by NAT address and real destination.",
+        MetricType::COUNTER,
+    );
+    for f in &nat.by_destination {
+        let d = &f.destination;
+        let (nat_address, remote, port) = (d.nat_address.to_string(), d.remote.to_string(), d.port.to_string());
+        let netns = f.netns.map(|n| n.to_string());
+        let labels = [("nat_address", nat_address.as_str()), ("remote", remote.as_str()), ("port", port.as_str()), ("protocol", d.protocol.label())];
+        per.sample(&with_netns(&labels, &netns), f.count as f64);
+    }
+    fams.push(per);
+    let mut other = Family::new(
+        "timewait_nat_allocation_failures_unattributed_total",
+        "NAT allocation failures no destination could be given to (the kernel's table full, unreadable headers, protocols without ports).",
+        MetricType::COUNTER,
+    );
+    other.sample(&[], nat.unattributed as f64);
+    fams.push(other);
+}
+
 pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
     use MetricType::{COUNTER, GAUGE};
     let mut fams = Vec::new();
@@ -211,6 +237,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
         errors.sample(&labels, e.count as f64);
     }
     fams.push(errors);
+    nat_failures(view, &mut fams);
 
     let c = &view.counters;
     let mut created = Family::new("timewait_created_total", "Minisockets created (TIME_WAIT or FIN_WAIT2).", COUNTER);
@@ -392,7 +419,7 @@ pub fn render(view: &View, st: &Static<'_>) -> Vec<u8> {
 
     let mut paths = Family::new(
         "timewait_probe_path",
-        "1 for the path that serves each signal (sockets, bind_errors, lifecycle, segments): fentry, kprobe, tracepoint, unavailable (its metrics are then not exported) or off (left off by the configuration).",
+        "1 for the path that serves each signal (sockets, bind_errors, lifecycle, segments, nat_failures with --nat): fentry, kprobe, tracepoint, unavailable (its metrics are then not exported) or off (left off by the configuration).",
         GAUGE,
     );
     for sp in st.signals {

@@ -83,6 +83,9 @@ pub struct LoadOptions {
     pub attribute_cgroups: bool,
     /// `--syscall-tracepoints`: bind() errors on the tracepoint path.
     pub syscall_tracepoints: bool,
+    /// `--nat`: attach `nat_kfree_skb` where the kernel allows (signal
+    /// `nat_failures`, present only when asked).
+    pub nat_drops: bool,
 }
 
 /// The loaded programs and the maps the collector reads. Dropping it detaches
@@ -120,6 +123,16 @@ pub struct Probes {
     pub programs: Vec<(String, std::os::fd::OwnedFd)>,
     /// Keys carry cgroup ids (`--attribute-cgroups`).
     pub attribute_cgroups: bool,
+    /// NAT allocation failures per destination, when attached (`--nat`).
+    pub nat: Option<super::nat_drops::NatDrops>,
+}
+
+impl Probes {
+    /// NAT allocation failures: per raw key, and those that fit no key
+    /// (None when not attached). Cumulative: never drained.
+    pub fn nat_drops(&self, errors: &std::sync::atomic::AtomicU64) -> Option<(Vec<(timewait_common::NatDropKey, u64)>, u64)> {
+        self.nat.as_ref().map(|n| n.read(errors))
+    }
 }
 
 /// Runs of a program the kernel skipped because it was already running on
@@ -257,6 +270,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         (offsets.sk_cgrp_data, offsets.cgroup_kn, offsets.kernfs_node_id) = offsets::cgroup_offsets(&btf_rs)?;
     }
     let tw_state_params = offsets::param_count(&btf_rs, "tcp_timewait_state_process");
+    let nat_config = opts.nat_drops.then(|| super::nat_drops::nat_config(&btf_rs));
     // Parsed BTF is tens of MB: one at a time (aya parses its own below), so
     // that the daemon's memory peak at start-up is one parse, not two.
     drop(btf_rs);
@@ -278,7 +292,12 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
     debug!(?config, "kernel configuration");
     let tracked = opts.max_tracked_sockets.unwrap_or_else(default_tracked);
     let btf = Btf::from_sys_fs().map_err(|e| LoadError::Kernel(KernelError::Btf(e.to_string())))?;
-    let mut ebpf = EbpfLoader::new()
+    let nat_global = nat_config.as_ref().and_then(|c| c.as_ref().ok()).map(|(nat, _)| *nat);
+    let mut loader = EbpfLoader::new();
+    if let Some(nat) = &nat_global {
+        loader.override_global("NAT_CONFIG", nat, true);
+    }
+    let mut ebpf = loader
         .btf(Some(&btf))
         .override_global("CONFIG", &config, true)
         .map_max_entries("TW_SOCKS", tracked)
@@ -315,8 +334,21 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         opts.probe_path,
         tw_state_params,
     )?;
-    for sp in [&sockets, &bind_errors, &lifecycle, &segments] {
-        hooks.extend(sp.hooks.iter().map(|h| (h.clone(), true)));
+    // NAT allocation failures: independent of the rest, only when asked.
+    let (nat_failures, nat) = match nat_config {
+        Some(c) => {
+            let (sp, maps) = super::nat_drops::attach(&mut ebpf, &btf, c.map(|(_, hook_slow)| hook_slow));
+            (Some(sp), maps)
+        }
+        None => (None, None),
+    };
+    for sp in [&sockets, &bind_errors, &lifecycle, &segments].into_iter().chain(nat_failures.as_ref()) {
+        // One series per hook: segments and NAT failures share kfree_skb.
+        for h in &sp.hooks {
+            if !hooks.iter().any(|(seen, _)| seen == h) {
+                hooks.push((h.clone(), true));
+            }
+        }
         info!(signal = sp.signal, path = sp.path.as_str(), hooks = %sp.hooks.join(", "), "attached");
         if !sp.refused.is_empty() {
             debug!(signal = sp.signal, refused = %sp.refused.join("; "), "paths not taken");
@@ -365,7 +397,8 @@ pub fn load(opts: &LoadOptions) -> Result<Probes, LoadError> {
         ebpf: Some(ebpf),
         walks,
         hooks,
-        signals: vec![sockets, bind_errors, lifecycle, segments],
+        signals: [sockets, bind_errors, lifecycle, segments].into_iter().chain(nat_failures).collect(),
+        nat,
     };
     info!(
         netns = if opts.all_netns { "all".to_string() } else { netns.to_string() },

@@ -12,6 +12,7 @@
 
 pub mod load;
 pub mod maps;
+pub mod nat_drops;
 pub mod netns;
 pub mod offsets;
 pub mod paths;

@@ -22,7 +22,7 @@ pub enum KernelError {
 
 /// Finds `path` ("a.b.c") inside struct `name`, through anonymous unions and
 /// structs, and returns its byte offset.
-fn offset_of(btf: &Btf, name: &str, path: &str) -> Result<u32, KernelError> {
+pub(super) fn offset_of(btf: &Btf, name: &str, path: &str) -> Result<u32, KernelError> {
     let missing = || KernelError::Field(format!("{name}.{path}"));
     let (bits, _) = member(btf, name, path).ok_or_else(missing)?;
     if !bits.is_multiple_of(8) {
@@ -154,7 +154,7 @@ pub fn offsets(btf: &Btf) -> Result<Offsets, KernelError> {
 }
 
 /// Byte size of struct `name`.
-fn struct_size(btf: &Btf, name: &str) -> Result<u32, KernelError> {
+pub(super) fn struct_size(btf: &Btf, name: &str) -> Result<u32, KernelError> {
     let types = btf.resolve_types_by_name(name).map_err(|_| KernelError::Field(name.to_string()))?;
     types
         .into_iter()

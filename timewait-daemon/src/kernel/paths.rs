@@ -6,6 +6,7 @@
 //! | --- | --- | --- | --- |
 //! | lifecycle: creation, re-arm, kill, expiry | fentry on `inet_twsk_deschedule_put`, `tw_timer_handler`, `__inet_twsk_schedule` | kprobes on the same functions | `tp_btf/inet_sock_set_state` (creation from the full socket's close, takeovers from the next connection's start), `timer_expire_entry` |
 //! | segments: SYN verdicts, segment kinds, reset kills | fentry + fexit on `tcp_timewait_state_process` | kprobe + kretprobe on it | `tp_btf/kfree_skb` with `rx_sk` (6.11+) |
+//! | nat_failures (`--nat`): packets NAT found no port for, per destination | - | - | `tp_btf/kfree_skb` with `reason` (5.18+) and `struct nf_conn` in BTF (`nat_drops`) |
 //!
 //! Per function of the lifecycle, fentry first, then a kprobe. The tracepoint
 //! lifecycle is one state machine over the timer events, so it is taken
@@ -90,6 +91,8 @@ pub const LIFECYCLE: &str = "lifecycle";
 pub const SEGMENTS: &str = "segments";
 pub const SOCKETS: &str = "sockets";
 pub const BIND_ERRORS: &str = "bind_errors";
+/// Present only when NAT is asked for (`kernel::nat_drops`).
+pub const NAT_FAILURES: &str = "nat_failures";
 /// Why bind() errors are not counted on the tracepoint path by default.
 pub const BIND_ERRORS_OFF: &str = "--syscall-tracepoints turns it on (syscalls/sys_enter_bind and sys_exit_bind; any syscall tracepoint \
      makes every system call of every process slower: +50 ns measured)";

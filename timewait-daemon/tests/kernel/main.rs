@@ -62,3 +62,6 @@ mod connect_errors;
 
 // Issue 26: a load that neither warns nor taints (5.10's kprobe path).
 mod load_taint;
+
+// Issue 27: packets NAT found no port for, per destination.
+mod nat_failures;

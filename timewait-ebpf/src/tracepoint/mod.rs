@@ -10,6 +10,7 @@
 
 pub mod lifecycle;
 pub mod maps;
+pub mod nat_drop;
 pub mod skb;
 pub mod timer;
 
