@@ -11,6 +11,13 @@
 //! package and [`GUEST_SCRIPT`] and runs it. The script prints `DEBTEST ok`,
 //! `DEBTEST fail` and `DEBTEST info` lines on the serial console, which the
 //! host reads; `DEBTEST done` ends it and the guest powers off.
+//!
+//! The NAT side is checked both ways: under the unit as shipped it is
+//! unavailable (no CAP_NET_ADMIN); with the package's example drop-in
+//! (`/usr/share/doc/timewaitd/examples/nat.conf`) installed, the guest's own
+//! namespace masquerades UDP between two namespaces the script makes onto 8
+//! ports, and the service must show what `conntrack -L` and `conntrack -S`
+//! show. All of it stays inside the guest, which has no network device.
 
 use std::{
     fs,
@@ -31,10 +38,11 @@ use crate::{
 /// The suite of the system the package is installed on.
 const SUITE: &str = "bookworm";
 /// What debootstrap adds to minbase: an init, the kernel and its initramfs,
-/// device events, and the tools the script uses.
-const INCLUDE: &str = "systemd-sysv,udev,linux-image-amd64,curl,iproute2,bpftool,procps,kmod";
+/// device events, and the tools the script uses (iptables and conntrack for
+/// the NAT side: a masquerading router inside the guest, and its oracle).
+const INCLUDE: &str = "systemd-sysv,udev,linux-image-amd64,curl,iproute2,bpftool,procps,kmod,iptables,conntrack";
 /// Bump when the image recipe changes: a new cache folder is made.
-const IMAGE_VERSION: u32 = 1;
+const IMAGE_VERSION: u32 = 2;
 /// Size of the root disk image (sparse).
 const IMAGE_SIZE: &str = "3G";
 /// Boot, install, checks, power-off: about 3 minutes under TCG here.

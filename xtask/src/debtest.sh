@@ -67,6 +67,13 @@ done
 info "probe paths: $(curl -s "http://$M/metrics" | grep '^timewait_probe_path{' | grep ' 1$' | tr '\n' ' ')"
 lc=$(metric timewait_probe_path 'signal="lifecycle"' 'path="fentry"')
 if [ "$lc" = 1 ]; then ok "lifecycle on fentry inside the sandbox"; else fail "lifecycle not on fentry inside the sandbox"; fi
+# The NAT side needs CAP_NET_ADMIN, which only its drop-in gives: shipped as
+# an example, not active, and without it --nat auto says unavailable.
+check "NAT drop-in shipped as an example" test -s /usr/share/doc/timewaitd/examples/nat.conf
+check "NAT drop-in not active" sh -c '! test -e /etc/systemd/system/timewaitd.service.d/nat.conf'
+na=$(metric timewait_probe_path 'signal="nat_ports"' 'path="unavailable"')
+if [ "$na" = 1 ]; then ok "NAT side unavailable under the shipped unit"; else
+    fail "NAT side under the shipped unit: $(curl -s "http://$M/metrics" | grep 'signal="nat_ports"' | tr '\n' ' ')"; fi
 
 # --- TIME_WAIT made here, against ss ----------------------------------------
 # curl closes first, so each request leaves one TIME_WAIT on its side.
@@ -167,6 +174,80 @@ ip netns del twtest
 rm -r /etc/systemd/system/timewaitd.service.d
 systemctl daemon-reload
 systemctl reset-failed timewaitd 2>/dev/null || true
+
+# --- the NAT side, with the nat drop-in ----------------------------------------
+# The VM's own namespace routes between a client namespace and a server
+# namespace and masquerades UDP toward the server onto 8 ports
+# (iptables-nft, Debian's default): ten flows, eight get a port, two are
+# dropped. Nothing leaves the VM. The service must show what `conntrack -L`
+# shows, with the range read from the ruleset.
+ip netns add twc
+ip netns add tws
+ip link add tw-c type veth peer name eth0 netns twc
+ip link add tw-s type veth peer name eth0 netns tws
+ip addr add 10.99.1.1/24 dev tw-c
+ip addr add 10.99.3.1/24 dev tw-s
+ip link set tw-c up
+ip link set tw-s up
+ip -n twc addr add 10.99.1.2/24 dev eth0
+ip -n tws addr add 10.99.3.2/24 dev eth0
+for ns in twc tws; do ip -n $ns link set lo up; ip -n $ns link set eth0 up; done
+ip -n twc route add default via 10.99.1.1
+sysctl -qw net.ipv4.ip_forward=1
+if iptables -t nat -A POSTROUTING -o tw-s -p udp -j MASQUERADE --to-ports 40000-40007 2>/tmp/ipt.log; then
+    ok "NAT: iptables MASQUERADE --to-ports 40000-40007 ($(iptables --version))"
+else
+    fail "NAT: iptables: $(tr '\n' ' ' < /tmp/ipt.log)"
+fi
+# Unanswered UDP entries live 30 s; long enough for the checks below.
+sysctl -qw net.netfilter.nf_conntrack_udp_timeout=600
+# Ten flows: each redirection is a new socket, so a new source port.
+ip netns exec twc bash -c 'for i in 1 2 3 4 5 6 7 8 9 10; do echo x > /dev/udp/10.99.3.2/5000; done' 2>/dev/null
+ct_nat() { conntrack -L -p udp 2>/dev/null | grep -c 'dst=10.99.3.1 '; }
+ct_stat() { conntrack -S 2>/dev/null | tr ' ' '\n' | awk -F= -v k="$1" '$1 == k { s += $2 } END { print s + 0 }'; }
+want=$(ct_nat)
+info "NAT: conntrack -L: $want entries toward 10.99.3.1; conntrack -S: insert_failed $(ct_stat insert_failed), drop $(ct_stat drop)"
+if [ "$want" = 8 ]; then ok "NAT: 8 flows got a port (conntrack -L)"; else fail "NAT: conntrack -L shows $want entries, want 8"; fi
+install -D -m 0644 /usr/share/doc/timewaitd/examples/nat.conf /etc/systemd/system/timewaitd.service.d/nat.conf
+sed -i 's/^#nat-interval = 10$/nat-interval = 1/' /etc/timewait/timewaitd.toml
+systemctl daemon-reload
+since=$(date '+%Y-%m-%d %H:%M:%S')
+systemctl start timewaitd
+if wait_for 180 ready; then ok "NAT drop-in: active and ready"; else
+    fail "NAT drop-in: $(journalctl -u timewaitd -o cat --since "$since" | tail -3 | tr '\n' ' ')"; fi
+pid=$(systemctl show -p MainPID --value timewaitd)
+# The unit's four and CAP_NET_ADMIN (12).
+want_caps=000000c400001004
+got=$(awk '$1 == "CapEff:" {print $2}' "/proc/$pid/status")
+if [ "$got" = "$want_caps" ]; then ok "NAT drop-in: CapEff = the four and CAP_NET_ADMIN"; else fail "NAT drop-in: CapEff $got, want $want_caps"; fi
+nat_ok() {
+    [ "$(metric timewait_nat_ports_in_use 'nat_address="10.99.3.1"')" = "$(ct_nat)" ] &&
+        [ "$(metric timewait_probe_path 'signal="nat_ports"' 'path="ctnetlink"')" = 1 ]
+}
+if wait_for 30 nat_ok; then
+    ok "NAT: timewait_nat_ports_in_use = $(metric timewait_nat_ports_in_use 'nat_address="10.99.3.1"') = conntrack -L, path ctnetlink"
+else
+    fail "NAT: in use $(metric timewait_nat_ports_in_use 'nat_address="10.99.3.1"'), conntrack -L $(ct_nat); $(curl -s "http://$M/metrics" | grep -E 'signal="nat_ports"|^timewait_nat_ports_in_use' | tr '\n' ' ')"
+fi
+l='nat_address="10.99.3.1" remote="10.99.3.2" port="5000" protocol="udp"'
+r=$(metric timewait_nat_port_exhaustion_ratio $l)
+size=$(metric timewait_nat_port_range_size 'nat_address="10.99.3.1"' 'protocol="udp"' 'source="nftables"')
+if [ "$r" = 1 ] && [ "$size" = 8 ]; then ok "NAT: ratio 1 of the 8 ports read from the ruleset"; else fail "NAT: ratio $r, range size (nftables) $size"; fi
+f=$(metric timewait_conntrack_stat_total 'stat="insert_failed"')
+if [ "$f" = "$(ct_stat insert_failed)" ] && [ "$f" -ge 2 ]; then ok "NAT: insert_failed $f = conntrack -S"; else fail "NAT: insert_failed $f, conntrack -S $(ct_stat insert_failed)"; fi
+info "NAT: $(curl -s "http://$M/metrics" | grep -E '^timewait_(nat_|conntrack_entries|conntrack_limit)|signal="nat' | tr '\n' ' ')"
+info "$(systemd-analyze security timewaitd.service --no-pager 2>/dev/null | grep -i 'overall exposure') (with the NAT drop-in)"
+if journalctl -u timewaitd -o cat --since "$since" | grep -qE ' (WARN|ERROR) '; then
+    fail "NAT drop-in: $(journalctl -u timewaitd -o cat --since "$since" | grep -E ' (WARN|ERROR) ' | head -2 | tr '\n' '|')"
+else
+    ok "NAT drop-in: no warning or error in the journal"
+fi
+systemctl stop timewaitd
+rm -r /etc/systemd/system/timewaitd.service.d
+systemctl daemon-reload
+iptables -t nat -F POSTROUTING
+ip netns del twc
+ip netns del tws
 
 # --- purge -------------------------------------------------------------------
 if DEBIAN_FRONTEND=noninteractive apt-get purge -y timewaitd > /tmp/purge.log 2>&1; then ok "apt purge"; else fail "apt purge: $(tail -3 /tmp/purge.log | tr '\n' ' ')"; fi

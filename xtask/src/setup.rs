@@ -35,8 +35,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("iptables", "iptables"),
     ("tshark", "tshark"),
-    // NAT allocation failures (issue 27): conntrack's table, the oracle.
+    // The NAT side (issue 27): `conntrack -L` / `-S` are the oracle of the
+    // router lab's tests, `nft` writes its native nftables rules.
     ("conntrack", "conntrack"),
+    ("nft", "nftables"),
     // virtme-ng runs depmod for the guest kernels' modules.
     ("depmod", "kmod"),
 ];
