@@ -347,13 +347,13 @@ fn nat_all_netns_keeps_routers_apart() {
     let server = Router::server(5000);
     let _sa = a.s.run(|| UdpSocket::bind(SocketAddr::V4(server))).expect("bind");
     let _sb = b.s.run(|| UdpSocket::bind(SocketAddr::V4(server))).expect("bind");
+    let daemon = Daemon::start(&a.r, &["--nat", "on", "--nat-interval", "1", "--all-netns"]);
     for _ in 0..3 {
         udp_send(&a.c, CLIENT, server);
     }
     for _ in 0..5 {
         udp_send(&b.c, CLIENT, server);
     }
-    let daemon = Daemon::start(&a.r, &["--nat", "on", "--nat-interval", "1", "--all-netns"]);
     let inode = |lab: &Router| std::fs::metadata(lab.r.path()).expect("stat the namespace").ino().to_string();
     let (ia, ib) = (inode(&a), inode(&b));
     let per_ns = |m: &Metrics, ns: &str| -> u64 {

@@ -74,6 +74,10 @@ impl Router {
                 );
             }
         }
+        // The rule brought conntrack into r. Unanswered UDP entries last
+        // 30 s by default: longer than a daemon's start-up in an emulated
+        // guest. Tests compare at quiet moments; keep them 10 minutes.
+        r.sysctl("net.netfilter.nf_conntrack_udp_timeout", "600");
         Router { c, r, s }
     }
 
