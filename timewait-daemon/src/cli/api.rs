@@ -53,6 +53,32 @@ pub struct Snapshot {
     /// Per outbound series, the ratio of its busiest real destination
     /// (collect/view.rs `View::ratios`; absent from daemons before issue 25).
     pub ratios: Vec<RatioJ>,
+    /// The NAT side (issue 27; absent from older daemons).
+    pub nat: Option<NatJ>,
+}
+
+/// The NAT side of a snapshot (nat/reader.rs `NatView`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct NatJ {
+    pub state: String,
+    pub unavailable: Option<String>,
+    pub series: Vec<NatSeriesJ>,
+}
+
+/// One NAT series (nat/fold.rs `NatSeries`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct NatSeriesJ {
+    pub nat_address: String,
+    pub remote: String,
+    pub port: String,
+    pub protocol: String,
+    pub in_use: u64,
+    pub time_wait: u64,
+    pub ratio: Option<f64>,
+    /// Absent: not estimated yet; null: never (+Inf); else seconds.
+    pub seconds: Option<serde_json::Value>,
 }
 
 /// The port-exhaustion ratio of one outbound series (model/ratios.rs `Worst`).

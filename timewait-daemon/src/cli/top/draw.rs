@@ -272,6 +272,36 @@ fn exhaustion_table(s: &Snapshot, width: u16) -> Table<'static> {
     .block(titled(format!(" Outbound exhaustion ({n}) · ports in use / {range} local ports ")))
 }
 
+const NAT_COLS: [u16; 5] = [5, 7, 9, 6, 6];
+
+/// The NAT side, where the daemon watches a balancer: ports held per (NAT
+/// address, destination), busiest first.
+fn nat_table(nat: &crate::cli::api::NatJ, width: u16) -> Table<'static> {
+    let mut rows: Vec<&crate::cli::api::NatSeriesJ> = nat.series.iter().collect();
+    rows.sort_by(|a, b| b.in_use.cmp(&a.in_use).then_with(|| a.remote.cmp(&b.remote)));
+    let n = rows.len();
+    let name = |r: &crate::cli::api::NatSeriesJ| format!("{} -> {}:{}", r.nat_address, r.remote, r.port);
+    let longest = rows.iter().map(|r| name(r).chars().count()).max().unwrap_or(0);
+    let w = first_col_width(longest, "NAT ADDRESS -> DESTINATION", width, &NAT_COLS);
+    let body: Vec<Row<'static>> = rows
+        .into_iter()
+        .map(|r| {
+            let left = r.seconds.as_ref().map(serde_json::Value::as_f64);
+            Row::new(vec![
+                Cell::from(name(r)),
+                Cell::from(r.protocol.clone()),
+                num(r.in_use),
+                num(r.time_wait),
+                Cell::from(Line::from(fmt_ratio(r.ratio)).right_aligned().style(ratio_style(r.ratio))),
+                Cell::from(Line::from(fmt_left(left)).right_aligned().style(left_style(left))),
+            ])
+        })
+        .collect();
+    Table::new(body, std::iter::once(w).chain(NAT_COLS).map(Constraint::Length))
+        .header(head(&["NAT ADDRESS -> DESTINATION", "PROTO", "IN USE", "TIME_WAIT", "RATIO", "LEFT"], 2))
+        .block(titled(format!(" NAT source ports ({n}) · conntrack ")))
+}
+
 /// Rows a paragraph of `lines` takes at `width` columns when wrapped.
 fn wrapped_height(lines: &[Line], width: u16) -> u16 {
     let w = usize::from(width.max(1));
@@ -306,7 +336,14 @@ pub fn draw(f: &mut Frame, st: &State, now: Instant) {
     };
     f.render_widget(remotes_table(s, remotes.width), remotes);
     f.render_widget(ports_table(s), ports);
-    f.render_widget(exhaustion_table(s, exhaustion.width), exhaustion);
+    match s.nat.as_ref().filter(|n| !n.series.is_empty()) {
+        Some(nat) => {
+            let [e, n] = Layout::vertical([Constraint::Fill(1), Constraint::Fill(1)]).areas(exhaustion);
+            f.render_widget(exhaustion_table(s, e.width), e);
+            f.render_widget(nat_table(nat, n.width), n);
+        }
+        None => f.render_widget(exhaustion_table(s, exhaustion.width), exhaustion),
+    }
 }
 
 #[cfg(test)]
@@ -360,6 +397,33 @@ mod tests {
         let s = screen(80, 24, &st, t0 + Duration::from_secs(4));
         assert!(s.contains("not answering: Connection refused"), "{s}");
         assert!(s.contains("10.0.0.2"), "{s}");
+    }
+
+    #[test]
+    fn nat_side_shows_where_the_daemon_watches_a_balancer() {
+        let t0 = Instant::now();
+        let addr: SocketAddr = "127.0.0.1:19868".parse().unwrap();
+        let mut snapshot = snap();
+        snapshot.nat = Some(crate::cli::api::NatJ {
+            state: "watched".into(),
+            unavailable: None,
+            series: vec![crate::cli::api::NatSeriesJ {
+                nat_address: "10.98.3.1".into(),
+                remote: "10.98.3.2".into(),
+                port: "5000".into(),
+                protocol: "udp".into(),
+                in_use: 8,
+                time_wait: 0,
+                ratio: Some(1.0),
+                seconds: Some(serde_json::json!(0.0)),
+            }],
+        });
+        let st = State::new(addr, Duration::from_secs(1), snapshot, t0);
+        let s = screen(120, 40, &st, t0);
+        assert!(s.contains("NAT source ports (1)"), "{s}");
+        let line = s.lines().find(|l| l.contains("10.98.3.1 -> 10.98.3.2:5000")).unwrap_or_else(|| panic!("{s}"));
+        assert!(line.contains("udp") && line.contains(" 8 ") && line.contains("100.0%") && line.contains(" 0s "), "{line}");
+        assert!(s.contains("Outbound exhaustion (2)"), "{s}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! the UI loop, which draws with ratatui on crossterm and reads keys. Rates
 //! are the difference between two successful polls. Everything between the
 //! JSON and the screen (rows, sorting, rates, formatting: `rows`; the screen:
-//! `draw`) is pure and unit-tested there; `terminal` restores the terminal on
+//! `draw`, which adds the NAT side where the daemon watches a balancer) is pure and unit-tested there; `terminal` restores the terminal on
 //! quit, on error, on a signal and on panic.
 
 mod draw;
