@@ -101,24 +101,33 @@ pub fn other_namespaces(own: u32) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// Runs `f` with this thread in the network namespace at `path`, then
-/// returns the thread to the namespace it was in.
-pub fn in_netns<T>(path: &std::path::Path, f: impl FnOnce() -> Result<T, LoadError>) -> Result<T, LoadError> {
+/// Runs `f` in the network namespace at `path`, on a thread of its own
+/// that enters it and ends with `f`: no thread that entered another
+/// namespace ever runs anything else (a pool thread sent back after a
+/// failed return would read the wrong namespace's sysctls and sockets).
+pub fn in_netns<T: Send>(
+    path: &std::path::Path,
+    f: impl FnOnce() -> Result<T, LoadError> + Send,
+) -> Result<T, LoadError> {
     use std::os::fd::AsRawFd as _;
     let io = |e: std::io::Error| LoadError::Program { program: "iter_timewait", step: "enter namespace", err: e.to_string() };
-    let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(io)?;
     let target = std::fs::File::open(path).map_err(io)?;
-    // SAFETY: valid namespace fds; CLONE_NEWNET only moves this thread.
-    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io(std::io::Error::last_os_error()));
-    }
-    let r = f();
-    // SAFETY: as above, back to where this thread was.
-    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        // A thread stuck in another namespace would read the wrong sysctls.
-        panic!("cannot return to the daemon's network namespace: {}", std::io::Error::last_os_error());
-    }
-    r
+    std::thread::scope(|scope| {
+        let entered = std::thread::Builder::new().name("in-netns".into()).spawn_scoped(scope, move || {
+            // SAFETY: a valid namespace fd; CLONE_NEWNET moves only this
+            // thread, which ends when `f` returns.
+            if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io(std::io::Error::last_os_error()));
+            }
+            f()
+        });
+        match entered {
+            Ok(handle) => handle.join().unwrap_or_else(|_| {
+                Err(LoadError::Program { program: "iter_timewait", step: "enter namespace", err: "the thread panicked".into() })
+            }),
+            Err(e) => Err(io(e)),
+        }
+    })
 }
 
 /// What one walk looked into.
@@ -176,5 +185,26 @@ mod tests {
         w.complete = true;
         w.listed.remove(&3);
         assert!(w.may_remove(4), "gone: every namespace found was walked and 4 was not found");
+    }
+
+    #[test]
+    fn in_netns_runs_on_a_thread_of_its_own_that_ends() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIPPED in_netns_runs_on_a_thread_of_its_own_that_ends: setns needs root");
+            return;
+        }
+        let caller = std::thread::current().id();
+        let own = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        let (ran_on, inside) = in_netns(std::path::Path::new("/proc/self/ns/net"), || {
+            Ok((std::thread::current().id(), std::fs::read_link("/proc/thread-self/ns/net").unwrap()))
+        })
+        .unwrap();
+        assert_ne!(ran_on, caller, "a thread of its own");
+        assert_eq!(inside, own);
+        assert_eq!(std::fs::read_link("/proc/thread-self/ns/net").unwrap(), own, "the caller never moved");
+        let e = in_netns(std::path::Path::new("/nonexistent/ns"), || Ok(())).unwrap_err();
+        assert!(e.to_string().contains("enter namespace"), "{e}");
     }
 }
