@@ -92,20 +92,32 @@ pub fn label_of(path: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-/// Resolves ids to labels, walking the hierarchy again when an id is new.
-/// Names stay known after their cgroup is gone (a TIME_WAIT outlives the
-/// process that closed it by a minute).
+/// Resolves ids to labels, walking the hierarchy again when an id is new:
+/// at most one walk per [`WALK_GAP`] whatever the number of unknown ids (a
+/// churn of short-lived scopes costs one walk a second at most), an id no
+/// walk found is tried again after [`RETRY`], and at most [`MAX_MISSING`]
+/// such ids are remembered (then forgotten all at once). Names stay known
+/// after their cgroup is gone (a TIME_WAIT outlives the process that closed
+/// it by a minute), up to [`MAX_ENTRIES`].
 pub struct Names {
     root: Option<PathBuf>,
     known: HashMap<u64, String>,
     /// Ids no walk found, and when the last walk for them was.
     missing: HashMap<u64, Instant>,
+    /// When the last walk was.
+    walked: Option<Instant>,
 }
+
+/// At most one walk of the hierarchy this often.
+const WALK_GAP: Duration = Duration::from_secs(1);
+/// Ids no walk found that are remembered (a churn of scopes gone before
+/// their first resolution would otherwise grow the map for ever).
+const MAX_MISSING: usize = 4096;
 
 impl Names {
     pub fn new() -> Self {
         let root = find_root();
-        let mut n = Names { root, known: HashMap::new(), missing: HashMap::new() };
+        let mut n = Names { root, known: HashMap::new(), missing: HashMap::new(), walked: None };
         n.walk();
         n
     }
@@ -124,11 +136,14 @@ impl Names {
         if let Some(n) = self.known.get(&id) {
             return n.clone();
         }
-        let due = self.missing.get(&id).is_none_or(|at| at.elapsed() >= RETRY);
-        if due {
+        let retry = self.missing.get(&id).is_none_or(|at| at.elapsed() >= RETRY);
+        if retry && self.walked.is_none_or(|at| at.elapsed() >= WALK_GAP) {
             self.walk();
             if let Some(n) = self.known.get(&id) {
                 return n.clone();
+            }
+            if self.missing.len() >= MAX_MISSING {
+                self.missing.clear();
             }
             self.missing.insert(id, Instant::now());
         }
@@ -136,6 +151,7 @@ impl Names {
     }
 
     fn walk(&mut self) {
+        self.walked = Some(Instant::now());
         let Some(root) = self.root.clone() else { return };
         if self.known.len() > MAX_ENTRIES {
             self.known.clear();
@@ -204,5 +220,12 @@ mod tests {
         assert_eq!(n.label(ino), "/");
         assert_eq!(n.label(0), UNKNOWN);
         assert_eq!(n.label(u64::MAX), format!("cgroup-id:{}", u64::MAX));
+        // Unknown ids in a burst: one walk per WALK_GAP, at most MAX_MISSING kept.
+        let walked = n.walked;
+        for id in 1..10_000u64 {
+            let _ = n.label(u64::MAX - id);
+        }
+        assert_eq!(n.walked, walked, "no walk within WALK_GAP of the last");
+        assert!(n.missing.len() <= MAX_MISSING);
     }
 }
