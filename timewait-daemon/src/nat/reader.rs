@@ -150,6 +150,13 @@ pub struct NsConntrack {
 /// Shared between the reader thread and the readers of its snapshot.
 pub struct NatShared {
     snapshot: RwLock<Option<Arc<NatSnapshot>>>,
+    /// The last view's series, by the snapshot and the aggregation settings
+    /// they were folded from: scrapes between two dumps fold nothing again
+    /// (65,536 destinations take tens of milliseconds to fold).
+    folded: Mutex<Option<(Arc<NatSnapshot>, String, Arc<Vec<NatSeries>>)>>,
+    /// The settings of the last view: the reader folds each new dump with
+    /// them at once, off the scrape's path.
+    last_agg: Mutex<Option<AggOptions>>,
     first: (Mutex<bool>, Condvar),
     stop: (Mutex<bool>, Condvar),
     pub opts: NatOptions,
@@ -178,6 +185,12 @@ impl NatShared {
     pub fn view(&self, agg: &AggOptions) -> Option<NatView> {
         let snap = self.latest()?;
         let per_netns = self.opts.all_netns;
+        let settings = format!("{agg:?}");
+        *self.last_agg.lock().unwrap_or_else(|e| e.into_inner()) = Some(agg.clone());
+        let cached = {
+            let f = self.folded.lock().unwrap_or_else(|e| e.into_inner());
+            f.as_ref().filter(|(s, a, _)| Arc::ptr_eq(s, &snap) && *a == settings).map(|(_, _, series)| series.clone())
+        };
         let mut v = NatView {
             state: "watched",
             series: Vec::new(),
@@ -199,11 +212,10 @@ impl NatShared {
             if let Some(s) = &ns.stats {
                 v.conntrack.push(NsConntrack { netns, stats: s.clone() });
             }
-            let model = Model {
-                range_of: |a, p| ns.range_of(a, p),
-                hold_of: |p| ns.hold_of(p),
-            };
-            v.series.extend(series(netns, &ns.fold, agg, &model));
+            if cached.is_none() {
+                let model = Model { range_of: |a, p| ns.range_of(a, p), hold_of: |p| ns.hold_of(p) };
+                v.series.extend(series(netns, &ns.fold, agg, &model));
+            }
             v.dump_entries += ns.dump.entries;
             v.dump_seconds += ns.dump_wall.as_secs_f64();
             v.dump_cpu_seconds += ns.dump_cpu.as_secs_f64();
@@ -213,6 +225,13 @@ impl NatShared {
             }
             for (nat_address, protocol, range, source, conflict) in &ns.ranges {
                 v.ranges.push(NatRange { netns, nat_address: *nat_address, protocol: *protocol, range: *range, source: *source, conflict: *conflict });
+            }
+        }
+        match cached {
+            Some(series) => v.series = (*series).clone(),
+            None => {
+                *self.folded.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((snap.clone(), settings, Arc::new(v.series.clone())));
             }
         }
         Some(v)
@@ -267,6 +286,8 @@ pub fn spawn(opts: NatOptions) -> Result<Arc<NatShared>, String> {
     }
     let shared = Arc::new(NatShared {
         snapshot: RwLock::new(None),
+        folded: Mutex::new(None),
+        last_agg: Mutex::new(None),
         first: (Mutex::new(false), Condvar::new()),
         stop: (Mutex::new(false), Condvar::new()),
         opts,
@@ -298,6 +319,11 @@ fn run(shared: &NatShared) {
         }
         *shared.snapshot.write().unwrap_or_else(|e| e.into_inner()) =
             Some(Arc::new(NatSnapshot { at: Instant::now(), namespaces }));
+        // Fold the new dump now, as the scrapes will want it.
+        let agg = shared.last_agg.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(agg) = agg {
+            let _ = shared.view(&agg);
+        }
         {
             let (m, cv) = &shared.first;
             *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
