@@ -126,10 +126,10 @@ pub struct BenchArgs {
     /// Entries toward as many distinct destinations in scenario 9 (the memory worst case) [default: 1000000; smoke: 3000].
     #[arg(long, value_name = "N")]
     pub nat_wide: Option<usize>,
-    /// Seconds of each load run through the NAT router in scenario 10 [default: 10; smoke: 2].
+    /// Seconds of each load run through the NAT router in scenario 10 (the CPU runs: twice that) [default: 15, more than one `--nat-interval`; smoke: 2].
     #[arg(long, value_name = "S")]
     pub nat_secs: Option<u64>,
-    /// Rounds of scenario 10 (each: without the daemon, with it, with it and `--nat off`, in rotating order) [default: 4; smoke: 1].
+    /// Rounds of scenario 10 (each: without the daemon, with it, with it and `--nat off`, in rotating order) [default: 6; smoke: 1].
     #[arg(long, value_name = "N")]
     pub nat_rounds: Option<usize>,
     /// New NAT connections per second at which scenario 10 measures the daemon's CPU [default: 10000; smoke: 1000].
@@ -225,8 +225,8 @@ impl Sizes {
             },
             nat_wide: pick(a.nat_wide, 1_000_000, 3_000),
             nat_wide_cap: a.smoke.then_some(1_000),
-            nat_run: Duration::from_secs(a.nat_secs.unwrap_or(if a.smoke { 2 } else { 10 }).max(1)),
-            nat_rounds: pick(a.nat_rounds, 4, 1).max(1),
+            nat_run: Duration::from_secs(a.nat_secs.unwrap_or(if a.smoke { 2 } else { 15 }).max(1)),
+            nat_rounds: pick(a.nat_rounds, 6, 1).max(1),
             nat_rate: a.nat_rate.unwrap_or(if a.smoke { 1_000 } else { 10_000 }).max(10),
         }
     }
@@ -491,7 +491,22 @@ fn write_markdown(rep: &Report, table: &str, z: &Sizes) -> Result<()> {
          emulated rates are not comparable with the host's, the ratio in one guest is.\n\
          - Scenario 8: `dd if=/dev/zero of=/dev/null bs=1 count={}` (a read and a write per byte, nothing TCP) in a namespace, without the daemon, \
          with it, and with it and `--syscall-tracepoints`, {} rounds in rotating order (each daemon started and ready before dd starts); \
-         wall time over system calls, median per variant.\n",
+         wall time over system calls, median per variant.\n\
+         - Scenario 9 (NAT): a namespace of its own with {:?} conntrack entries made over ctnetlink (batched `IPCTNL_MSG_CT_NEW`, \
+         `xtask/src/bench/ctfill.rs`): the namespace's own TCP connections from 10.200.0.1 (on a veth there) to port 80 of 1,000 destinations, \
+         1/4 ESTABLISHED and 3/4 TIME_WAIT, an hour's timeout; then {} entries toward as many destinations (the memory worst case, \
+         `--nat-max-destinations` at its default). `nf_conntrack_max` (global) is raised to N + 10 % when needed and restored afterwards. \
+         `timewaitd run --nat on` started there: exec to `/readyz` 200 (the first dump happens before ready), memory from `/proc/PID/status` \
+         after {} scrapes of `/metrics`, the dump's wall time (`timewait_nat_dump_duration_seconds`) and CPU (the dump thread's own, \
+         `dump_cpu_seconds` of `/api/v1/snapshot`; and utime+stime at ready minus an empty start's), and the counts against the fill. \
+         Baseline: the same start in an empty namespace (median of three).\n\
+         - Scenario 10 (NAT): client -> router -> server namespaces joined by veth pairs, `iptables -t nat -A POSTROUTING -o r1 -j MASQUERADE` \
+         in the router, whose conntrack TCP timeouts are shortened (TIME_WAIT and CLOSE 1 s, FIN_WAIT, CLOSE_WAIT, LAST_ACK 2 s) so that neither \
+         its table nor the 64,512 NAT ports toward the one server fill at these rates; {} client threads connect, the server closes first, \
+         the client reads EOF and closes, for {} s per run, as fast as they go; each run in fresh namespaces, {} rounds of three variants \
+         in rotating order: without the daemon, with `timewaitd run --nat on` in the router, with `--nat off` (its eBPF side alone, which \
+         also sees the client's and server's sockets since they share this kernel); ratios of medians. Then the daemon's CPU \
+         (utime+stime over the load) at {} new connections/s for {} s, `--nat on` and `--nat off`.\n",
         z.remotes,
         z.threads,
         SS_PIPELINE,
@@ -505,7 +520,15 @@ fn write_markdown(rep: &Report, table: &str, z: &Sizes) -> Result<()> {
         z.nginx_secs,
         z.nginx_pairs,
         z.dd_bytes,
-        z.dd_rounds
+        z.dd_rounds,
+        z.nat_entries,
+        z.nat_wide,
+        z.scrapes,
+        z.threads,
+        z.nat_run.as_secs(),
+        z.nat_rounds,
+        z.nat_rate,
+        z.nat_run.as_secs() * 2
     );
     let _ = writeln!(md, "## Results\n\n{table}");
     for n in &rep.notes {

@@ -508,8 +508,10 @@ pub(super) fn rate(ctx: &Ctx, rep: &mut Report) -> Result<()> {
         "",
         None,
     );
-    // The daemon's CPU at a fixed rate: a window long enough for a dump at
-    // the default --nat-interval (10 s), with and without the NAT reader.
+    // The daemon's CPU at a fixed rate: a window of two dumps or more at the
+    // default --nat-interval (10 s), with and without the NAT reader. (The
+    // load runs above last longer than one interval, so that every run with
+    // the reader has a dump of the loaded table in it.)
     let window = if z.nginx_expiry { z.nat_run * 2 } else { z.nat_run };
     let target = z.nat_rate as f64;
     progress(format!("  daemon CPU at {} new NAT connections/s for {} s, --nat on then --nat off", z.nat_rate, window.as_secs()));
