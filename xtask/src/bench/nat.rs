@@ -471,6 +471,14 @@ pub(super) fn rate(ctx: &Ctx, rep: &mut Report) -> Result<()> {
             peak_entries = peak_entries.max(run.entries);
         }
     }
+    let foreign = foreign_daemons();
+    if !foreign.is_empty() {
+        rep.note(format!(
+            "scenario 10: {} timewaitd process(es) not started by the bench were running at the end of the runs (other test runs on this host); \
+             their programs fire in every variant, so \"without daemon\" means without the bench's daemon",
+            foreign.len()
+        ));
+    }
     let fmt = |v: &[f64]| v.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ");
     for (i, v) in variants.iter().enumerate() {
         rep.row(S, format!("new NAT connections/s {} (per run)", v.label()), fmt(&rates[i]), "", None);
