@@ -502,8 +502,9 @@ fn write_markdown(rep: &Report, table: &str, z: &Sizes) -> Result<()> {
          Baseline: the same start in an empty namespace (median of three).\n\
          - Scenario 10 (NAT): client -> router -> server namespaces joined by veth pairs, `iptables -t nat -A POSTROUTING -o r1 -j MASQUERADE` \
          in the router, whose conntrack TCP timeouts are shortened (TIME_WAIT and CLOSE 1 s, FIN_WAIT, CLOSE_WAIT, LAST_ACK 2 s) so that neither \
-         its table nor the 64,512 NAT ports toward the one server fill at these rates; {} client threads connect, the server closes first, \
-         the client reads EOF and closes, for {} s per run, as fast as they go; each run in fresh namespaces, {} rounds of three variants \
+         its table nor the 64,512 NAT ports toward the one server fill at these rates; {} client threads connect, the server closes first \
+         (and keeps no TIME_WAIT: `tcp_max_tw_buckets` 0 in its namespace), the client reads EOF and closes, for {} s per run, as fast as they go; \
+         each run in fresh namespaces, its load starting 2 s after they were made (the daemon's start included), {} rounds of three variants \
          in rotating order: without the daemon, with `timewaitd run --nat on` in the router, with `--nat off` (its eBPF side alone, which \
          also sees the client's and server's sockets since they share this kernel); ratios of medians. Then the daemon's CPU \
          (utime+stime over the load) at {} new connections/s for {} s, `--nat on` and `--nat off`.\n",

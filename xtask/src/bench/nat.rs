@@ -302,7 +302,12 @@ impl Lab {
     fn new(tag: &str) -> Result<Self> {
         let client = Netns::roomy(&format!("{tag}c"), 0)?;
         let router = Netns::new(&format!("{tag}r"))?;
-        let server = Netns::roomy(&format!("{tag}s"), 0)?;
+        let server = Netns::new(&format!("{tag}s"))?;
+        // The server keeps no TIME_WAIT: neither the load nor the teardown of
+        // the namespaces between runs (purging hundreds of thousands of
+        // minisockets) then depends on a population that grows during a run.
+        // The router's conntrack entries still go through TIME_WAIT.
+        server.sysctl("net.ipv4.tcp_max_tw_buckets", "0")?;
         ip(&client, &["link", "add", "c0", "type", "veth", "peer", "name", "r0", "netns", &router.name])?;
         ip(&router, &["link", "add", "r1", "type", "veth", "peer", "name", "s0", "netns", &server.name])?;
         ip(&client, &["addr", "add", &format!("{CLIENT}/24"), "dev", "c0"])?;
@@ -397,13 +402,17 @@ struct LoadRun {
 fn load_run(ctx: &Ctx, v: Variant, tag: &str, secs: Duration, rate: Option<f64>) -> Result<LoadRun> {
     let z = &ctx.sizes;
     let lab = Lab::new(tag)?;
+    let made = Instant::now();
     let daemon = match v.args() {
         Some(a) => Some(start_daemon_with(ctx, &lab.router, tag, a)?.0),
         None => None,
     };
     let g = lab.generator()?;
-    // Let the namespaces (and the daemon) settle.
-    std::thread::sleep(Duration::from_millis(300));
+    // Every variant starts its load the same time after its namespaces were
+    // made (the daemon's start included), so that what is left of the
+    // previous run's teardown weighs on each alike.
+    let settle = Duration::from_millis(if z.nginx_expiry { 2000 } else { 300 });
+    std::thread::sleep(settle.saturating_sub(made.elapsed()).max(Duration::from_millis(300)));
     let f0 = lab.router_failures()?;
     let cpu0 = daemon.as_ref().map(|d| cpu_seconds(d.pid())).transpose()?;
     let st = g.run(&Sources::Ephemeral(vec![CLIENT]), usize::MAX, z.threads, rate, Some(Instant::now() + secs))?;
@@ -424,7 +433,7 @@ fn load_run(ctx: &Ctx, v: Variant, tag: &str, secs: Duration, rate: Option<f64>)
     drop(g);
     drop(lab);
     // Namespace teardown runs in a kernel worker: let it finish.
-    std::thread::sleep(Duration::from_millis(if z.nginx_expiry { 1500 } else { 500 }));
+    std::thread::sleep(Duration::from_millis(if z.nginx_expiry { 2000 } else { 500 }));
     Ok(LoadRun {
         rate: st.rate(),
         made: st.made,
