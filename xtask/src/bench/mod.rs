@@ -185,6 +185,8 @@ struct Sizes {
     /// Rounds of scenario 8's three variants (a run is about a second; the
     /// spread between runs is several percent here, so many).
     dd_rounds: usize,
+    /// `--smoke`: shorter waits where a scenario has them.
+    smoke: bool,
     /// Scenario 9: conntrack entries toward 1,000 destinations, per size.
     nat_entries: Vec<usize>,
     /// Scenario 9: entries toward as many destinations.
@@ -216,6 +218,7 @@ impl Sizes {
             nginx_expiry: !a.smoke,
             dd_bytes: if a.smoke { 100_000 } else { 2_000_000 },
             dd_rounds: if a.smoke { 1 } else { 12 },
+            smoke: a.smoke,
             nat_entries: if !a.nat_entries.is_empty() {
                 a.nat_entries.iter().map(|&n| n.max(10)).collect()
             } else if a.smoke {

@@ -185,7 +185,7 @@ pub(super) fn startup(ctx: &Ctx, rep: &mut Report) -> Result<()> {
     ));
     // The baseline: starts in an empty namespace (the median of three; one in smoke runs).
     let mut bases = Vec::new();
-    for i in 0..if z.nginx_expiry { 3 } else { 1 } {
+    for i in 0..if z.smoke { 1 } else { 3 } {
         bases.push(start_over(ctx, &format!("nat0{i}"), 0, 1, &[])?);
     }
     bases.sort_by_key(|b| b.ready);
@@ -411,7 +411,7 @@ fn load_run(ctx: &Ctx, v: Variant, tag: &str, secs: Duration, rate: Option<f64>)
     // Every variant starts its load the same time after its namespaces were
     // made (the daemon's start included), so that what is left of the
     // previous run's teardown weighs on each alike.
-    let settle = Duration::from_millis(if z.nginx_expiry { 2000 } else { 300 });
+    let settle = Duration::from_millis(if z.smoke { 300 } else { 2000 });
     std::thread::sleep(settle.saturating_sub(made.elapsed()).max(Duration::from_millis(300)));
     let f0 = lab.router_failures()?;
     let cpu0 = daemon.as_ref().map(|d| cpu_seconds(d.pid())).transpose()?;
@@ -433,7 +433,7 @@ fn load_run(ctx: &Ctx, v: Variant, tag: &str, secs: Duration, rate: Option<f64>)
     drop(g);
     drop(lab);
     // Namespace teardown runs in a kernel worker: let it finish.
-    std::thread::sleep(Duration::from_millis(if z.nginx_expiry { 2000 } else { 500 }));
+    std::thread::sleep(Duration::from_millis(if z.smoke { 500 } else { 2000 }));
     Ok(LoadRun {
         rate: st.rate(),
         made: st.made,
@@ -529,7 +529,7 @@ pub(super) fn rate(ctx: &Ctx, rep: &mut Report) -> Result<()> {
     // default --nat-interval (10 s), with and without the NAT reader. (The
     // load runs above last longer than one interval, so that every run with
     // the reader has a dump of the loaded table in it.)
-    let window = if z.nginx_expiry { z.nat_run * 2 } else { z.nat_run };
+    let window = if z.smoke { z.nat_run } else { z.nat_run * 2 };
     let target = z.nat_rate as f64;
     progress(format!("  daemon CPU at {} new NAT connections/s for {} s, --nat on then --nat off", z.nat_rate, window.as_secs()));
     let mut cpu = Vec::new();
