@@ -63,7 +63,7 @@ enum Task {
     /// Build the Debian package target/debian/timewaitd_<version>-1_amd64.deb (cargo-deb; installed when missing).
     Deb,
     /// Run the performance scenarios (as root) and write BENCHMARKS.md; `--smoke` for a quick run at small sizes.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 /// The real-kernel tests each guest of the matrix runs: (kernel, the
@@ -172,7 +172,7 @@ fn run(cli: Cli) -> Result<()> {
             cmd.arg("run").args(&args);
             sh(&mut cmd)
         }
-        Task::Bench(args) => bench::run(args),
+        Task::Bench(args) => bench::run(*args),
         Task::Deb => deb::build().map(|_| ()),
         Task::Vm { kernel, timeout, cmd } => vm::dev_command(&kernel, timeout, &cmd),
         Task::Test { kernels, args } => matrix::test(&kernels, &args, GUEST_TESTS),

@@ -16,7 +16,14 @@
 //!    `--reconcile-interval` is chosen;
 //! 7. a real server: nginx + wrk, `Connection: close` and keep-alive, with
 //!    and without the daemon, and program runs per connection, on the host
-//!    and in Debian's kernels under qemu (`nginx.rs`).
+//!    and in Debian's kernels under qemu (`nginx.rs`);
+//! 8. system calls with and without the daemon (`syscalls.rs`);
+//! 9. NAT (issue 27): the start-up conntrack dump and memory at 100,000 and
+//!    1,000,000 entries, and 1,000,000 toward as many destinations
+//!    (`nat.rs`, `ctfill.rs`: the entries made over ctnetlink);
+//! 10. NAT: new connections per second through a MASQUERADE router with and
+//!     without the daemon, and its CPU at 10,000 new NAT connections/s
+//!     (`nat.rs`). `--only nat` runs 9 and 10.
 //!
 //! Each scenario has its file; what they share has one file per concern:
 //! `netns.rs` (namespaces), `procs.rs` (processes), `http.rs` (the HTTP
@@ -48,6 +55,8 @@ use crate::{
     setup,
 };
 
+mod ctfill;
+mod nat;
 mod nginx;
 mod overhead;
 mod reconcile;
@@ -111,9 +120,24 @@ pub struct BenchArgs {
     /// Where scenario 7 runs: host, 5.10, 6.1, 6.12 or all (comma-separated) [default: all; smoke: host].
     #[arg(long = "kernel", value_delimiter = ',', value_name = "K")]
     pub kernels: Vec<String>,
-    /// Run only these scenarios (comma-separated, 1-8; 5 runs inside 1).
-    #[arg(long, value_delimiter = ',', value_name = "LIST")]
-    pub only: Vec<u8>,
+    /// Conntrack entries for scenario 9's start-up dumps (comma-separated) [default: 100000,1000000; smoke: 2000].
+    #[arg(long, value_delimiter = ',', value_name = "N")]
+    pub nat_entries: Vec<usize>,
+    /// Entries toward as many distinct destinations in scenario 9 (the memory worst case) [default: 1000000; smoke: 3000].
+    #[arg(long, value_name = "N")]
+    pub nat_wide: Option<usize>,
+    /// Seconds of each load run through the NAT router in scenario 10 (the CPU runs: twice that) [default: 15, more than one `--nat-interval`; smoke: 2].
+    #[arg(long, value_name = "S")]
+    pub nat_secs: Option<u64>,
+    /// Rounds of scenario 10 (each: without the daemon, with it, with it and `--nat off`, in rotating order) [default: 6; smoke: 1].
+    #[arg(long, value_name = "N")]
+    pub nat_rounds: Option<usize>,
+    /// New NAT connections per second at which scenario 10 measures the daemon's CPU [default: 10000; smoke: 1000].
+    #[arg(long, value_name = "N")]
+    pub nat_rate: Option<u64>,
+    /// Run only these scenarios (comma-separated, 1-10, or `nat` for 9 and 10; 5 runs inside 1).
+    #[arg(long, value_delimiter = ',', value_name = "LIST", value_parser = parse_only)]
+    pub only: Vec<Vec<u8>>,
     /// Inside a guest of `--kernel`: run with the daemon named by
     /// TIMEWAIT_BENCH_DAEMON and print the rows for the host.
     #[arg(long, hide = true)]
@@ -127,6 +151,17 @@ impl BenchArgs {
     /// `--smoke` with every other option at its default (for `xtask test`).
     pub fn smoke() -> Self {
         Self { smoke: true, ..Self::default() }
+    }
+}
+
+/// One item of `--only`: a scenario number, or `nat` (9 and 10).
+fn parse_only(s: &str) -> Result<Vec<u8>, String> {
+    match s.trim() {
+        "nat" => Ok(vec![9, 10]),
+        n => match n.parse::<u8>() {
+            Ok(v @ 1..=10) => Ok(vec![v]),
+            _ => Err(format!("`{n}`: a scenario is 1-10 or `nat`")),
+        },
     }
 }
 
@@ -150,6 +185,19 @@ struct Sizes {
     /// Rounds of scenario 8's three variants (a run is about a second; the
     /// spread between runs is several percent here, so many).
     dd_rounds: usize,
+    /// `--smoke`: shorter waits where a scenario has them.
+    smoke: bool,
+    /// Scenario 9: conntrack entries toward 1,000 destinations, per size.
+    nat_entries: Vec<usize>,
+    /// Scenario 9: entries toward as many destinations.
+    nat_wide: usize,
+    /// Scenario 9: `--nat-max-destinations` for the wide fill (None: the
+    /// daemon's default; smoke lowers it so the cap is reached).
+    nat_wide_cap: Option<usize>,
+    /// Scenario 10: one load run.
+    nat_run: Duration,
+    nat_rounds: usize,
+    nat_rate: u64,
 }
 
 impl Sizes {
@@ -170,6 +218,19 @@ impl Sizes {
             nginx_expiry: !a.smoke,
             dd_bytes: if a.smoke { 100_000 } else { 2_000_000 },
             dd_rounds: if a.smoke { 1 } else { 12 },
+            smoke: a.smoke,
+            nat_entries: if !a.nat_entries.is_empty() {
+                a.nat_entries.iter().map(|&n| n.max(10)).collect()
+            } else if a.smoke {
+                vec![2_000]
+            } else {
+                vec![100_000, 1_000_000]
+            },
+            nat_wide: pick(a.nat_wide, 1_000_000, 3_000),
+            nat_wide_cap: a.smoke.then_some(1_000),
+            nat_run: Duration::from_secs(a.nat_secs.unwrap_or(if a.smoke { 2 } else { 15 }).max(1)),
+            nat_rounds: pick(a.nat_rounds, 6, 1).max(1),
+            nat_rate: a.nat_rate.unwrap_or(if a.smoke { 1_000 } else { 10_000 }).max(10),
         }
     }
 }
@@ -240,7 +301,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let logs = workspace_root().join("target/bench");
     std::fs::create_dir_all(&logs)?;
     remove_stale_namespaces();
-    let want = |n: u8| args.only.is_empty() || args.only.contains(&n);
+    let want = |n: u8| args.only.is_empty() || args.only.iter().flatten().any(|&o| o == n);
     let started = Instant::now();
     let ctx = Ctx { bin, logs, sizes: sizes.clone() };
     let mut rep = Report::default();
@@ -274,6 +335,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if want(8) {
         syscalls::syscalls(&ctx, &mut rep).context("scenario 8 (system calls)")?;
+    }
+    if want(9) {
+        nat::startup(&ctx, &mut rep).context("scenario 9 (NAT: start-up dump and memory)")?;
+    }
+    if want(10) {
+        nat::rate(&ctx, &mut rep).context("scenario 10 (NAT: new connections through a router)")?;
     }
     let table = render_table(&rep);
     println!("{table}");
@@ -427,7 +494,23 @@ fn write_markdown(rep: &Report, table: &str, z: &Sizes) -> Result<()> {
          emulated rates are not comparable with the host's, the ratio in one guest is.\n\
          - Scenario 8: `dd if=/dev/zero of=/dev/null bs=1 count={}` (a read and a write per byte, nothing TCP) in a namespace, without the daemon, \
          with it, and with it and `--syscall-tracepoints`, {} rounds in rotating order (each daemon started and ready before dd starts); \
-         wall time over system calls, median per variant.\n",
+         wall time over system calls, median per variant.\n\
+         - Scenario 9 (NAT): a namespace of its own with {:?} conntrack entries made over ctnetlink (batched `IPCTNL_MSG_CT_NEW`, \
+         `xtask/src/bench/ctfill.rs`): the namespace's own TCP connections from 10.200.0.1 (on a veth there) to port 80 of 1,000 destinations, \
+         1/4 ESTABLISHED and 3/4 TIME_WAIT, an hour's timeout; then {} entries toward as many destinations (the memory worst case, \
+         `--nat-max-destinations` at its default). `nf_conntrack_max` (global) is raised to N + 10 % when needed and restored afterwards. \
+         `timewaitd run --nat on` started there: exec to `/readyz` 200 (the first dump happens before ready), memory from `/proc/PID/status` \
+         after {} scrapes of `/metrics`, the dump's wall time (`timewait_nat_dump_duration_seconds`) and CPU (the dump thread's own, \
+         `dump_cpu_seconds` of `/api/v1/snapshot`; and utime+stime at ready minus an empty start's), and the counts against the fill. \
+         Baseline: the same start in an empty namespace (median of three).\n\
+         - Scenario 10 (NAT): client -> router -> server namespaces joined by veth pairs, `iptables -t nat -A POSTROUTING -o r1 -j MASQUERADE` \
+         in the router, whose conntrack TCP timeouts are shortened (TIME_WAIT and CLOSE 1 s, FIN_WAIT, CLOSE_WAIT, LAST_ACK 2 s) so that neither \
+         its table nor the 64,512 NAT ports toward the one server fill at these rates; {} client threads connect, the server closes first \
+         (and keeps no TIME_WAIT: `tcp_max_tw_buckets` 0 in its namespace), the client reads EOF and closes, for {} s per run, as fast as they go; \
+         each run in fresh namespaces, its load starting 2 s after they were made (the daemon's start included), {} rounds of three variants \
+         in rotating order: without the daemon, with `timewaitd run --nat on` in the router, with `--nat off` (its eBPF side alone, which \
+         also sees the client's and server's sockets since they share this kernel); ratios of medians. Then the daemon's CPU \
+         (utime+stime over the load) at {} new connections/s for {} s, `--nat on` and `--nat off`.\n",
         z.remotes,
         z.threads,
         SS_PIPELINE,
@@ -441,7 +524,15 @@ fn write_markdown(rep: &Report, table: &str, z: &Sizes) -> Result<()> {
         z.nginx_secs,
         z.nginx_pairs,
         z.dd_bytes,
-        z.dd_rounds
+        z.dd_rounds,
+        z.nat_entries,
+        z.nat_wide,
+        z.scrapes,
+        z.threads,
+        z.nat_run.as_secs(),
+        z.nat_rounds,
+        z.nat_rate,
+        z.nat_run.as_secs() * 2
     );
     let _ = writeln!(md, "## Results\n\n{table}");
     for n in &rep.notes {
