@@ -92,11 +92,12 @@ pub fn label_of(path: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-/// Resolves ids to labels, walking the hierarchy again when an id is new:
-/// at most one walk per [`WALK_GAP`] whatever the number of unknown ids (a
-/// churn of short-lived scopes costs one walk a second at most), an id no
-/// walk found is tried again after [`RETRY`], and at most [`MAX_MISSING`]
-/// such ids are remembered (then forgotten all at once). Names stay known
+/// Resolves ids to labels, walking the hierarchy again when an id is new
+/// (at once: a label given before the walk would split its series); an id
+/// no walk found is tried again after [`RETRY`], and at most
+/// [`MAX_MISSING`] such ids are remembered (then forgotten all at once: a
+/// churn of scopes gone before their first resolution grew the map for
+/// ever). Names stay known
 /// after their cgroup is gone (a TIME_WAIT outlives the process that closed
 /// it by a minute), up to [`MAX_ENTRIES`].
 pub struct Names {
@@ -104,12 +105,8 @@ pub struct Names {
     known: HashMap<u64, String>,
     /// Ids no walk found, and when the last walk for them was.
     missing: HashMap<u64, Instant>,
-    /// When the last walk was.
-    walked: Option<Instant>,
 }
 
-/// At most one walk of the hierarchy this often.
-const WALK_GAP: Duration = Duration::from_secs(1);
 /// Ids no walk found that are remembered (a churn of scopes gone before
 /// their first resolution would otherwise grow the map for ever).
 const MAX_MISSING: usize = 4096;
@@ -117,7 +114,7 @@ const MAX_MISSING: usize = 4096;
 impl Names {
     pub fn new() -> Self {
         let root = find_root();
-        let mut n = Names { root, known: HashMap::new(), missing: HashMap::new(), walked: None };
+        let mut n = Names { root, known: HashMap::new(), missing: HashMap::new() };
         n.walk();
         n
     }
@@ -137,7 +134,7 @@ impl Names {
             return n.clone();
         }
         let retry = self.missing.get(&id).is_none_or(|at| at.elapsed() >= RETRY);
-        if retry && self.walked.is_none_or(|at| at.elapsed() >= WALK_GAP) {
+        if retry {
             self.walk();
             if let Some(n) = self.known.get(&id) {
                 return n.clone();
@@ -151,7 +148,6 @@ impl Names {
     }
 
     fn walk(&mut self) {
-        self.walked = Some(Instant::now());
         let Some(root) = self.root.clone() else { return };
         if self.known.len() > MAX_ENTRIES {
             self.known.clear();
@@ -220,12 +216,10 @@ mod tests {
         assert_eq!(n.label(ino), "/");
         assert_eq!(n.label(0), UNKNOWN);
         assert_eq!(n.label(u64::MAX), format!("cgroup-id:{}", u64::MAX));
-        // Unknown ids in a burst: one walk per WALK_GAP, at most MAX_MISSING kept.
-        let walked = n.walked;
-        for id in 1..10_000u64 {
+        // Ids no walk finds: at most MAX_MISSING remembered.
+        for id in 1..(MAX_MISSING as u64 + 100) {
             let _ = n.label(u64::MAX - id);
         }
-        assert_eq!(n.walked, walked, "no walk within WALK_GAP of the last");
         assert!(n.missing.len() <= MAX_MISSING);
     }
 }
